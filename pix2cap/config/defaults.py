@@ -1,0 +1,110 @@
+"""Every config key pix2cap knows, with its default and a one-line meaning.
+
+A YAML file may only set keys that exist here (fvcore raises on unknown keys), so this file is
+the reference for what can be configured.
+"""
+
+from .config import CfgNode as CN
+
+_C = CN()
+_C.VERSION = 1  # Config schema version; bump when keys are renamed.
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+_C.MODEL = CN()
+_C.MODEL.META_ARCHITECTURE = "Pix2Cap"  # Name in META_ARCH_REGISTRY of the model to build.
+_C.MODEL.DEVICE = "cpu"  # torch device for the model: "cpu", "cuda", "cuda:1", ...
+_C.MODEL.WEIGHTS = ""  # Checkpoint (local path) loaded before training or evaluation.
+_C.MODEL.PIXEL_MEAN = [123.675, 116.280, 103.530]  # Per-channel RGB mean on the 0-255 scale.
+_C.MODEL.PIXEL_STD = [58.395, 57.120, 57.375]  # Per-channel RGB std on the 0-255 scale.
+
+_C.MODEL.BACKBONE = CN()
+_C.MODEL.BACKBONE.NAME = "TimmBackbone"  # Name in BACKBONE_REGISTRY.
+_C.MODEL.BACKBONE.FREEZE = True  # Freeze all backbone weights and keep its norms in eval mode.
+
+_C.MODEL.SEM_SEG_HEAD = CN()
+_C.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 133  # Number of panoptic categories (things + stuff).
+_C.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 255  # Label of unannotated (VOID) pixels in sem_seg targets.
+
+# A per-pixel classifier that exercises the data and training pipeline end to end. It is a
+# baseline for engine and pipeline checks, not the Pix2Cap model.
+_C.MODEL.PIXEL_BASELINE = CN()
+_C.MODEL.PIXEL_BASELINE.HIDDEN_DIM = 16  # Channels of its small conv stack.
+_C.MODEL.PIXEL_BASELINE.NUM_LAYERS = 3  # Number of 3x3 conv layers.
+_C.MODEL.PIXEL_BASELINE.STRIDE = 4  # Output stride of its logits (upsampled for the loss).
+
+# ---------------------------------------------------------------------------------------------
+# Input pipeline
+# ---------------------------------------------------------------------------------------------
+_C.INPUT = CN()
+_C.INPUT.DATASET_MAPPER_NAME = "panoptic_lsj"  # Train mapper in DATASET_MAPPER_REGISTRY.
+_C.INPUT.TEST_DATASET_MAPPER_NAME = "panoptic_test"  # Test mapper in DATASET_MAPPER_REGISTRY.
+_C.INPUT.FORMAT = "RGB"  # Channel order the model receives.
+_C.INPUT.IMAGE_SIZE = 1024  # Side of the square fixed-size crop of large-scale jitter (LSJ).
+_C.INPUT.MIN_SCALE = 0.1  # Smallest LSJ scale factor relative to IMAGE_SIZE.
+_C.INPUT.MAX_SCALE = 2.0  # Largest LSJ scale factor relative to IMAGE_SIZE.
+_C.INPUT.RANDOM_FLIP = "horizontal"  # "horizontal" or "none"; flips rewrite left/right in text.
+_C.INPUT.MIN_SIZE_TEST = 800  # Test-time resize of the shortest side.
+_C.INPUT.MAX_SIZE_TEST = 1333  # Test-time cap on the longest side.
+_C.INPUT.SIZE_DIVISIBILITY = 32  # Pad batched images to a multiple of this.
+
+# ---------------------------------------------------------------------------------------------
+# Datasets and loaders
+# ---------------------------------------------------------------------------------------------
+_C.DATASETS = CN()
+_C.DATASETS.TRAIN = ()  # Names in DatasetCatalog used for training (concatenated).
+_C.DATASETS.TEST = ()  # Names in DatasetCatalog used for evaluation (each separately).
+
+_C.DATALOADER = CN()
+_C.DATALOADER.NUM_WORKERS = 2  # Worker processes per data loader (0 loads in the main process).
+_C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True  # Drop train images without any segment.
+_C.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"  # Infinite shuffled sampler, sharded per rank.
+
+# ---------------------------------------------------------------------------------------------
+# Solver
+# ---------------------------------------------------------------------------------------------
+_C.SOLVER = CN()
+_C.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD".
+_C.SOLVER.BASE_LR = 1e-4  # Learning rate at the end of warmup.
+_C.SOLVER.MOMENTUM = 0.9  # SGD momentum.
+_C.SOLVER.BETAS = (0.9, 0.999)  # AdamW betas.
+_C.SOLVER.WEIGHT_DECAY = 0.05  # Weight decay of all parameters but norms and embeddings.
+_C.SOLVER.WEIGHT_DECAY_NORM = 0.0  # Weight decay of normalisation layers.
+_C.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # Weight decay of embedding tables and learned queries.
+_C.SOLVER.BACKBONE_MULTIPLIER = 0.1  # LR multiplier of (unfrozen) backbone parameters.
+_C.SOLVER.IMS_PER_BATCH = 16  # Total images per iteration, over all processes.
+_C.SOLVER.MAX_ITER = 90000  # Number of training iterations.
+_C.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"  # "WarmupMultiStepLR", "WarmupCosineLR" or "WarmupPolyLR".
+_C.SOLVER.STEPS = (80000, 87000)  # Iterations at which WarmupMultiStepLR multiplies by GAMMA.
+_C.SOLVER.GAMMA = 0.1  # LR decay factor at each step.
+_C.SOLVER.POLY_POWER = 0.9  # Exponent of WarmupPolyLR.
+_C.SOLVER.WARMUP_FACTOR = 1.0  # LR multiplier at iteration 0 of warmup.
+_C.SOLVER.WARMUP_ITERS = 10  # Length of warmup in iterations.
+_C.SOLVER.WARMUP_METHOD = "linear"  # "linear" or "constant" warmup.
+_C.SOLVER.CHECKPOINT_PERIOD = 5000  # Save a checkpoint every this many iterations.
+
+_C.SOLVER.CLIP_GRADIENTS = CN()
+_C.SOLVER.CLIP_GRADIENTS.ENABLED = True  # Clip gradients before each optimizer step.
+_C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"  # "full_model", "norm" (per param) or "value".
+_C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 5.0  # Maximum norm (or absolute value for "value").
+_C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0  # p of the p-norm used by norm clipping.
+
+_C.SOLVER.AMP = CN()
+_C.SOLVER.AMP.ENABLED = False  # Mixed precision training (CUDA only; ignored on the CPU).
+_C.SOLVER.AMP.DTYPE = "float16"  # Autocast dtype: "float16" or "bfloat16".
+
+# ---------------------------------------------------------------------------------------------
+# Testing
+# ---------------------------------------------------------------------------------------------
+_C.TEST = CN()
+_C.TEST.EVAL_PERIOD = 0  # Evaluate every this many iterations during training (0: only at the end).
+_C.TEST.DETECTIONS_PER_IMAGE = 100  # Cap on predicted segments per image.
+
+# ---------------------------------------------------------------------------------------------
+# Misc
+# ---------------------------------------------------------------------------------------------
+_C.OUTPUT_DIR = "./output"  # Where checkpoints, logs, metrics and predictions are written.
+_C.SEED = -1  # Global random seed; negative picks one from time and pid (and logs it).
+_C.CUDNN_BENCHMARK = False  # Let cuDNN pick the fastest kernels (non-deterministic).
+_C.LOG_PERIOD = 20  # Write metrics to console/JSON/TensorBoard every this many iterations.

@@ -1,0 +1,27 @@
+"""Dataset loaders. Each returns ``list[dict]``, one dict per image, in pix2cap's standard form.
+
+Keys (absent keys mean the format has no such information):
+
+``file_name``            absolute path of the RGB image
+``image_id``             int or str, unique within the dataset
+``height``, ``width``    image size in pixels, from the annotation file
+``pan_seg_file_name``    absolute path of the panoptic PNG (segment id = R + 256 G + 256^2 B;
+                         0 is VOID)
+``segments_info``        list of dicts, one per segment of the PNG:
+    ``id``               segment id in the PNG
+    ``category_id``      contiguous class index in [0, num_classes)
+    ``isthing``          bool
+    ``iscrowd``          0 or 1
+    ``area``             pixels
+    ``bbox``             [x, y, w, h] in absolute pixels (COCO's XYWH)
+    ``description``      the segment's caption (Pix2Cap-COCO and shapes), when present
+``grounded_caption``     COCONut-PanCap image caption, a dict:
+    ``raw``              the caption as stored, tags included
+    ``text``             the caption with the tags replaced by their phrases
+    ``phrases``          list of ``{"phrase", "start", "end", "segment_ids"}``; ``text[start:end]``
+                         is the phrase, ``segment_ids`` are ids of the panoptic PNG
+    ``convention``       which tag convention the parser applied (see ``coconut_pancap``)
+``panoptic_caption``     SA-Pancap ground-truth caption (free text with ``[[x1, y1, x2, y2]]`` boxes)
+``panoptic_caption_boxes``  list of ``{"phrase", "box", "start", "end"}`` extracted from it:
+                         ``box`` normalised to [0, 1], ``phrase`` the text the box follows
+"""

@@ -1,0 +1,7 @@
+from fvcore.common.registry import Registry
+
+BACKBONE_REGISTRY = Registry("BACKBONE")
+BACKBONE_REGISTRY.__doc__ = """
+Registry for backbones: ``forward(images: Tensor[B, 3, H, W]) -> dict[str, Tensor]`` of
+multi-scale features named ``res2``..``res5`` (strides 4, 8, 16, 32).
+"""

@@ -1,0 +1,1 @@
+from .build import CAPTION_HEAD_REGISTRY

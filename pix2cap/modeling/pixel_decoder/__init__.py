@@ -1,0 +1,1 @@
+from .build import PIXEL_DECODER_REGISTRY

@@ -1,0 +1,6 @@
+from fvcore.common.registry import Registry
+
+PIXEL_DECODER_REGISTRY = Registry("PIXEL_DECODER")
+PIXEL_DECODER_REGISTRY.__doc__ = """
+Registry for pixel decoders: backbone features -> (1/4 mask features, multi-scale features).
+"""

@@ -1,0 +1,1 @@
+from .build import TRANSFORMER_DECODER_REGISTRY
