@@ -18,14 +18,70 @@ _C.MODEL.DEVICE = "cpu"  # torch device for the model: "cpu", "cuda", "cuda:1", 
 _C.MODEL.WEIGHTS = ""  # Checkpoint (local path) loaded before training or evaluation.
 _C.MODEL.PIXEL_MEAN = [123.675, 116.280, 103.530]  # Per-channel RGB mean on the 0-255 scale.
 _C.MODEL.PIXEL_STD = [58.395, 57.120, 57.375]  # Per-channel RGB std on the 0-255 scale.
+_C.MODEL.DDP_FIND_UNUSED_PARAMETERS = False  # Let DDP tolerate parameters without a gradient in a step (slower).
 
 _C.MODEL.BACKBONE = CN()
 _C.MODEL.BACKBONE.NAME = "TimmBackbone"  # Name in BACKBONE_REGISTRY.
 _C.MODEL.BACKBONE.FREEZE = True  # Freeze all backbone weights and keep its norms in eval mode.
+_C.MODEL.BACKBONE.WEIGHTS = ""  # Local .safetensors/.pth backbone weights; "" = random init; hub names are refused.
+_C.MODEL.BACKBONE.TIMM = CN()
+_C.MODEL.BACKBONE.TIMM.NAME = "tf_efficientnet_lite0"  # timm architecture, built with features_only=True.
+_C.MODEL.BACKBONE.TIMM.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # Levels returned (strides 4, 8, 16, 32).
 
+# Pixel decoder ("SEM_SEG_HEAD" keeps Mask2Former's config names).
 _C.MODEL.SEM_SEG_HEAD = CN()
+_C.MODEL.SEM_SEG_HEAD.NAME = "MSDeformAttnPixelDecoder"  # Pixel decoder in PIXEL_DECODER_REGISTRY.
 _C.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 133  # Number of panoptic categories (things + stuff).
 _C.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 255  # Label of unannotated (VOID) pixels in sem_seg targets.
+_C.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res3", "res4", "res5"]  # Backbone outputs the pixel decoder reads.
+_C.MODEL.SEM_SEG_HEAD.CONVS_DIM = 256  # Width of the encoder and of the multi-scale features.
+_C.MODEL.SEM_SEG_HEAD.MASK_DIM = 256  # Channels of the 1/4 mask features.
+_C.MODEL.SEM_SEG_HEAD.NORM = "GN"  # Norm of the pixel-decoder convs: "GN" or "".
+_C.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 6  # Deformable-attention encoder layers.
+_C.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]  # Levels the encoder refines.
+_C.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_DIM_FEEDFORWARD = 1024  # Encoder FFN width.
+_C.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_N_POINTS = 4  # Sampling points per head and level.
+_C.MODEL.SEM_SEG_HEAD.COMMON_STRIDE = 4  # Stride of the mask features.
+
+# Mask-transformer decoder (Mask2Former names).
+_C.MODEL.MASK_FORMER = CN()
+_C.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "MultiScaleMaskedTransformerDecoder"  # Entry in TRANSFORMER_DECODER_REGISTRY.
+_C.MODEL.MASK_FORMER.HIDDEN_DIM = 256  # Query width.
+_C.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES = 100  # Number of learnable object queries.
+_C.MODEL.MASK_FORMER.NHEADS = 8  # Attention heads (decoder and deformable encoder).
+_C.MODEL.MASK_FORMER.DIM_FEEDFORWARD = 2048  # Decoder FFN width.
+_C.MODEL.MASK_FORMER.DEC_LAYERS = 10  # Supervised predictions incl. the one on the learnable queries (layers = this - 1).
+_C.MODEL.MASK_FORMER.PRE_NORM = False  # Pre-LayerNorm decoder layers instead of post-norm.
+_C.MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ = False  # 1x1 input projection even when widths match.
+_C.MODEL.MASK_FORMER.DROPOUT = 0.0  # Dropout in the decoder and the deformable encoder.
+_C.MODEL.MASK_FORMER.CLASS_WEIGHT = 2.0  # Matcher cost and CE loss weight.
+_C.MODEL.MASK_FORMER.MASK_WEIGHT = 5.0  # Matcher cost and mask BCE loss weight.
+_C.MODEL.MASK_FORMER.DICE_WEIGHT = 5.0  # Matcher cost and dice loss weight.
+_C.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1  # CE weight of the no-object class.
+_C.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 12544  # Points per mask for matching and mask losses.
+_C.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0  # Candidate points per kept point in importance sampling.
+_C.MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO = 0.75  # Share of points chosen by uncertainty.
+
+# Dense caption head (a BERT-style text decoder, one caption per object query).
+_C.MODEL.CAPTION_HEAD = CN()
+_C.MODEL.CAPTION_HEAD.NAME = "DenseCaptionHead"  # Name in CAPTION_HEAD_REGISTRY.
+_C.MODEL.CAPTION_HEAD.QUERY_DIM = 512  # Width of the object query features fed as memory.
+_C.MODEL.CAPTION_HEAD.GLOBAL_DIM = 512  # Width of the global (max-pooled coarsest level) feature.
+_C.MODEL.CAPTION_HEAD.HIDDEN_SIZE = 768  # Caption decoder width.
+_C.MODEL.CAPTION_HEAD.NUM_LAYERS = 6  # Post-norm BERT decoder layers.
+_C.MODEL.CAPTION_HEAD.NUM_HEADS = 12  # Attention heads.
+_C.MODEL.CAPTION_HEAD.INTERMEDIATE_SIZE = 3072  # FFN width.
+_C.MODEL.CAPTION_HEAD.DROPOUT = 0.1  # Dropout in embeddings, attention and FFN.
+_C.MODEL.CAPTION_HEAD.MAX_LENGTH = 40  # Max caption tokens incl. [CLS]/[SEP] (train and decode).
+_C.MODEL.CAPTION_HEAD.VOCAB_SIZE = 30522  # BERT uncased WordPiece vocabulary size.
+_C.MODEL.CAPTION_HEAD.LABEL_SMOOTHING = 0.1  # Label smoothing of the caption cross-entropy.
+_C.MODEL.CAPTION_HEAD.BOTTLENECK_DIM = 256  # Width between each memory feature and the decoder.
+_C.MODEL.CAPTION_HEAD.BOTTLENECK_GRAD_SCALE = 0.3333333333333333  # Gradient multiplier into the memory features.
+_C.MODEL.CAPTION_HEAD.BOS_TOKEN_ID = 101  # [CLS] begins a caption.
+_C.MODEL.CAPTION_HEAD.EOS_TOKEN_ID = 102  # [SEP] ends a caption.
+_C.MODEL.CAPTION_HEAD.PAD_TOKEN_ID = 0  # [PAD] fills captions to a common length.
+_C.MODEL.CAPTION_HEAD.LOSS_WEIGHT = 0.1  # Weight of loss_caption.
+_C.MODEL.CAPTION_HEAD.NUM_LOSS_LAYERS = 9  # Caption loss on the last this many predictions.
 
 # A per-pixel classifier that exercises the data and training pipeline end to end. It is a
 # baseline for engine and pipeline checks, not the Pix2Cap model.
@@ -60,6 +116,7 @@ _C.DATALOADER = CN()
 _C.DATALOADER.NUM_WORKERS = 2  # Worker processes per data loader (0 loads in the main process).
 _C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True  # Drop train images without any segment.
 _C.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"  # Infinite shuffled sampler, sharded per rank.
+_C.DATALOADER.MAX_RETRIES_ON_ERROR = 0  # Replace a train image whose mapping raises DatasetError with another, up to this many times (0: raise).
 
 # ---------------------------------------------------------------------------------------------
 # Solver

@@ -82,6 +82,14 @@ class Metadata:
             setattr(self, k, v)
         return self
 
+    def replace(self, **kwargs: Any) -> "Metadata":
+        """Change attributes that legitimately move (file roots that follow
+        ``$PIX2CAP_DATASETS``, statistics of the files last loaded); class lists and other
+        identity attributes should be set once with ``set``."""
+        for k, v in kwargs.items():
+            object.__setattr__(self, k, v)
+        return self
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.__dict__.get(key, default)
 

@@ -1,1 +1,3 @@
 from .build import BACKBONE_REGISTRY
+from .shape_spec import ShapeSpec
+from .timm_backbone import TimmBackbone

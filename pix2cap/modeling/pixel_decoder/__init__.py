@@ -1,1 +1,2 @@
 from .build import PIXEL_DECODER_REGISTRY
+from .msdeformattn import MSDeformAttnPixelDecoder

@@ -1,1 +1,2 @@
 from .build import TRANSFORMER_DECODER_REGISTRY
+from .mask2former_decoder import MultiScaleMaskedTransformerDecoder

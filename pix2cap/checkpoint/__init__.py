@@ -1,0 +1,3 @@
+"""Checkpoint saving and loading."""
+
+from .checkpointer import Checkpointer, CheckpointError, PeriodicCheckpointer, atomic_torch_save

@@ -1,0 +1,184 @@
+"""Reading images and panoptic PNGs, with errors that name the file and say what is wrong.
+
+Real datasets contain grayscale and RGBA images among RGB ones (COCO has grayscale JPEGs);
+they are converted to RGB with a warning instead of crashing a long training run. Files that
+are missing, truncated or undecodable raise :class:`DatasetError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import DatasetError
+
+__all__ = [
+    "read_image",
+    "read_panoptic_png",
+    "check_image_size",
+    "num_converted_images",
+    "reset_converted_image_count",
+]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+# Conversions are logged by file name for the first few, then once every N, so a dataset with
+# thousands of grayscale images does not flood the log but the count stays visible.
+_LOG_FIRST_CONVERSIONS = 10
+_LOG_CONVERSION_EVERY_N = 500
+_conversion_lock = threading.Lock()
+_num_converted = 0
+
+# Channel orders read_image can return.
+_SUPPORTED_FORMATS = ("RGB", "BGR")
+
+
+def num_converted_images() -> int:
+    """How many non-RGB images (grayscale, RGBA, palette, CMYK, ...) this process converted."""
+    return _num_converted
+
+
+def reset_converted_image_count() -> None:
+    """Set the conversion counter back to 0 (useful between evaluation runs and in tests)."""
+    global _num_converted
+    with _conversion_lock:
+        _num_converted = 0
+
+
+def _note_conversion(path: PathLike, mode: str) -> None:
+    global _num_converted
+    with _conversion_lock:
+        _num_converted += 1
+        count = _num_converted
+    if count <= _LOG_FIRST_CONVERSIONS or count % _LOG_CONVERSION_EVERY_N == 0:
+        logger.warning(
+            "%s: image mode %s is not RGB; converted to RGB (%d image(s) converted so far)",
+            path,
+            mode,
+            count,
+        )
+
+
+def _open_and_load(path: PathLike) -> Image.Image:
+    """Open an image with PIL and decode all of it, so truncation is detected here."""
+    if not os.path.isfile(path):
+        raise DatasetError(path, "file not found")
+    # A truncated file must fail, not be padded with grey silently; other code in the process
+    # may have flipped this PIL-wide switch.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        image = Image.open(path)
+        image.load()
+    except UnidentifiedImageError as e:
+        raise DatasetError(path, f"not a readable image (corrupt or unknown format): {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        # PIL reports truncated data as OSError ("image file is truncated") and damaged
+        # headers/chunks as OSError, SyntaxError or ValueError depending on the format.
+        raise DatasetError(path, f"corrupt or truncated image file: {e}") from e
+    return image
+
+
+def _apply_exif_orientation(image: Image.Image, path: PathLike) -> Image.Image:
+    """Rotate/flip the pixels as the EXIF Orientation tag says (as detectron2 does), so the
+    array matches the width/height annotation tools saw."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as e:  # a broken EXIF block must not make the image unusable
+        logger.warning("%s: ignoring unreadable EXIF orientation (%s)", path, e)
+        return image
+
+
+def _to_rgb(image: Image.Image, path: PathLike) -> Image.Image:
+    """RGB version of any PIL image: gray is replicated, alpha is composited over black."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("RGBA", "LA", "PA", "P") or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+        rgb = rgba[..., :3] * (rgba[..., 3:4] / 255.0)
+        converted = Image.fromarray(np.round(rgb).astype(np.uint8), mode="RGB")
+    elif mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # High bit-depth gray: rescale to 8 bits by the type's range before replicating.
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        gray = np.clip(np.round(array * (255.0 / top)), 0, 255).astype(np.uint8)
+        converted = Image.fromarray(np.repeat(gray[..., None], 3, axis=2), mode="RGB")
+    else:  # "L", "1", "CMYK", "YCbCr", "LAB", "HSV"
+        converted = image.convert("RGB")
+    _note_conversion(path, mode)
+    return converted
+
+
+def read_image(path: PathLike, format: str = "RGB") -> np.ndarray:
+    """Read an image file as a uint8 array.
+
+    Args:
+        path: image file (JPEG, PNG, ...).
+        format: channel order of the result, "RGB" or "BGR".
+    Returns:
+        uint8 ndarray [H, W, 3], EXIF orientation applied.
+    Raises:
+        DatasetError: the file is missing, corrupt or truncated.
+    """
+    if format not in _SUPPORTED_FORMATS:
+        raise ValueError(f"read_image: format must be one of {_SUPPORTED_FORMATS}, got {format!r}")
+    image = _open_and_load(path)
+    image = _apply_exif_orientation(image, path)
+    image = _to_rgb(image, path)
+    array = np.asarray(image, dtype=np.uint8)
+    if format == "BGR":
+        array = array[:, :, ::-1]
+    return np.ascontiguousarray(array)
+
+
+def read_panoptic_png(path: PathLike) -> np.ndarray:
+    """Read a COCO-style panoptic PNG as segment ids.
+
+    Returns:
+        int64 ndarray [H, W], id = R + 256 * G + 256^2 * B (0 is VOID).
+    Raises:
+        DatasetError: the file is missing, corrupt/truncated, or not an 8-bit RGB PNG (a
+        palette or grayscale PNG cannot hold the id encoding, so guessing would mislabel).
+    """
+    image = _open_and_load(path)
+    if image.mode != "RGB":
+        raise DatasetError(
+            path,
+            f"panoptic PNG must be 8-bit RGB (id = R + 256*G + 256^2*B), got mode {image.mode}",
+        )
+    rgb = np.asarray(image, dtype=np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+def check_image_size(dataset_dict: dict[str, Any], image: np.ndarray) -> None:
+    """Check the decoded image against the size in its annotation, filling it in if absent.
+
+    Args:
+        dataset_dict: a dataset dict (``file_name``, optional ``height``/``width``); the
+            missing size keys are set from the image.
+        image: ndarray [H, W, ...].
+    Raises:
+        DatasetError: the annotation's (height, width) differs from the image's.
+    """
+    actual_h, actual_w = int(image.shape[0]), int(image.shape[1])
+    expected_h = dataset_dict.get("height")
+    expected_w = dataset_dict.get("width")
+    if expected_h is not None and expected_w is not None:
+        if (int(expected_h), int(expected_w)) != (actual_h, actual_w):
+            raise DatasetError(
+                dataset_dict.get("file_name", "<no file_name>"),
+                f"image is {actual_h}x{actual_w} (HxW) but the annotation says "
+                f"{int(expected_h)}x{int(expected_w)}; the annotation belongs to another "
+                "image, or the image's EXIF orientation rotates it",
+            )
+    if expected_h is None:
+        dataset_dict["height"] = actual_h
+    if expected_w is None:
+        dataset_dict["width"] = actual_w

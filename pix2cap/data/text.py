@@ -1,0 +1,128 @@
+"""Caption rewriting that keeps text true to a horizontally flipped image.
+
+After a left-right flip, "the dog on the left" describes the wrong dog. These helpers swap the
+words *left* and *right* (and their compounds) and mirror inline boxes, and keep grounded
+phrase offsets pointing at their phrases although "left" (4 letters) and "right" (5) differ in
+length.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+__all__ = ["swap_left_right", "flip_grounded_caption", "flip_panoptic_caption"]
+
+# "left"/"right" as a whole word, optionally fused with a suffix that keeps the direction
+# meaning (leftmost, left-hand(ed), lefthand(ed), leftward(s)). Word boundaries on both sides
+# keep "bright", "copyright", "leftover" and "lefty" untouched; "left-handed" also matches
+# through the "-hand" alternative or, failing that, "left" followed by "-".
+_DIRECTION_WORD = re.compile(
+    r"\b(?P<core>left|right)(?P<suffix>most|-hand(?:ed)?|hand(?:ed)?|wards?)?\b",
+    re.IGNORECASE,
+)
+_OPPOSITE = {"left": "right", "right": "left"}
+
+
+def _swapped_core(core: str) -> str:
+    opposite = _OPPOSITE[core.lower()]
+    if core.isupper():
+        return opposite.upper()
+    if core[0].isupper():
+        return opposite.capitalize()
+    return opposite
+
+
+def _replacement(match: re.Match) -> str:
+    return _swapped_core(match.group("core")) + (match.group("suffix") or "")
+
+
+def swap_left_right(text: str) -> str:
+    """Swap left <-> right as whole words, keeping case ("Left" -> "Right", "LEFT" ->
+    "RIGHT") and compounds ("leftmost" -> "rightmost", "left-hand" -> "right-hand",
+    "leftwards" -> "rightwards"). Other words containing the letters are left alone."""
+    return _DIRECTION_WORD.sub(_replacement, text)
+
+
+def _swap_with_offset_map(text: str) -> tuple[str, list[tuple[int, int, int, int]]]:
+    """Swap words and list the edits as ``(old_start, old_end, new_start, new_end)``."""
+    pieces: list[str] = []
+    edits: list[tuple[int, int, int, int]] = []
+    cursor = 0
+    new_len = 0
+    for match in _DIRECTION_WORD.finditer(text):
+        before = text[cursor : match.start()]
+        pieces.append(before)
+        new_len += len(before)
+        replacement = _replacement(match)
+        edits.append((match.start(), match.end(), new_len, new_len + len(replacement)))
+        pieces.append(replacement)
+        new_len += len(replacement)
+        cursor = match.end()
+    pieces.append(text[cursor:])
+    return "".join(pieces), edits
+
+
+def _map_offset(offset: int, edits: list[tuple[int, int, int, int]]) -> int:
+    """Where character offset ``offset`` of the old text lands in the new text."""
+    shift = 0
+    for old_start, old_end, new_start, new_end in edits:
+        if offset >= old_end:
+            shift = new_end - old_end
+        elif offset > old_start:
+            # Inside a replaced word (phrases do not normally cut words): keep the relative
+            # position, capped at the new word's end.
+            return min(new_start + (offset - old_start), new_end)
+        else:
+            break
+    return offset + shift
+
+
+def flip_grounded_caption(grounded_caption: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite a COCONut-PanCap grounded caption for the mirrored image.
+
+    Args:
+        grounded_caption: ``{"raw", "text", "phrases": [{"phrase", "start", "end",
+            "segment_ids"}, ...], ...}`` with ``text[start:end] == phrase``.
+    Returns:
+        A new dict (the input is not modified): ``raw`` and ``text`` with left/right swapped,
+        every phrase's ``start``/``end`` moved to its place in the new text and its
+        ``phrase`` re-read from there; other keys copied unchanged.
+    """
+    flipped = copy.deepcopy(grounded_caption)
+    if "raw" in flipped and isinstance(flipped["raw"], str):
+        flipped["raw"] = swap_left_right(flipped["raw"])
+    text = flipped.get("text")
+    if not isinstance(text, str):
+        return flipped
+    new_text, edits = _swap_with_offset_map(text)
+    flipped["text"] = new_text
+    for phrase in flipped.get("phrases", []):
+        start = _map_offset(int(phrase["start"]), edits)
+        end = _map_offset(int(phrase["end"]), edits)
+        phrase["start"], phrase["end"] = start, end
+        phrase["phrase"] = new_text[start:end]
+    return flipped
+
+
+def flip_panoptic_caption(text: str) -> str:
+    """Rewrite an SA-Pancap panoptic caption for the mirrored image: swap left/right and
+    mirror every inline ``[[x1, y1, x2, y2]]`` box (normalised coordinates), so that
+    ``x1' = 1 - x2`` and ``x2' = 1 - x1``. Boxes are rewritten in the dataset's 3-decimal form.
+    """
+    # Imported here so this module has no import-time dependency on the dataset loaders.
+    from .datasets.sapancap import format_box, parse_pancap_boxes
+
+    pieces: list[str] = []
+    cursor = 0
+    for entry in sorted(parse_pancap_boxes(text), key=lambda e: e["box_start"]):
+        box_start, box_end = int(entry["box_start"]), int(entry["box_end"])
+        if box_start < cursor:  # overlapping matches would duplicate text; keep the first
+            continue
+        pieces.append(swap_left_right(text[cursor:box_start]))
+        x1, y1, x2, y2 = (float(v) for v in entry["box"])
+        pieces.append(format_box([1.0 - x2, y1, 1.0 - x1, y2]))
+        cursor = box_end
+    pieces.append(swap_left_right(text[cursor:]))
+    return "".join(pieces)

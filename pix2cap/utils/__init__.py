@@ -1,0 +1,13 @@
+"""Shared utilities: distributed helpers, event storage and metric writers, logging, seeding."""
+
+from . import comm
+from .env import seed_all_rng
+from .events import (
+    CommonMetricPrinter,
+    EventStorage,
+    EventWriter,
+    JSONWriter,
+    TensorboardXWriter,
+    get_event_storage,
+)
+from .logger import setup_logger

@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Train or evaluate a pix2cap model from a YAML config.
+
+    python tools/train_net.py --config-file configs/shapes/pixel_baseline.yaml
+    python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
+    python tools/train_net.py --config-file CFG --resume           # continue an interrupted run
+    python tools/train_net.py --config-file CFG --num-gpus 2       # 2 GPUs, or 2 CPU processes
+    torchrun --nproc-per-node 2 tools/train_net.py --config-file CFG
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pix2cap.data  # noqa: F401  (registers the built-in datasets)
+import pix2cap.modeling  # noqa: F401  (registers the models)
+from pix2cap.checkpoint import Checkpointer
+from pix2cap.config import get_cfg
+from pix2cap.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from pix2cap.utils import comm
+
+logger = logging.getLogger("pix2cap.train_net")
+
+
+def setup(args):
+    """The frozen config: defaults, then the config file, then command-line overrides."""
+    cfg = get_cfg()
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts or [])
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = DefaultTrainer.build_model(cfg)
+        # Evaluation loads only the weights: no optimizer, scheduler or iteration.
+        Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = DefaultTrainer.test(cfg, model)
+        if comm.is_main_process():
+            logger.info("Evaluation results: %s", results)
+        return results
+    trainer = DefaultTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def invoke_main() -> None:
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()
