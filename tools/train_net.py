@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train or evaluate a pix2cap model from a YAML config.
 
-    python tools/train_net.py --config-file configs/shapes/pixel_baseline.yaml
+    python tools/train_net.py --config-file configs/shapes/pix2cap_effl0.yaml
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file CFG --resume           # continue an interrupted run
     python tools/train_net.py --config-file CFG --num-gpus 2       # 2 GPUs, or 2 CPU processes

@@ -25,7 +25,13 @@ from fvcore.common.checkpoint import PeriodicCheckpointer
 
 from pix2cap.utils import comm
 
-__all__ = ["Checkpointer", "PeriodicCheckpointer", "CheckpointError", "atomic_torch_save"]
+__all__ = [
+    "Checkpointer",
+    "PeriodicCheckpointer",
+    "CheckpointError",
+    "atomic_torch_save",
+    "export_model_weights",
+]
 
 _LAST_CHECKPOINT_FILE = "last_checkpoint"
 
@@ -153,3 +159,25 @@ class Checkpointer(_FvcoreCheckpointer):
                 filename, f"no 'model' entry in the checkpoint; keys: {sorted(loaded)[:10]}"
             )
         return loaded
+
+
+def export_model_weights(checkpoint_path: str, output_path: str) -> dict[str, int]:
+    """Write the model weights of a training checkpoint as a ``.safetensors`` file.
+
+    Training checkpoints also hold optimizer and scheduler state; a released model needs only
+    ``checkpoint["model"]``, and safetensors loads without unpickling anything. The file is
+    written atomically. Returns ``{"tensors": N, "bytes": size on disk}``.
+    """
+    from safetensors.torch import save as save_safetensors
+
+    if not output_path.endswith(".safetensors"):
+        raise ValueError(f"{output_path}: the exported file must end with .safetensors")
+    checkpoint = Checkpointer(torch.nn.Module())._load_file(checkpoint_path)
+    weights = checkpoint.get("model", checkpoint)
+    if not weights or not all(torch.is_tensor(v) for v in weights.values()):
+        raise CheckpointError(checkpoint_path, "holds no model state dict of tensors")
+    # safetensors refuses tensors that share memory (tied weights): store each once, contiguous.
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
+    data = save_safetensors(tensors, metadata={"source": os.path.basename(checkpoint_path)})
+    _atomic_write(output_path, lambda f: f.write(data))
+    return {"tensors": len(tensors), "bytes": os.path.getsize(output_path)}

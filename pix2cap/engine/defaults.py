@@ -46,7 +46,7 @@ def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentPa
         or (
             "Examples:\n"
             "  Train on the CPU:\n"
-            "    tools/train_net.py --config-file configs/shapes/pixel_baseline.yaml\n"
+            "    tools/train_net.py --config-file configs/shapes/pix2cap_effl0.yaml\n"
             "  Evaluate:\n"
             "    tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model_final.pth\n"
             "  Resume an interrupted run:\n"
@@ -369,7 +369,12 @@ class DefaultTrainer(TrainerBase):
             ``{dataset_name: results}``; with a single dataset, its results directly.
             A dataset without evaluator is run for inference only (logged) and has ``{}``.
         """
-        from pix2cap.evaluation import inference_on_dataset
+        from pix2cap.evaluation import (
+            inference_on_dataset,
+            log_results_to_storage,
+            print_results_table,
+            write_results_json,
+        )
 
         dataset_names = list(cfg.DATASETS.TEST)
         if evaluators is not None and not isinstance(evaluators, (list, tuple)):
@@ -394,7 +399,17 @@ class DefaultTrainer(TrainerBase):
                 )
             results[dataset_name] = inference_on_dataset(model, data_loader, evaluator)
             if comm.is_main_process() and results[dataset_name]:
-                logger.info("Evaluation results for %s: %s", dataset_name, results[dataset_name])
+                logger.info(
+                    "Evaluation results for %s:\n%s",
+                    dataset_name,
+                    print_results_table(results[dataset_name]),
+                )
+                write_results_json(
+                    results[dataset_name],
+                    os.path.join(cfg.OUTPUT_DIR, "inference", f"{dataset_name}_results.json"),
+                )
+                # Goes to TensorBoard / metrics.json when called during training.
+                log_results_to_storage(results[dataset_name])
         if len(results) == 1:
             return next(iter(results.values()))
         return results

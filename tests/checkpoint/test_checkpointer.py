@@ -118,3 +118,21 @@ def test_safetensors_and_bare_state_dicts_load_as_model_weights(tmp_path):
 def test_non_main_process_does_not_write(tmp_path):
     Checkpointer(_model(), str(tmp_path), save_to_disk=False).save("model_final")
     assert os.listdir(tmp_path) == []
+
+
+def test_export_model_weights_round_trips(tmp_path):
+    from pix2cap.checkpoint import Checkpointer, export_model_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[1].weight = torch.nn.Parameter(torch.randn(2, 4))
+    Checkpointer(model, save_dir=str(tmp_path)).save("model_final", iteration=7)
+    out = tmp_path / "release" / "model.safetensors"
+    info = export_model_weights(str(tmp_path / "model_final.pth"), str(out))
+    assert info["tensors"] == 4 and info["bytes"] == out.stat().st_size
+
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    Checkpointer(fresh).load(str(out))
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="must end with .safetensors"):
+        export_model_weights(str(tmp_path / "model_final.pth"), str(tmp_path / "x.pth"))

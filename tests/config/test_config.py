@@ -132,3 +132,22 @@ def test_cfgnode_is_fvcore_compatible():
     reloaded = CfgNode.load_cfg(text)
     assert reloaded.SOLVER.MAX_ITER == cfg.SOLVER.MAX_ITER
     assert torch.is_tensor(torch.tensor(cfg.MODEL.PIXEL_MEAN))
+
+
+def _shipped_configs():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", _shipped_configs())
+def test_every_shipped_config_loads(name):
+    from pathlib import Path
+
+    cfg = get_cfg()
+    cfg.merge_from_file(str(Path(__file__).resolve().parents[2] / "configs" / name))
+    assert cfg.MODEL.META_ARCHITECTURE == "Pix2Cap"
+    if name.startswith("shapes/"):
+        assert cfg.DATASETS.TRAIN == ("shapes_train",) and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 9
+        assert cfg.MODEL.DEVICE == "cpu"

@@ -195,13 +195,6 @@ def test_inference_on_dataset_uses_eval_mode_without_grad_and_restores(caplog):
     assert inference_on_dataset(model, loader, None) == {}
 
 
-def test_builtin_shapes_config_loads():
-    cfg = get_cfg()
-    cfg.merge_from_file(str(Path(__file__).parents[2] / "configs/shapes/pixel_baseline.yaml"))
-    assert cfg.MODEL.META_ARCHITECTURE == "PixelBaseline"
-    assert cfg.DATASETS.TRAIN == ("shapes_train",) and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 9
-
-
 def test_build_evaluator_looks_up_the_dataset_evaluator_type(tmp_path):
     from pix2cap.data.catalog import MetadataCatalog
     from pix2cap.evaluation import EVALUATOR_REGISTRY, build_evaluator

@@ -1,4 +1,5 @@
-"""tools/train_net.py end to end on a tiny shapes split: train, resume, evaluate."""
+"""tools/train_net.py end to end with the shapes Pix2Cap config on a tiny split: train,
+resume, evaluate."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import torch
 from pix2cap.data.datasets.shapes import generate_shapes
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "configs" / "shapes" / "pixel_baseline.yaml"
+CONFIG = REPO / "configs" / "shapes" / "pix2cap_effl0.yaml"
 
 
 def _train_net(*opts, flags=(), env):
@@ -39,7 +40,7 @@ def test_train_resume_and_eval_only(tiny_shapes, tmp_path):
         "INPUT.IMAGE_SIZE", "64", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
         "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "3", "SOLVER.WARMUP_ITERS", "1",
         "SOLVER.STEPS", "(100,)", "DATALOADER.NUM_WORKERS", "0", "LOG_PERIOD", "1",
-        "OUTPUT_DIR", str(out),
+        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256", "OUTPUT_DIR", str(out),
     ]
     log = _train_net(*common, "SOLVER.MAX_ITER", "4", env=tiny_shapes)
     assert "Starting training from iteration 0" in log
@@ -59,5 +60,12 @@ def test_train_resume_and_eval_only(tiny_shapes, tmp_path):
         *common, "MODEL.WEIGHTS", str(out / "model_final.pth"), flags=["--eval-only"],
         env=tiny_shapes,
     )
-    assert "Ran inference on 6 images" in log  # all of shapes_val
     assert f"Loading from {out / 'model_final.pth'}" in log
+    # Both evaluators of a "pix2cap" dataset ran on all of shapes_val and wrote their results.
+    results = json.loads((out / "inference" / "shapes_val_results.json").read_text())
+    assert {"PQ", "SQ", "RQ"} <= set(results["panoptic_seg"])
+    assert {"mAP", "AP_det"} <= set(results["dense_caption"])
+    exported = json.loads(
+        (out / "inference" / "shapes_val" / "panoptic_predictions.json").read_text()
+    )
+    assert len(exported["annotations"]) == 6

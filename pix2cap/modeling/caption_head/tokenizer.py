@@ -125,3 +125,27 @@ def decode(
         end = row.index(eos, start) if eos in row[start:] else len(row)
         rows.append(row[start:end])
     return tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def build_subset_vocab(captions: Sequence[str], base_vocab_file: Optional[str] = None) -> List[str]:
+    """The WordPiece pieces that ``captions`` use, as a vocabulary of their own.
+
+    A model trained on a closed domain (the shapes dataset) needs only a few hundred of the
+    30,522 pieces; its output layer then costs a fraction of the full one. Tokenization is
+    unchanged for these captions: every piece the full vocabulary produced for them is kept, so
+    WordPiece's greedy longest match picks the same pieces, and any other word becomes [UNK].
+
+    Returns:
+        The special tokens (``[PAD]`` first, so its id stays 0), then the used pieces in the
+        base vocabulary's order — write them one per line as a ``vocab.txt``.
+    """
+    tokenizer = build_caption_tokenizer(base_vocab_file)
+    used: set[str] = set()
+    for caption in captions:
+        used.update(tokenizer.tokenize(caption))
+    base = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    pieces = [token for token, _ in base if token in used and token not in SPECIAL_TOKENS]
+    return list(SPECIAL_TOKENS) + pieces

@@ -1,0 +1,38 @@
+"""The language-model bridge: decoded instances -> PancapChain stages -> panoptic caption.
+
+* :mod:`pix2cap.bridge.stages` -- protocol strings (prompts, ``<box>`` grid boxes, merges).
+* :mod:`pix2cap.bridge.content` -- structured content (entities, attributes, relations from
+  mask geometry and dense captions, global items) and its exchange dict.
+* :mod:`pix2cap.bridge.writers` -- caption writers (``template``, ``hf_causal_lm``,
+  ``small_lm``) and their training functions; registry in :mod:`pix2cap.bridge.build`.
+* :mod:`pix2cap.bridge.bridge` -- :class:`PanopticCaptionBridge` and training pairs.
+"""
+
+from .bridge import PanopticCaptionBridge, ground_truth_entities, make_training_pairs
+from .build import CAPTION_WRITER_REGISTRY, build_caption_writer
+from .content import DecodedEntity, PanopticContent, build_content, geometric_relations
+from .stages import (
+    GRID,
+    STAGE1_PROMPT,
+    STAGE2_PROMPT,
+    STAGE3_PROMPT,
+    STAGE4_PROMPT,
+    PancapStages,
+    StageItem,
+    build_stages,
+    grid_text_to_pancap,
+    normalized_box_to_grid,
+    pancap_text_to_grid,
+    pixel_box_to_grid,
+)
+from .writers import (
+    HFCausalLMWriter,
+    SmallLMWriter,
+    TemplateWriter,
+    VisualPrefixProjector,
+    build_lm_prompt,
+    finetune_lora,
+    train_small_lm,
+)
+
+__all__ = [k for k in globals() if not k.startswith("_")]

@@ -1,0 +1,352 @@
+"""The language-model bridge: one image's decoded segments -> PancapChain stages -> caption.
+
+    bridge = PanopticCaptionBridge(build_caption_writer("template"), metadata=metadata)
+    out = bridge(model_output, (height, width))
+    out["caption"]       # SA-Pancap-form panoptic caption
+    out["structured"]    # PanopticContent.to_dict(): entities, attributes, relations, global
+    out["stages"]        # {1: boxes, 2: tags + boxes, 3: merged list, 4: stage-4 prompt}
+
+Input (one image of the model's inference output): ``{"panoptic_seg": (Int[H, W] segment
+ids, segments_info)}`` where each segment dict has ``id``, ``category_id`` (contiguous),
+optionally ``isthing``, ``score``, ``caption`` (``bbox`` is not needed: boxes come from the
+masks); optionally ``"instances"`` (``Instances`` with ``pred_masks`` Bool[N, H, W],
+``scores``, ``pred_classes``, optionally ``pred_captions``) whose lower-score candidates
+become the stage-3 extra entities; optionally ``"object_features"`` Float[S, D] (one row per
+segment) for a writer with a visual prefix.
+
+Entity order: segments in reading order of their boxes (top, then left), then the extra
+instances by descending score. An extra instance is kept when its score is at least
+``extra_instance_threshold``, its mask is not empty, and its mask IoU with every segment or
+earlier extra of the same tag is below ``duplicate_iou`` (the same object found twice).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from pix2cap.bridge.content import DecodedEntity, PanopticContent, build_content, mask_stats
+from pix2cap.bridge.stages import (
+    GRID,
+    PancapStages,
+    StageItem,
+    build_stages,
+    clean_tag,
+    pancap_text_to_grid,
+    pixel_box_to_grid,
+)
+
+__all__ = ["PanopticCaptionBridge", "make_training_pairs", "ground_truth_entities"]
+
+logger = logging.getLogger(__name__)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _metadata_get(metadata: Any, key: str) -> Any:
+    if metadata is None:
+        return None
+    if isinstance(metadata, Mapping):
+        return metadata.get(key)
+    return getattr(metadata, "get", lambda k, d=None: getattr(metadata, k, d))(key, None)
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    inter = int(np.logical_and(a, b).sum())
+    if inter == 0:
+        return 0.0
+    return inter / float(np.logical_or(a, b).sum())
+
+
+class PanopticCaptionBridge:
+    """Decoded segments of one image -> PancapChain stage texts, structured content, caption.
+
+    Args:
+        writer: a caption writer (``writer(content, stages, image_size) -> str``).
+        metadata: dataset metadata; ``stuff_classes`` (all class names by contiguous id) gives
+            the tags and ``thing_classes`` which ids are things when a segment has no
+            ``isthing``.
+        class_names: overrides ``metadata``'s ``stuff_classes``.
+        extra_instance_threshold: lowest score of a candidate instance to enter stage 3.
+        max_extra_instances: at most this many extra entities.
+        duplicate_iou: mask IoU at which a candidate repeats an entity of the same tag.
+        min_segment_score: segments scoring below this are left out.
+        grid: the model-side box grid (1000).
+    """
+
+    def __init__(
+        self,
+        writer,
+        *,
+        metadata: Any = None,
+        class_names: Sequence[str] | None = None,
+        extra_instance_threshold: float = 0.5,
+        max_extra_instances: int = 10,
+        duplicate_iou: float = 0.5,
+        min_segment_score: float = 0.0,
+        grid: int = GRID,
+    ):
+        self.writer = writer
+        names = class_names if class_names is not None else _metadata_get(metadata, "stuff_classes")
+        self.class_names = [str(n) for n in names] if names else []
+        self.num_thing_classes = len(_metadata_get(metadata, "thing_classes") or [])
+        self.extra_instance_threshold = float(extra_instance_threshold)
+        self.max_extra_instances = int(max_extra_instances)
+        self.duplicate_iou = float(duplicate_iou)
+        self.min_segment_score = float(min_segment_score)
+        self.grid = int(grid)
+
+    def tag_of(self, category_id: int) -> str:
+        """Tag of a contiguous class id (``"class <id>"`` when no name is known)."""
+        if 0 <= category_id < len(self.class_names):
+            return clean_tag(self.class_names[category_id]) or f"class {category_id}"
+        return f"class {category_id}"
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def decode(
+        self, image_result: Mapping, image_size: tuple[int, int]
+    ) -> tuple[list[DecodedEntity], list[DecodedEntity]]:
+        """(segments, extra instances) of one image result, each in entity order."""
+        height, width = int(image_size[0]), int(image_size[1])
+        if "panoptic_seg" not in image_result:
+            raise KeyError(
+                f"the image result has no 'panoptic_seg' (keys: {sorted(image_result)}); "
+                "the bridge needs a panoptic model output"
+            )
+        seg, segments_info = image_result["panoptic_seg"]
+        seg = _to_numpy(seg)
+        if seg.shape != (height, width):
+            raise ValueError(
+                f"panoptic_seg has shape {tuple(seg.shape)}, expected the image size {(height, width)}"
+            )
+        segments: list[DecodedEntity] = []
+        for k, info in enumerate(segments_info):
+            for key in ("id", "category_id"):
+                if key not in info:
+                    raise KeyError(f"segments_info[{k}] has no {key!r} (keys: {sorted(info)})")
+            score = info.get("score")
+            score = None if score is None else float(_scalar(score))
+            if score is not None and score < self.min_segment_score:
+                continue
+            category_id = int(_scalar(info["category_id"]))
+            isthing = info.get("isthing")
+            isthing = (
+                category_id < self.num_thing_classes if isthing is None else bool(_scalar(isthing))
+            )
+            mask = seg == int(_scalar(info["id"]))
+            if not mask.any():
+                continue
+            segments.append(
+                DecodedEntity(
+                    mask=mask,
+                    tag=self.tag_of(category_id),
+                    isthing=isthing,
+                    score=score,
+                    caption=str(info.get("caption") or ""),
+                    segment_id=int(_scalar(info["id"])),
+                    category_id=category_id,
+                    source="segment",
+                )
+            )
+        segments = self._reading_order(segments)
+        extras = self._extra_instances(image_result.get("instances"), segments, (height, width))
+        return segments, extras
+
+    @staticmethod
+    def _reading_order(entities: list[DecodedEntity]) -> list[DecodedEntity]:
+        def key(e: DecodedEntity):
+            s = mask_stats(e.mask)
+            return (s["y0"], s["x0"], -s["area"], e.segment_id or 0)
+
+        return sorted(entities, key=key)
+
+    def _extra_instances(
+        self, instances: Any, segments: list[DecodedEntity], image_size: tuple[int, int]
+    ) -> list[DecodedEntity]:
+        if instances is None or len(instances) == 0 or self.max_extra_instances <= 0:
+            return []
+        for field in ("pred_masks", "scores", "pred_classes"):
+            if not instances.has(field):
+                raise KeyError(f"'instances' has no {field!r} field (has {sorted(instances.get_fields())})")
+        masks = _to_numpy(instances.pred_masks).astype(bool)
+        if masks.shape[1:] != tuple(image_size):
+            raise ValueError(
+                f"instances.pred_masks has shape {tuple(masks.shape)}, expected [N, {image_size[0]}, {image_size[1]}]"
+            )
+        scores = _to_numpy(instances.scores).astype(float)
+        classes = _to_numpy(instances.pred_classes).astype(int)
+        captions = list(instances.pred_captions) if instances.has("pred_captions") else None
+        kept: list[DecodedEntity] = []
+        for k in np.argsort(-scores, kind="stable"):
+            if len(kept) >= self.max_extra_instances or scores[k] < self.extra_instance_threshold:
+                break
+            mask = masks[k]
+            if not mask.any():
+                continue
+            tag = self.tag_of(int(classes[k]))
+            if any(
+                e.tag == tag and _mask_iou(e.mask, mask) >= self.duplicate_iou
+                for e in segments + kept
+            ):
+                continue
+            kept.append(
+                DecodedEntity(
+                    mask=mask,
+                    tag=tag,
+                    isthing=True,
+                    score=float(scores[k]),
+                    caption=str(captions[k]) if captions is not None else "",
+                    segment_id=None,
+                    category_id=int(classes[k]),
+                    source="extra",
+                )
+            )
+        return kept
+
+    # -- stages and content -----------------------------------------------------------------
+
+    def _item(self, entity: DecodedEntity, width: int, height: int) -> StageItem:
+        s = mask_stats(entity.mask)
+        box = [s["x0"], s["y0"], s["x1"] + 1, s["y1"] + 1]
+        return StageItem(entity.tag, tuple(pixel_box_to_grid(box, width, height, self.grid)))
+
+    def prepare(
+        self,
+        segments: Sequence[DecodedEntity],
+        extras: Sequence[DecodedEntity],
+        image_size: tuple[int, int],
+    ) -> tuple[PancapStages, PanopticContent]:
+        """Stage texts and structured content of decoded entities (no writer involved)."""
+        height, width = int(image_size[0]), int(image_size[1])
+        items = [self._item(e, width, height) for e in segments]
+        base = set(items)
+        # An extra whose tag and grid box equal a listed item is the protocol's duplicate;
+        # drop it here too so that content and stage 3 list the same entities.
+        extras = [e for e in extras if self._item(e, width, height) not in base]
+        extra_items = [self._item(e, width, height) for e in extras]
+        stages = build_stages(items, extra_items)
+        content = build_content(list(segments) + list(extras), (height, width), self.grid)
+        return stages, content
+
+    def __call__(self, image_result: Mapping, image_size: tuple[int, int]) -> dict:
+        """Run the bridge on one image.
+
+        Args:
+            image_result: the model's output for the image (module docstring).
+            image_size: ``(height, width)`` of ``panoptic_seg``.
+
+        Returns:
+            ``{"caption": str, "structured": dict (PanopticContent.to_dict()),
+            "structured_full": dict (to_full_dict()), "stages": {1, 2, 3, 4},
+            "stage3_extra": str, "prompts": {1, 2, 3, 4}}``.
+        """
+        segments, extras = self.decode(image_result, image_size)
+        stages, content = self.prepare(segments, extras, image_size)
+        features = image_result.get("object_features")
+        if features is not None and not isinstance(features, torch.Tensor):
+            features = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+        caption = self.writer(content, stages, tuple(image_size), object_features=features)
+        return {
+            "caption": caption,
+            "structured": content.to_dict(),
+            "structured_full": content.to_full_dict(),
+            "stages": stages.as_dict(),
+            "stage3_extra": stages.stage3_extra,
+            "prompts": dict(stages.prompts),
+        }
+
+
+def ground_truth_entities(record: Mapping, bridge: PanopticCaptionBridge) -> list[DecodedEntity]:
+    """A dataset dict's ground-truth segments as decoded entities, in the bridge's order.
+
+    Uses ``pan_seg_file_name`` and ``segments_info`` (contiguous ``category_id``, ``isthing``,
+    ``description`` as the dense caption); crowd segments are left out.
+    """
+    from pix2cap.data.detection_utils import read_panoptic_png
+
+    for key in ("pan_seg_file_name", "segments_info"):
+        if key not in record:
+            raise KeyError(f"dataset dict of {record.get('file_name', '?')} has no {key!r}")
+    ids = read_panoptic_png(record["pan_seg_file_name"])
+    entities = []
+    for info in record["segments_info"]:
+        if info.get("iscrowd", 0):
+            continue
+        mask = ids == int(info["id"])
+        if not mask.any():
+            continue
+        category_id = int(info["category_id"])
+        isthing = info.get("isthing")
+        entities.append(
+            DecodedEntity(
+                mask=mask,
+                tag=bridge.tag_of(category_id),
+                isthing=(category_id < bridge.num_thing_classes) if isthing is None else bool(isthing),
+                score=None,
+                caption=str(info.get("description") or ""),
+                segment_id=int(info["id"]),
+                category_id=category_id,
+                source="segment",
+            )
+        )
+    return bridge._reading_order(entities)
+
+
+def make_training_pairs(
+    dataset_dicts: Sequence[Mapping],
+    *,
+    metadata: Any = None,
+    class_names: Sequence[str] | None = None,
+    include_dense_captions: bool = True,
+    grid: int = GRID,
+) -> list[dict]:
+    """(prompt -> ground-truth panoptic caption) pairs for the LM writers.
+
+    The prompt is built from the ground-truth segments exactly as inference builds it from
+    predicted ones (boxes from masks, tags from class names, dense captions = segment
+    descriptions; no extra instances); the target is ``panoptic_caption`` with its boxes
+    rewritten on the model-side grid (PancapChain's training form). Images without a
+    ``panoptic_caption`` are skipped with a warning.
+
+    Returns:
+        ``[{"prompt", "target", "image_id"}]``.
+    """
+    from pix2cap.bridge.writers import build_lm_prompt
+
+    bridge = PanopticCaptionBridge(None, metadata=metadata, class_names=class_names, grid=grid)
+    pairs = []
+    skipped = 0
+    for record in dataset_dicts:
+        if not record.get("panoptic_caption"):
+            skipped += 1
+            continue
+        height, width = int(record["height"]), int(record["width"])
+        entities = ground_truth_entities(record, bridge)
+        stages, content = bridge.prepare(entities, [], (height, width))
+        pairs.append(
+            {
+                "prompt": build_lm_prompt(stages, content, include_dense_captions),
+                "target": pancap_text_to_grid(record["panoptic_caption"], width, height, grid),
+                "image_id": record.get("image_id"),
+            }
+        )
+    if skipped:
+        logger.warning("make_training_pairs: %d images without a panoptic_caption skipped", skipped)
+    return pairs

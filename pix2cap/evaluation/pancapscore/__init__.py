@@ -1,0 +1,50 @@
+"""PancapScore, the metric of Panoptic Captioning (SA-Pancap), and its building blocks.
+
+Pipeline per image: extract content from both captions (:mod:`.extractors`, line format in
+:mod:`.content`), match entities (:mod:`.matching`), answer instance-aware yes/no questions
+with a judge (:mod:`.qa`, :mod:`.judges`), combine into E/L/A/R/G F1 and
+``Overall = E + L + A + R + 0.1 * G`` (:mod:`.score`). Without a language model (the
+``structured`` judge, ``heuristic``/``structured`` extractors) the numbers are labelled an
+approximation. ``tools/eval_pancapscore.py`` runs it on SA-Pancap-style JSON files.
+"""
+
+from .content import (
+    Attribute,
+    Entity,
+    GlobalItem,
+    PanopticContent,
+    Relation,
+    entity_refs,
+    parse_extraction,
+    rewrite_entity_refs,
+)
+from .extractors import (
+    PANCAP_EXTRACTOR_REGISTRY,
+    ContentExtractor,
+    HeuristicExtractor,
+    LLMExtractor,
+    StructuredExtractor,
+    build_extractor,
+    extraction_prompt,
+)
+from .judges import (
+    PANCAP_JUDGE_REGISTRY,
+    HFLocalJudge,
+    LLMJudge,
+    OpenAIHTTPJudge,
+    PancapJudge,
+    StructuredJudge,
+    build_judge,
+    qa_prompt,
+)
+from .matching import (
+    EntityMatch,
+    SentenceTransformerEmbedder,
+    WordNetSynonyms,
+    box_iou,
+    default_embedder_path,
+    load_wordnet,
+    match_entities,
+)
+from .qa import QAQuestion, build_questions, negate_statement, parse_yes_no_answers
+from .score import PancapScorer, overall_score, precision_recall_f1, summarize

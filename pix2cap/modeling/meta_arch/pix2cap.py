@@ -1,0 +1,509 @@
+"""The Pix2Cap model: panoptic segmentation with one caption per segment.
+
+    image -> frozen backbone -> pixel decoder -> masked-attention transformer decoder
+          -> per query: class logits, mask logits, query feature
+          -> dense caption head (query feature + global image feature -> caption)
+
+Training matches queries to ground-truth segments (Hungarian) and sums the classification,
+mask and caption losses of every decoder prediction (``SetCriterion``). Inference runs
+Mask2Former's panoptic merge and captions only the queries that became segments, in one
+batched decoding call for the whole batch (the official code captions every query).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Collection, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pix2cap.config.config import ConfigError, configurable
+from pix2cap.structures import ImageList
+
+from ..backbone import BACKBONE_REGISTRY
+from ..caption_head import CAPTION_HEAD_REGISTRY, build_caption_tokenizer, decode, encode_captions
+from ..criterion import SetCriterion
+from ..matcher import HungarianMatcher
+from ..pixel_decoder import PIXEL_DECODER_REGISTRY
+from ..postprocessing import (
+    PanopticPrediction,
+    instance_inference,
+    panoptic_inference,
+    resize_mask_logits,
+    semantic_inference,
+)
+from ..transformer_decoder import TRANSFORMER_DECODER_REGISTRY
+from .build import META_ARCH_REGISTRY
+
+__all__ = ["Pix2Cap", "thing_ids_from_metadata"]
+
+logger = logging.getLogger(__name__)
+
+
+def thing_ids_from_metadata(dataset_names: Sequence[str]) -> set[int]:
+    """Contiguous ids of the thing classes of the first named dataset that declares them.
+
+    Reads ``MetadataCatalog.get(name).thing_dataset_id_to_contiguous_id`` (its values).
+    Returns an empty set when no dataset declares things.
+    """
+    import pix2cap.data  # noqa: F401  (registers the built-in dataset names and metadata)
+    from pix2cap.data.catalog import MetadataCatalog
+
+    for name in dataset_names:
+        mapping = MetadataCatalog.get(name).get("thing_dataset_id_to_contiguous_id")
+        if mapping:
+            return {int(v) for v in mapping.values()}
+    return set()
+
+
+@META_ARCH_REGISTRY.register()
+class Pix2Cap(nn.Module):
+    """Joint panoptic segmentation and dense captioning.
+
+    ``forward(batched_inputs)`` takes mapper dicts (``pix2cap.data.mappers``):
+
+    * ``"image"``: uint8/float Tensor[3, H, W], RGB on the 0-255 scale;
+    * training: ``"instances"`` with ``gt_classes`` Long[N] (contiguous), ``gt_masks``
+      Bool[N, H, W], optionally ``gt_iscrowd`` Bool[N] (crowd segments are not targets) and
+      ``gt_captions`` list[str] ("" = no caption to learn);
+    * inference: optional ``"height"``, ``"width"``: the original size predictions are
+      resized to.
+
+    Returns in training a dict of weighted scalar losses (``loss_ce``, ``loss_mask``,
+    ``loss_dice``, ``loss_caption`` and their ``_{i}`` versions for earlier decoder layers).
+    In eval mode a list with one dict per image, holding, as enabled:
+
+    * ``"panoptic_seg"``: ``(Int32[height, width] segment ids (0 = VOID), segments_info)``;
+      each segment: ``id``, ``category_id`` (contiguous), ``isthing``, ``score``, ``bbox``
+      ``[x, y, w, h]`` and, with captioning on, ``caption`` (str);
+    * ``"sem_seg"``: Float[K, height, width] class scores;
+    * ``"instances"``: ``Instances`` with ``pred_masks``, ``pred_boxes`` (XYXY), ``scores``,
+      ``pred_classes`` (thing classes only, top ``detections_per_image``).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        pixel_decoder: nn.Module,
+        transformer_decoder: nn.Module,
+        caption_head: nn.Module,
+        criterion: SetCriterion,
+        num_classes: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        size_divisibility: int = 32,
+        object_mask_threshold: float = 0.8,
+        overlap_threshold: float = 0.8,
+        thing_ids: Collection[int] = (),
+        semantic_on: bool = False,
+        instance_on: bool = False,
+        panoptic_on: bool = True,
+        caption_on: bool = True,
+        num_beams: int = 1,
+        max_caption_length: int = 40,
+        detections_per_image: int = 100,
+        deep_supervision: bool = True,
+        tokenizer: Any = None,
+        vocab_file: Optional[str] = None,
+    ):
+        """
+        Args:
+            backbone: images ``[B, 3, H, W]`` -> ``{"res2": ..., "res5": ...}``.
+            pixel_decoder: backbone features -> ``(mask_features [B, Cm, H/4, W/4],
+                multi_scale_features)``, the latter coarse to fine, ``[B, C, h, w]`` each.
+            transformer_decoder: ``(multi_scale_features, mask_features[, mask])`` ->
+                ``pred_logits`` [B, Q, K+1], ``pred_masks`` [B, Q, H/4, W/4],
+                ``query_features`` [B, Q, D], ``aux_outputs``. When its ``forward`` takes a
+                ``mask`` argument it gets the padding mask (True on padding).
+            caption_head: ``DenseCaptionHead``-like: ``loss`` for training (through the
+                criterion) and ``generate(query_feats [N, D], global_feats [N, C], ...)``.
+            criterion: the set criterion; its ``caption_loss_fn`` should be
+                ``caption_head.loss``.
+            num_classes: K, number of categories (without no-object).
+            pixel_mean, pixel_std: per-channel normalisation on the 0-255 scale.
+            size_divisibility: pad batched images to a multiple of this.
+            object_mask_threshold, overlap_threshold: of the panoptic merge.
+            thing_ids: contiguous ids of the thing classes.
+            semantic_on, instance_on, panoptic_on: which results inference returns.
+            caption_on: caption the panoptic segments (ignored without ``panoptic_on``).
+            num_beams: 1 = greedy decoding, more = beam search.
+            max_caption_length: caption tokens, [CLS]/[SEP] included (training and decoding).
+            detections_per_image: at most this many instances, and panoptic queries kept.
+            deep_supervision: also compute the losses of every earlier decoder prediction.
+            tokenizer: the caption tokenizer (``BertTokenizerFast``-like); None: built on
+                first use from ``vocab_file``.
+            vocab_file: ``vocab.txt`` or tokenizer folder; None: the packaged vocabulary.
+        """
+        super().__init__()
+        if len(pixel_mean) != 3 or len(pixel_std) != 3:
+            raise ValueError(
+                f"pixel_mean and pixel_std need one value per RGB channel, got {list(pixel_mean)} "
+                f"and {list(pixel_std)}"
+            )
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        head_max_length = getattr(caption_head, "max_length", None)
+        if head_max_length is not None and max_caption_length > head_max_length:
+            raise ValueError(
+                f"max_caption_length={max_caption_length} exceeds the caption head's "
+                f"max_length={head_max_length} (its position embeddings end there)"
+            )
+        bad_things = [i for i in thing_ids if not 0 <= int(i) < num_classes]
+        if bad_things:
+            raise ValueError(
+                f"thing_ids {sorted(bad_things)} are not contiguous class ids in [0, {num_classes})"
+            )
+        self.backbone = backbone
+        self.pixel_decoder = pixel_decoder
+        self.transformer_decoder = transformer_decoder
+        self.caption_head = caption_head
+        self.criterion = criterion
+        self.num_classes = num_classes
+        self.size_divisibility = size_divisibility
+        self.object_mask_threshold = object_mask_threshold
+        self.overlap_threshold = overlap_threshold
+        self.thing_ids = frozenset(int(i) for i in thing_ids)
+        self.semantic_on = semantic_on
+        self.instance_on = instance_on
+        self.panoptic_on = panoptic_on
+        self.caption_on = caption_on
+        self.num_beams = num_beams
+        self.max_caption_length = max_caption_length
+        self.detections_per_image = detections_per_image
+        self.deep_supervision = deep_supervision
+        self._tokenizer = tokenizer
+        self.vocab_file = vocab_file
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        # Decoders without padding support are still usable (padding is then attended to).
+        params = inspect.signature(transformer_decoder.forward).parameters
+        self._decoder_takes_mask = "mask" in params
+        if caption_on and not panoptic_on:
+            logger.warning("Captions are made for panoptic segments; PANOPTIC_ON is off, so none.")
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        mf = cfg.MODEL.MASK_FORMER
+        head_cfg = cfg.MODEL.CAPTION_HEAD
+        seg_head = cfg.MODEL.SEM_SEG_HEAD
+
+        backbone = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)(cfg)
+        pixel_decoder = PIXEL_DECODER_REGISTRY.get(seg_head.NAME)(cfg, backbone.output_shape())
+        transformer_decoder = TRANSFORMER_DECODER_REGISTRY.get(mf.TRANSFORMER_DECODER_NAME)(
+            cfg, in_channels=seg_head.CONVS_DIM
+        )
+        # The caption memory is the decoder's query (HIDDEN_DIM wide) and the max-pooled
+        # coarsest pixel-decoder level (CONVS_DIM wide); the head's widths follow them.
+        for key, value, source in (
+            ("QUERY_DIM", mf.HIDDEN_DIM, "MODEL.MASK_FORMER.HIDDEN_DIM"),
+            ("GLOBAL_DIM", seg_head.CONVS_DIM, "MODEL.SEM_SEG_HEAD.CONVS_DIM"),
+        ):
+            if head_cfg[key] != value:
+                logger.info(
+                    "MODEL.CAPTION_HEAD.%s=%d is replaced by %s=%d, the width it must match",
+                    key, head_cfg[key], source, value,
+                )
+        caption_head = CAPTION_HEAD_REGISTRY.get(head_cfg.NAME)(
+            cfg, query_dim=mf.HIDDEN_DIM, global_dim=seg_head.CONVS_DIM
+        )
+
+        matcher = HungarianMatcher(
+            cost_class=mf.CLASS_WEIGHT,
+            cost_mask=mf.MASK_WEIGHT,
+            cost_dice=mf.DICE_WEIGHT,
+            num_points=mf.TRAIN_NUM_POINTS,
+        )
+        criterion = SetCriterion(
+            num_classes=seg_head.NUM_CLASSES,
+            matcher=matcher,
+            weight_dict={
+                "loss_ce": mf.CLASS_WEIGHT,
+                "loss_mask": mf.MASK_WEIGHT,
+                "loss_dice": mf.DICE_WEIGHT,
+                "loss_caption": head_cfg.LOSS_WEIGHT,
+            },
+            eos_coef=mf.NO_OBJECT_WEIGHT,
+            losses=("labels", "masks", "captions"),
+            num_points=mf.TRAIN_NUM_POINTS,
+            oversample_ratio=mf.OVERSAMPLE_RATIO,
+            importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
+            caption_loss_fn=caption_head.loss,
+            num_caption_layers=head_cfg.NUM_LOSS_LAYERS if head_cfg.NUM_LOSS_LAYERS > 0 else None,
+            caption_pad_token_id=head_cfg.PAD_TOKEN_ID,
+        )
+
+        dataset_names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+        thing_ids = thing_ids_from_metadata(dataset_names)
+        if not thing_ids:
+            logger.warning(
+                "No thing classes found in the metadata of %s; every class is treated as stuff",
+                dataset_names or "any dataset (DATASETS.TRAIN/TEST are empty)",
+            )
+        too_large = sorted(i for i in thing_ids if i >= seg_head.NUM_CLASSES)
+        if too_large:
+            raise ConfigError(
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={seg_head.NUM_CLASSES} is too small for the "
+                f"datasets {dataset_names}: they have thing class ids up to {too_large[-1]}"
+            )
+
+        size_divisibility = max(
+            int(cfg.INPUT.SIZE_DIVISIBILITY), int(getattr(backbone, "size_divisibility", 0))
+        )
+        return {
+            "backbone": backbone,
+            "pixel_decoder": pixel_decoder,
+            "transformer_decoder": transformer_decoder,
+            "caption_head": caption_head,
+            "criterion": criterion,
+            "num_classes": seg_head.NUM_CLASSES,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": size_divisibility,
+            "object_mask_threshold": mf.TEST.OBJECT_MASK_THRESHOLD,
+            "overlap_threshold": mf.TEST.OVERLAP_THRESHOLD,
+            "thing_ids": thing_ids,
+            "semantic_on": mf.TEST.SEMANTIC_ON,
+            "instance_on": mf.TEST.INSTANCE_ON,
+            "panoptic_on": mf.TEST.PANOPTIC_ON,
+            "caption_on": mf.TEST.CAPTION_ON,
+            "num_beams": head_cfg.NUM_BEAMS,
+            "max_caption_length": head_cfg.MAX_LENGTH,
+            "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "deep_supervision": mf.DEEP_SUPERVISION,
+            "vocab_file": head_cfg.VOCAB_FILE or None,
+        }
+
+    # -----------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def tokenizer(self):
+        """The caption tokenizer, built on first use and checked against the caption head."""
+        if self._tokenizer is None:
+            # No argument when unset: the cache then shares the instance everyone else uses.
+            tokenizer = (
+                build_caption_tokenizer(self.vocab_file)
+                if self.vocab_file
+                else build_caption_tokenizer()
+            )
+            vocab_size = getattr(self.caption_head, "vocab_size", None)
+            if vocab_size is not None and len(tokenizer) > vocab_size:
+                raise ValueError(
+                    f"the caption vocabulary ({self.vocab_file or 'packaged'}) has "
+                    f"{len(tokenizer)} tokens but the caption head only {vocab_size} "
+                    "(MODEL.CAPTION_HEAD.VOCAB_SIZE)"
+                )
+            for name, token_id in (
+                ("bos_token_id", tokenizer.cls_token_id),
+                ("eos_token_id", tokenizer.sep_token_id),
+                ("pad_token_id", tokenizer.pad_token_id),
+            ):
+                head_id = getattr(self.caption_head, name, token_id)
+                if head_id != token_id:
+                    raise ValueError(
+                        f"caption head {name}={head_id} but the tokenizer's is {token_id} "
+                        f"(MODEL.CAPTION_HEAD.{name.upper()})"
+                    )
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    # -----------------------------------------------------------------------------------------
+    def forward(self, batched_inputs: list[dict]):
+        """See the class docstring for inputs and outputs."""
+        if not batched_inputs:
+            raise ValueError("Pix2Cap.forward needs at least one input dict")
+        images = [self._normalize(x["image"]) for x in batched_inputs]
+        image_list = ImageList.from_tensors(images, self.size_divisibility)
+        if self.training:
+            # Targets first: a bad input fails before the network runs.
+            targets = self.prepare_targets(batched_inputs, image_list)
+            outputs = self._predict(image_list)
+            if not self.deep_supervision:
+                outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+            return self.criterion.weighted(self.criterion(outputs, targets))
+        return self.inference(batched_inputs, image_list, self._predict(image_list))
+
+    def _normalize(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"'image' must be a [3, H, W] tensor, got {tuple(image.shape)}")
+        return (image.to(self.device).float() - self.pixel_mean) / self.pixel_std
+
+    def _padding_mask(self, image_list: ImageList) -> Optional[torch.Tensor]:
+        """Bool[B, H, W], True on padding; None when no image of the batch is padded."""
+        batch, _, height, width = image_list.tensor.shape
+        if all(size == (height, width) for size in image_list.image_sizes):
+            return None
+        mask = torch.ones((batch, height, width), dtype=torch.bool, device=image_list.device)
+        for i, (h, w) in enumerate(image_list.image_sizes):
+            mask[i, :h, :w] = False
+        return mask
+
+    def _predict(self, image_list: ImageList) -> dict:
+        """Backbone, pixel decoder, transformer decoder and the global feature.
+
+        Returns the transformer decoder's outputs plus ``"global_features"`` [B, C] (also put
+        in every ``aux_outputs`` entry).
+        """
+        features = self.backbone(image_list.tensor)
+        mask_features, multi_scale_features = self.pixel_decoder(features)
+        padding = self._padding_mask(image_list)
+        if self._decoder_takes_mask:
+            outputs = self.transformer_decoder(multi_scale_features, mask_features, mask=padding)
+        else:
+            outputs = self.transformer_decoder(multi_scale_features, mask_features)
+        global_features = self.global_features(multi_scale_features[0], padding)
+        outputs["global_features"] = global_features
+        for aux in outputs.get("aux_outputs") or []:
+            aux["global_features"] = global_features
+        return outputs
+
+    @staticmethod
+    def global_features(
+        coarsest: torch.Tensor, padding: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Max-pool of the coarsest multi-scale level over the image (padding excluded).
+
+        Args:
+            coarsest: ``[B, C, h, w]``; padding: optional Bool[B, H, W], True on padding.
+
+        Returns:
+            ``[B, C]``.
+        """
+        if padding is not None:
+            # Excluding padding keeps an image's global token independent of its batch-mates.
+            pad = F.interpolate(padding[:, None].float(), size=coarsest.shape[-2:], mode="nearest")
+            pad = pad.bool()  # [B, 1, h, w]
+            pad = pad & ~pad.flatten(1).all(dim=1)[:, None, None, None]
+            coarsest = coarsest.masked_fill(pad, float("-inf"))
+        return coarsest.flatten(2).amax(dim=-1)
+
+    # -----------------------------------------------------------------------------------------
+    def prepare_targets(self, batched_inputs: list[dict], image_list: ImageList) -> list[dict]:
+        """Criterion targets, one dict per image.
+
+        Returns:
+            ``{"labels": Long[M], "masks": Bool[M, H_pad, W_pad], "caption_tokens":
+            Long[M, T]}`` with crowd segments dropped; masks zero-padded like the images;
+            ``T <= max_caption_length`` is the longest caption of the batch.
+        """
+        height, width = image_list.tensor.shape[-2:]
+        labels, masks, captions = [], [], []
+        for index, x in enumerate(batched_inputs):
+            if "instances" not in x:
+                raise KeyError(
+                    f"training input {x.get('file_name', index)!r} has no 'instances'; "
+                    "Pix2Cap trains on mapper outputs with targets (INPUT.DATASET_MAPPER_NAME, "
+                    "e.g. panoptic_lsj)"
+                )
+            instances = x["instances"]
+            keep = torch.ones(len(instances), dtype=torch.bool)
+            if instances.has("gt_iscrowd"):
+                keep = ~instances.gt_iscrowd.cpu().bool()
+            gt_masks = instances.gt_masks[keep.to(instances.gt_masks.device)]
+            h, w = image_list.image_sizes[index]
+            if tuple(gt_masks.shape[-2:]) != (h, w):
+                raise ValueError(
+                    f"training input {x.get('file_name', index)!r}: gt_masks are "
+                    f"{tuple(gt_masks.shape[-2:])} but the image is {(h, w)}"
+                )
+            padded = torch.zeros(
+                (gt_masks.shape[0], height, width), dtype=torch.bool, device=self.device
+            )
+            padded[:, :h, :w] = gt_masks.to(self.device).bool()
+            labels.append(instances.gt_classes[keep.to(instances.gt_classes.device)])
+            masks.append(padded)
+            if instances.has("gt_captions"):
+                captions.append(
+                    [c for c, k in zip(instances.gt_captions, keep.tolist()) if k]
+                )
+            else:
+                captions.append([""] * int(keep.sum()))
+        # One tokenizer call for the whole batch.
+        flat = [c for per_image in captions for c in per_image]
+        tokens = encode_captions(flat, self.max_caption_length, tokenizer=self.tokenizer)
+        # Columns that are [PAD] in every row only cost decoder and vocabulary compute.
+        if tokens.numel():
+            length = int((tokens != self.tokenizer.pad_token_id).sum(1).max())
+            tokens = tokens[:, : max(length, 2)]
+        tokens = tokens.to(self.device).split([len(c) for c in captions])
+        return [
+            {"labels": lab.to(self.device).long(), "masks": m, "caption_tokens": tok}
+            for lab, m, tok in zip(labels, masks, tokens)
+        ]
+
+    # -----------------------------------------------------------------------------------------
+    def inference(
+        self, batched_inputs: list[dict], image_list: ImageList, outputs: dict
+    ) -> list[dict]:
+        """Per-image results at the original size (see the class docstring)."""
+        padded_size = tuple(image_list.tensor.shape[-2:])
+        results: list[dict] = []
+        panoptic: list[tuple[int, PanopticPrediction]] = []
+        for b, x in enumerate(batched_inputs):
+            image_size = image_list.image_sizes[b]
+            output_size = (int(x.get("height", image_size[0])), int(x.get("width", image_size[1])))
+            mask_pred = resize_mask_logits(
+                outputs["pred_masks"][b], padded_size, image_size, output_size
+            )  # [Q, height, width]
+            mask_cls = outputs["pred_logits"][b].float()  # [Q, K+1]
+            result: dict[str, Any] = {}
+            if self.semantic_on:
+                result["sem_seg"] = semantic_inference(mask_cls, mask_pred)
+            if self.panoptic_on:
+                prediction = panoptic_inference(
+                    mask_cls,
+                    mask_pred,
+                    thing_ids=self.thing_ids,
+                    object_mask_threshold=self.object_mask_threshold,
+                    overlap_threshold=self.overlap_threshold,
+                    max_segments=self.detections_per_image,
+                )
+                result["panoptic_seg"] = (prediction.panoptic_seg, prediction.segments_info)
+                panoptic.append((b, prediction))
+            if self.instance_on:
+                result["instances"] = instance_inference(
+                    mask_cls,
+                    mask_pred,
+                    thing_ids=self.thing_ids,
+                    max_detections=self.detections_per_image,
+                )
+            results.append(result)
+        if self.caption_on and panoptic:
+            self._caption_segments(outputs, panoptic)
+        return results
+
+    def _caption_segments(
+        self, outputs: dict, panoptic: list[tuple[int, PanopticPrediction]]
+    ) -> None:
+        """Write ``caption`` into every segment, with one decoding call for the batch.
+
+        Only the queries behind kept segments are decoded; a merged stuff segment is
+        described by its highest-scoring query.
+        """
+        query_features = outputs["query_features"]  # [B, Q, D]
+        global_features = outputs["global_features"]  # [B, C]
+        feats, globals_ = [], []
+        for b, prediction in panoptic:
+            index = prediction.query_indices.to(query_features.device)
+            feats.append(query_features[b, index])
+            globals_.append(global_features[b].expand(index.numel(), -1))
+        feats = torch.cat(feats)
+        if feats.shape[0] == 0:
+            return
+        tokens = self.caption_head.generate(
+            feats.float(),
+            torch.cat(globals_).float(),
+            max_length=self.max_caption_length,
+            num_beams=self.num_beams,
+        )
+        texts = iter(decode(tokens, tokenizer=self.tokenizer))
+        for _, prediction in panoptic:
+            for info in prediction.segments_info:
+                info["caption"] = next(texts)

@@ -1,0 +1,225 @@
+"""Visualizer: tinted segments, numbered labels on the segments, and the caption panel."""
+
+import importlib.util
+import os
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pix2cap.utils.visualizer import (
+    PANEL_BACKGROUND,
+    Visualizer,
+    _label_point,
+    _load_font,
+    draw_dataset_dict,
+    draw_panoptic_seg,
+    save_rgb_png,
+    segment_colors,
+    wrap_text,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+META = {
+    "thing_classes": ["circle", "square"],
+    "stuff_classes": ["circle", "square", "sky", "grass"],
+    "thing_colors": [[220, 20, 60], [0, 130, 200]],
+    "stuff_colors": [[220, 20, 60], [0, 130, 200], [135, 195, 235], [75, 135, 60]],
+}
+GREY = 100
+H, W = 60, 80
+PANEL = 300
+
+
+def _scene():
+    """Grey image; segment 3 (circle) on the left, 4 (square) top right, 7 (grass) bottom
+    right, and a void column in between."""
+    image = np.full((H, W, 3), GREY, dtype=np.uint8)
+    seg = np.zeros((H, W), dtype=np.int64)
+    seg[:, :36] = 3
+    seg[:30, 40:] = 4
+    seg[30:, 40:] = 7
+    segments = [
+        {"id": 3, "category_id": 0, "isthing": True, "score": 0.93, "caption": "a red circle"},
+        {"id": 4, "category_id": 1, "isthing": True, "score": 0.71, "caption": "a blue square"},
+        {"id": 7, "category_id": 3, "isthing": False, "score": 0.88, "caption": "green grass"},
+    ]
+    return image, seg, segments
+
+
+def _panel(out):
+    return out[:, W:]
+
+
+def _ink_pixels(region):
+    """Pixels that differ from the panel background (text, swatches, the separator)."""
+    return int(np.any(region != np.array(PANEL_BACKGROUND, dtype=np.uint8), axis=-1).sum())
+
+
+def test_output_size_and_segment_tint():
+    image, seg, segments = _scene()
+    out = Visualizer(image, META, panel_width=PANEL, alpha=0.5).draw_panoptic_seg(seg, segments)
+    assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
+    assert out.shape[1] == W + PANEL
+    assert out.shape[0] >= H
+
+    colors = segment_colors(segments, META)
+    # Pixels well inside each segment (away from the outline and the centred number).
+    for (y, x), seg_id in (((5, 5), 3), ((4, 76), 4), ((56, 76), 7)):
+        expected = np.round(0.5 * GREY + 0.5 * np.array(colors[seg_id], dtype=np.float64))
+        np.testing.assert_allclose(out[y, x].astype(np.float64), expected, atol=1)
+    # Void keeps the image.
+    np.testing.assert_array_equal(out[10:50, 37], np.full((40, 3), GREY, dtype=np.uint8))
+    # Stuff keeps its class colour; a thing is jittered per instance but stays close.
+    assert colors[7] == (75, 135, 60)
+    assert max(abs(a - b) for a, b in zip(colors[3], (220, 20, 60))) <= 48
+
+
+def test_instances_of_one_class_get_different_colours():
+    segments = [{"id": i, "category_id": 0, "isthing": True} for i in range(1, 6)]
+    colors = segment_colors(segments, META)
+    assert len(set(colors.values())) == 5
+    # Reproducible: the jitter is seeded by the segment id.
+    assert colors == segment_colors(segments, META)
+
+
+def test_numbers_are_drawn_on_their_segments():
+    image, seg, segments = _scene()
+    out = Visualizer(image, META, panel_width=PANEL, alpha=0.5).draw_panoptic_seg(seg, segments)
+    plain = Visualizer(image, META, panel_width=PANEL, alpha=0.5)._draw_segments(
+        seg, []
+    )  # no segments: the untouched image
+    assert np.asarray(plain).shape == (H, W, 3)
+    for seg_id in (3, 4, 7):
+        x, y = _label_point(seg == seg_id)
+        assert seg[y, x] == seg_id
+        # The label box (number on the segment's colour, with an outline) changes the pixels
+        # around that point from the flat tint.
+        patch = out[max(y - 3, 0) : y + 4, max(x - 3, 0) : x + 4].reshape(-1, 3)
+        assert len(np.unique(patch, axis=0)) > 2
+
+
+def test_label_point_lies_on_a_ring_shaped_segment():
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 32, xx - 32)
+    ring = (r > 18) & (r < 28)
+    x, y = _label_point(ring)
+    assert ring[y, x]  # the bbox centre (32, 32) would be in the hole
+
+
+def test_caption_panel_has_text_and_wraps_long_captions():
+    image, seg, segments = _scene()
+    font_size = 12
+    short = Visualizer(image, META, panel_width=PANEL, font_size=font_size).draw_panoptic_seg(
+        seg, segments
+    )
+    assert _ink_pixels(_panel(short)[:, 1:]) > 200  # header, three entries, swatches
+
+    long_segments = [dict(s) for s in segments]
+    long_segments[0]["caption"] = ("a very long caption " * 15)[:300]
+    long_segments[1]["caption"] = "x" * 300  # no space to break at
+    out = Visualizer(image, META, panel_width=PANEL, font_size=font_size).draw_panoptic_seg(
+        seg, long_segments
+    )
+    assert out.shape[1] == W + PANEL
+    # Two 300-character captions need more lines than a 60-pixel-high image holds: the
+    # canvas grows instead of clipping them.
+    assert out.shape[0] > short.shape[0] and out.shape[0] > H
+    assert _ink_pixels(_panel(out)[:, 1:]) > 2 * _ink_pixels(_panel(short)[:, 1:])
+    # Nothing runs into the right margin or off the bottom.
+    margin = max(6, font_size // 2)
+    assert _ink_pixels(out[:, -(margin - 1) :]) == 0
+    assert _ink_pixels(out[-(margin - 1) :, W + 1 :]) == 0
+    # The padding below the image is plain.
+    assert _ink_pixels(out[H:, :W]) == 0
+
+
+def test_wrap_text_fits_width_and_keeps_every_character():
+    font = _load_font(12)
+    text = "word " * 40 + "y" * 300
+    lines = wrap_text(text, font, 150)
+    assert len(lines) > 10
+    assert all(font.getlength(line) <= 150 for line in lines)
+    assert "".join(lines).replace(" ", "") == text.replace(" ", "")
+
+
+def test_segments_without_caption_or_score():
+    image, seg, segments = _scene()
+    bare = [{"id": s["id"], "category_id": s["category_id"]} for s in segments]
+    vis = Visualizer(image, META, panel_width=PANEL)
+    out = vis.draw_panoptic_seg(seg, bare)
+    assert out.shape[1] == W + PANEL and _ink_pixels(_panel(out)[:, 1:]) > 50
+    # isthing comes from the metadata when absent; no score, no caption -> class name only.
+    assert vis._entry_text(1, bare[0]) == "1. circle"
+    assert vis._entry_text(3, bare[2]) == "3. grass"
+    assert vis._entry_text(2, segments[1]) == "2. square (0.71): a blue square"
+
+
+def test_empty_segments_list_leaves_the_image_untouched():
+    image, seg, _ = _scene()
+    out = Visualizer(image, META, panel_width=PANEL).draw_panoptic_seg(np.zeros_like(seg), [])
+    assert out.shape == (H, W + PANEL, 3)
+    np.testing.assert_array_equal(out[:, :W], image)
+    assert _ink_pixels(_panel(out)[:, 1:]) > 0  # the "0 segments" header
+
+
+def test_tensor_input_scale_and_bad_shapes():
+    image, seg, segments = _scene()
+    out = draw_panoptic_seg(
+        image, torch.from_numpy(seg).int(), segments, META, scale=2.0, panel_width=PANEL
+    )
+    assert out.shape[1] == 2 * W + PANEL and out.shape[0] >= 2 * H
+    with pytest.raises(ValueError, match="panoptic_seg has shape"):
+        draw_panoptic_seg(image, seg[:10], segments, META)
+    with pytest.raises(ValueError, match="RGB image"):
+        Visualizer(image[:, :, 0])
+
+
+def test_without_metadata_classes_are_numbered():
+    image, seg, segments = _scene()
+    vis = Visualizer(image, None, panel_width=PANEL)
+    assert vis._entry_text(1, segments[2]).startswith("1. class 3 (0.88)")
+    assert vis.draw_panoptic_seg(seg, segments).shape[1] == W + PANEL
+
+
+def test_draw_dataset_dict_and_visualize_data_script(datasets_root, tmp_path):
+    from pix2cap.data.catalog import DatasetCatalog, MetadataCatalog
+    from pix2cap.data.datasets.shapes import generate_shapes
+
+    generate_shapes(str(datasets_root / "shapes"), "train", num_images=3, image_size=64, seed=2)
+    record = DatasetCatalog.get("shapes_train")[0]
+    metadata = MetadataCatalog.get("shapes_train")
+    out = draw_dataset_dict(None, record, metadata, panel_width=PANEL)
+    assert out.shape[1] == 64 + PANEL
+    vis = Visualizer(np.zeros((64, 64, 3), np.uint8), metadata)
+    first = record["segments_info"][0]
+    assert vis._entry_text(1, {**first, "caption": first["description"]}).endswith(
+        first["description"]
+    )
+    with pytest.raises(ValueError, match="pan_seg_file_name"):
+        draw_dataset_dict(None, {k: v for k, v in record.items() if k != "pan_seg_file_name"})
+
+    spec = importlib.util.spec_from_file_location(
+        "visualize_data", REPO / "tools" / "visualize_data.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = module.main(
+        Namespace(dataset="shapes_train", output=str(tmp_path / "vis"), num=2, scale=2.0)
+    )
+    assert [os.path.basename(p) for p in written] == ["000000.png", "000001.png"]
+    picture = np.asarray(Image.open(written[0]))
+    assert picture.shape[1] > 128 and picture.shape[0] >= 128
+
+
+def test_save_rgb_png_round_trip(tmp_path):
+    image, seg, segments = _scene()
+    out = draw_panoptic_seg(image, seg, segments, META)
+    path = tmp_path / "sub" / "vis.png"
+    save_rgb_png(out, path)
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), out)
+    assert os.listdir(path.parent) == ["vis.png"]  # no temporary file left behind

@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Write the WordPiece subset vocabulary that a dataset's captions use.
+
+    python tools/build_caption_vocab.py --dataset shapes_train --output configs/shapes/shapes_vocab.txt
+
+The result keeps BERT uncased WordPiece tokenization of those captions (see
+``pix2cap.modeling.caption_head.tokenizer.build_subset_vocab``); set
+``MODEL.CAPTION_HEAD.VOCAB_FILE`` to it, ``VOCAB_SIZE`` to its line count, and the special
+token ids to their lines (``[PAD]`` 0, ``[CLS]`` 2, ``[SEP]`` 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import pix2cap.data  # noqa: F401  (registers the built-in datasets)
+from pix2cap.data.catalog import DatasetCatalog
+from pix2cap.modeling.caption_head.tokenizer import build_subset_vocab
+
+
+def dataset_captions(names: list[str]) -> list[str]:
+    """Every segment description, grounded caption and panoptic caption of the datasets."""
+    captions = []
+    for name in names:
+        for record in DatasetCatalog.get(name):
+            captions += [s["description"] for s in record.get("segments_info", []) if s.get("description")]
+            if record.get("grounded_caption"):
+                captions.append(record["grounded_caption"]["text"])
+            if record.get("panoptic_caption"):
+                captions.append(record["panoptic_caption"])
+    return captions
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--dataset", nargs="+", required=True, help="registered dataset names")
+    parser.add_argument("--output", required=True, help="vocab.txt to write")
+    args = parser.parse_args(argv)
+    captions = dataset_captions(args.dataset)
+    if not captions:
+        raise SystemExit(f"datasets {args.dataset} have no captions")
+    vocab = build_subset_vocab(captions)
+    directory = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+        f.write("\n".join(vocab) + "\n")
+    os.replace(f.name, args.output)
+    print(f"{len(vocab)} tokens from {len(captions)} captions -> {args.output}")
+    return args.output
+
+
+if __name__ == "__main__":
+    main()

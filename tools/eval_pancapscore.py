@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+"""PancapScore of predicted panoptic captions against SA-Pancap-style ground truth.
+
+    python tools/eval_pancapscore.py --pred pred.json --gt sapancap_val_gtcaption.json \\
+        --output pancapscore.json                                   # no language model
+    python tools/eval_pancapscore.py --pred pred.json --gt gt.json --judge openai_http \\
+        --base-url http://127.0.0.1:8000/v1 --judge-model Qwen2.5-14B-Instruct \\
+        --embedder /models/all-mpnet-base-v2 --output pancapscore.json
+    python tools/eval_pancapscore.py --pred pred.json --gt gt.json --judge hf_local \\
+        --judge-model /models/Qwen2.5-14B-Instruct --output pancapscore.json
+
+Inputs: ground truth ``[{"image_path", "gt_response"}]`` (the official file) and predictions
+``[{"image_path", "model_response", "structured"?}]``, paired by ``image_path``. The
+optional ``structured`` field is pix2cap's own content (dict form of
+``PanopticContent.from_dict``). A ground-truth image without a prediction is scored against
+an empty caption; a prediction without ground truth is ignored (both are counted and logged).
+
+Extractors (``--extractor`` for predictions, ``--gt-extractor`` for ground truth): ``auto``
+uses the ``structured`` field when a prediction has one, else ``llm`` with a language-model
+judge, else ``heuristic``. Only ``llm`` extraction + an ``hf_local``/``openai_http`` judge +
+the all-mpnet-base-v2 embedder + WordNet is the official setup; any other run is labelled an
+approximation in the output (``setup.official`` and ``setup.approximation_note``).
+
+Output (written atomically): ``{"setup", "mean": {E, L, A, R, G, Overall, ...},
+"per_image": [...], "judge_stats", "missing_predictions", "unmatched_predictions"}``; a table
+of the means is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Optional
+
+from pix2cap.evaluation.pancapscore import (
+    PancapScorer,
+    SentenceTransformerEmbedder,
+    build_extractor,
+    build_judge,
+    load_wordnet,
+)
+from pix2cap.evaluation.pancapscore.extractors import ContentExtractor
+from pix2cap.evaluation.pancapscore.score import DIMENSION_KEYS, summarize
+
+logger = logging.getLogger("pix2cap.eval_pancapscore")
+
+
+def _load_entries(path: str, text_key: str, what: str) -> dict[str, dict]:
+    """``{normalised image_path: entry}`` from a JSON list; clear errors name the file."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot read the {what} file ({e.strerror or e})") from None
+    except ValueError as e:
+        raise SystemExit(f"{path}: the {what} file is not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise SystemExit(f"{path}: the {what} file must be a JSON list of objects")
+    entries: dict[str, dict] = {}
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise SystemExit(f"{path}: entry [{i}] is not a JSON object")
+        for key in ("image_path", text_key):
+            if key not in entry:
+                raise SystemExit(f"{path}: entry [{i}] has no key {key!r}")
+        if not isinstance(entry[text_key], str):
+            raise SystemExit(f"{path}: entry [{i}]: {text_key!r} is not a string")
+        structured = entry.get("structured")
+        if structured is not None and not isinstance(structured, dict):
+            raise SystemExit(f"{path}: entry [{i}]: 'structured' must be an object")
+        key = os.path.normpath(str(entry["image_path"]).replace("\\", "/"))
+        if key in entries:
+            raise SystemExit(f"{path}: entry [{i}]: image {entry['image_path']!r} appears twice")
+        entries[key] = entry
+    return entries
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pancapscore.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class _AutoExtractor(ContentExtractor):
+    """Per image: ``structured`` when the prediction carries it, else the fallback."""
+
+    def __init__(self, fallback: ContentExtractor):
+        self.fallback = fallback
+        self.structured = build_extractor("structured")
+        self.name = f"auto(structured|{fallback.name})"
+        self.is_llm = False
+
+    def extract(self, text, structured=None, where="caption"):
+        if structured is not None:
+            return self.structured.extract(text, structured, where=where)
+        return self.fallback.extract(text, None, where=where)
+
+
+def _extractor(name: str, judge, for_gt: bool) -> ContentExtractor:
+    fallback = "llm" if judge.is_llm else "heuristic"
+    if name == "auto":
+        base = build_extractor(fallback, judge=judge)
+        return base if for_gt else _AutoExtractor(base)
+    if for_gt and name == "structured":
+        raise SystemExit("--gt-extractor structured: the ground truth is free text only")
+    return build_extractor(name, judge=judge)
+
+
+def format_table(mean: dict) -> str:
+    """The mean scores as a small text table."""
+    keys = list(DIMENSION_KEYS) + ["Overall"]
+    header = " | ".join(f"{k:>8}" for k in keys)
+    values = " | ".join(
+        f"{mean[k]:8.2f}" if mean.get(k) is not None else f"{'n/a':>8}" for k in keys
+    )
+    return f"{header}\n{'-' * len(header)}\n{values}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pred", required=True, help="predictions JSON")
+    p.add_argument("--gt", required=True, help="ground-truth JSON (official SA-Pancap file)")
+    p.add_argument("--output", required=True, help="where to write the result JSON")
+    p.add_argument("--judge", default="structured",
+                   choices=["structured", "hf_local", "openai_http"])
+    p.add_argument("--extractor", default="auto",
+                   choices=["auto", "llm", "structured", "heuristic"],
+                   help="content extractor for predictions")
+    p.add_argument("--gt-extractor", default="auto", choices=["auto", "llm", "heuristic"],
+                   help="content extractor for the ground truth")
+    p.add_argument("--judge-model", default=None,
+                   help="hf_local: local model folder; openai_http: model name")
+    p.add_argument("--base-url", default=None, help="openai_http: e.g. http://host:8000/v1")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="openai_http: environment variable with the API key")
+    p.add_argument("--timeout", type=float, default=120.0, help="openai_http: seconds/request")
+    p.add_argument("--retries", type=int, default=3, help="openai_http: retries per request")
+    p.add_argument("--device", default=None, help="hf_local: torch device")
+    p.add_argument("--batch-size", type=int, default=16, help="questions per judge prompt")
+    p.add_argument("--embedder", default=None,
+                   help="local sentence-transformers folder (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--no-embedder", action="store_true",
+                   help="skip the embedding rule of entity matching")
+    p.add_argument("--similarity-threshold", type=float, default=0.85,
+                   help="structured judge: cosine for a paraphrase to count")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N images")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    gt = _load_entries(args.gt, "gt_response", "ground-truth")
+    pred = _load_entries(args.pred, "model_response", "prediction")
+
+    embedder = None
+    if not args.no_embedder:
+        embedder = SentenceTransformerEmbedder(args.embedder, device=args.device)
+    if args.judge == "structured":
+        judge = build_judge("structured", embedder=embedder, threshold=args.similarity_threshold)
+    elif args.judge == "hf_local":
+        if not args.judge_model:
+            raise SystemExit("--judge hf_local needs --judge-model <local model folder>")
+        judge = build_judge("hf_local", model=args.judge_model, device=args.device,
+                            batch_size=args.batch_size)
+    else:
+        if not args.base_url or not args.judge_model:
+            raise SystemExit("--judge openai_http needs --base-url and --judge-model")
+        judge = build_judge("openai_http", base_url=args.base_url, model=args.judge_model,
+                            api_key_env=args.api_key_env, timeout=args.timeout,
+                            retries=args.retries, batch_size=args.batch_size)
+    if "llm" in (args.extractor, args.gt_extractor) and not judge.is_llm:
+        raise SystemExit("--extractor llm needs --judge hf_local or openai_http")
+
+    scorer = PancapScorer(
+        judge=judge,
+        gt_extractor=_extractor(args.gt_extractor, judge, for_gt=True),
+        pred_extractor=_extractor(args.extractor, judge, for_gt=False),
+        embedder=embedder,
+        synonyms=load_wordnet(),
+    )
+    keys = list(gt)
+    if args.limit is not None:
+        keys = keys[: args.limit]
+    missing = [gt[k]["image_path"] for k in keys if k not in pred]
+    unmatched = [pred[k]["image_path"] for k in pred if k not in gt]
+    if missing:
+        logger.warning("%d ground-truth images have no prediction; scored as empty captions",
+                       len(missing))
+    if unmatched:
+        logger.warning("%d predictions have no ground truth; ignored", len(unmatched))
+
+    per_image = []
+    for n, k in enumerate(keys):
+        entry = pred.get(k, {})
+        try:
+            per_image.append(
+                scorer.score_image(
+                    gt[k]["gt_response"],
+                    entry.get("model_response", ""),
+                    entry.get("structured"),
+                    image_path=gt[k]["image_path"],
+                )
+            )
+        except ValueError as e:
+            raise SystemExit(f"{args.pred}: {e}") from None
+        if (n + 1) % 50 == 0:
+            logger.info("scored %d / %d images", n + 1, len(keys))
+    result = {
+        "setup": scorer.setup.as_dict(),
+        "mean": summarize(per_image),
+        "per_image": per_image,
+        "judge_stats": dict(judge.stats),
+        "missing_predictions": missing,
+        "unmatched_predictions": unmatched,
+    }
+    _write_json_atomic(args.output, result)
+    print(format_table(result["mean"]))
+    if not result["setup"]["official"]:
+        print(result["setup"]["approximation_note"])
+    print(f"wrote {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
