@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import time
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ from pix2cap.data.detection_utils import read_image
 from pix2cap.data.transforms import ResizeShortestEdge, apply_augmentations
 from pix2cap.modeling import build_model
 from pix2cap.modeling.caption_head import DenseCaptionHead
+from pix2cap.utils.file_io import atomic_write_text
 
 
 def _sync(device: torch.device) -> None:
@@ -264,10 +264,7 @@ def main(argv=None) -> dict:
     text = json.dumps(results, indent=2)
     print(text)
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output + ".tmp", "w") as f:
-            f.write(text + "\n")
-        os.replace(args.output + ".tmp", args.output)
+        atomic_write_text(args.output, text + "\n")
     return results
 
 

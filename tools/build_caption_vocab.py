@@ -12,12 +12,11 @@ token ids to their lines (``[PAD]`` 0, ``[CLS]`` 2, ``[SEP]`` 3).
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 
 import pix2cap.data  # noqa: F401  (registers the built-in datasets)
 from pix2cap.data.catalog import DatasetCatalog
 from pix2cap.modeling.caption_head.tokenizer import build_subset_vocab
+from pix2cap.utils.file_io import atomic_write_text
 
 
 def dataset_captions(names: list[str]) -> list[str]:
@@ -42,11 +41,7 @@ def main(argv=None) -> str:
     if not captions:
         raise SystemExit(f"datasets {args.dataset} have no captions")
     vocab = build_subset_vocab(captions)
-    directory = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-        f.write("\n".join(vocab) + "\n")
-    os.replace(f.name, args.output)
+    atomic_write_text(args.output, "\n".join(vocab) + "\n")
     print(f"{len(vocab)} tokens from {len(captions)} captions -> {args.output}")
     return args.output
 

@@ -17,16 +17,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from typing import Optional, Sequence
 
 import torch
-from safetensors.torch import save_file
 
 from pix2cap.checkpoint.converters import (
     convert_efficientnet_lite0,
     find_efficientnet_lite0_weights,
 )
+from pix2cap.utils.file_io import atomic_write_bytes
 
 DEFAULT_OUTPUT = "model_zoo/backbones/tf_efficientnet_lite0.safetensors"
 
@@ -52,22 +51,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def save_safetensors_atomic(state_dict: dict[str, torch.Tensor], path: str, metadata: dict) -> None:
     """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".safetensors")
-    os.close(fd)
-    try:
-        # safetensors refuses views and shared storage; contiguous copies are independent.
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp_path, metadata=metadata)
-        # mkstemp creates the file as 0600; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    from safetensors.torch import save
+
+    # safetensors refuses views and shared storage; contiguous copies are independent.
+    data = save({k: v.contiguous() for k, v in state_dict.items()}, metadata=metadata)
+    atomic_write_bytes(path, data)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:

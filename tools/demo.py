@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -40,6 +39,7 @@ from pix2cap.data.errors import DatasetError
 from pix2cap.engine.predictor import DefaultPredictor
 from pix2cap.utils.logger import setup_logger
 from pix2cap.utils.visualizer import Visualizer, save_rgb_png
+from pix2cap.utils.file_io import atomic_write_text
 
 logger = logging.getLogger("pix2cap.demo")
 
@@ -202,16 +202,7 @@ def segments_to_records(
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_text(path, text)
 
 
 def run_on_image(predictor: DefaultPredictor, path: str, output_dir: str, confidence: float):

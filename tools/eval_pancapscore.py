@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from typing import Optional
 
@@ -46,6 +45,7 @@ from pix2cap.evaluation.pancapscore import (
 )
 from pix2cap.evaluation.pancapscore.extractors import ContentExtractor
 from pix2cap.evaluation.pancapscore.score import DIMENSION_KEYS, summarize
+from pix2cap.utils.file_io import atomic_write_json
 
 logger = logging.getLogger("pix2cap.eval_pancapscore")
 
@@ -81,19 +81,7 @@ def _load_entries(path: str, text_key: str, what: str) -> dict[str, dict]:
 
 
 def _write_json_atomic(path: str, obj) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pancapscore.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_json(path, obj, indent=2)
 
 
 class _AutoExtractor(ContentExtractor):

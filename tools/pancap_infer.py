@@ -22,12 +22,10 @@ dataset has no class vocabulary (SA-Pancap has none).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import tempfile
-from typing import Any, Sequence
+from typing import Any
 
 import pix2cap.data  # noqa: F401  (registers the built-in datasets and their metadata)
 from pix2cap.bridge import PanopticCaptionBridge, build_caption_writer
@@ -35,6 +33,7 @@ from pix2cap.data.catalog import DatasetCatalog, MetadataCatalog
 from pix2cap.data.detection_utils import read_image
 from pix2cap.data.errors import DatasetError
 from pix2cap.utils.logger import setup_logger
+from pix2cap.utils.file_io import atomic_write_json
 
 logger = logging.getLogger("pix2cap.pancap_infer")
 
@@ -131,16 +130,7 @@ def build_writer(args):
 
 
 def _atomic_write_json(path: str, obj: Any) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_json(path, obj, indent=2)
 
 
 def main(args, predictor=None, cfg=None) -> tuple[list[dict], list[dict]]:

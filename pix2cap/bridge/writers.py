@@ -41,6 +41,7 @@ from pix2cap.bridge.build import CAPTION_WRITER_REGISTRY
 from pix2cap.bridge.content import PanopticContent, Relation
 from pix2cap.bridge.stages import GRID, PancapStages, grid_text_to_pancap
 from pix2cap.data.datasets.sapancap import format_box
+from pix2cap.utils.file_io import atomic_write_bytes
 
 __all__ = [
     "CaptionWriter",
@@ -219,19 +220,10 @@ def _load_projector(path: str, embed_dim: int) -> VisualPrefixProjector | None:
 
 
 def _save_projector(projector: VisualPrefixProjector, output_dir: str) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}
-    final = os.path.join(output_dir, VISUAL_PROJECTOR_FILE)
-    fd, tmp = tempfile.mkstemp(prefix=".visual_projector.", suffix=".tmp", dir=output_dir)
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_bytes(os.path.join(output_dir, VISUAL_PROJECTOR_FILE), save(state))
 
 
 class _LMEncoding:

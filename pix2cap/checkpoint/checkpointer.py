@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from typing import Any, Optional
 
@@ -24,6 +23,7 @@ from fvcore.common.checkpoint import Checkpointer as _FvcoreCheckpointer
 from fvcore.common.checkpoint import PeriodicCheckpointer
 
 from pix2cap.utils import comm
+from pix2cap.utils.file_io import atomic_open
 
 __all__ = [
     "Checkpointer",
@@ -48,19 +48,8 @@ class CheckpointError(ValueError):
 def _atomic_write(path: str, write_fn) -> None:
     """Call ``write_fn(file_object)`` on a temporary file next to ``path``, then move it over
     ``path``. On any failure the temporary file is removed and ``path`` is untouched."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    with atomic_open(path, "wb") as f:
+        write_fn(f)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

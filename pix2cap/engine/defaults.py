@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pix2cap.checkpoint import Checkpointer
 from pix2cap.utils import comm
+from pix2cap.utils.file_io import atomic_write_text
 from pix2cap.utils.env import seed_all_rng
 from pix2cap.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from pix2cap.utils.logger import setup_logger
@@ -91,21 +92,6 @@ def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentPa
     return parser
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    import tempfile
-
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
 def default_setup(cfg, args) -> None:
     """Prepare a run: create ``OUTPUT_DIR``, set up logging (file + console, rank-aware),
     log the environment, the command line and the config, write ``OUTPUT_DIR/config.yaml``
@@ -135,7 +121,7 @@ def default_setup(cfg, args) -> None:
     log.info("Running with full config:\n%s", cfg.dump())
     if comm.is_main_process() and output_dir:
         path = os.path.join(output_dir, "config.yaml")
-        _atomic_write_text(path, cfg.dump())
+        atomic_write_text(path, cfg.dump())
         log.info("Full config saved to %s", path)
 
     seed = cfg.SEED

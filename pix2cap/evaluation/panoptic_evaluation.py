@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import torch
 
 from pix2cap.utils import comm
 
+from pix2cap.utils.file_io import atomic_write_bytes
 from pix2cap.utils.registry import register_as
 
 from .build import EVALUATOR_REGISTRY
@@ -451,18 +451,6 @@ def _boxes_xywh(index: np.ndarray, num_segments: int) -> np.ndarray:
     return boxes
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _contiguous_categories(metadata, dataset_name: str) -> dict[int, dict]:
     """``{contiguous id: {"id" (dataset id), "name", "isthing", ...}}`` from dataset metadata
     (``categories`` ordered by contiguous id, or the detectron2-style id maps)."""
@@ -707,7 +695,7 @@ class COCOPanopticEvaluator(DatasetEvaluator):
                 # Two images with one file stem (different folders): keep both by their id.
                 stem = f"{p['image_id']}_{stem}"
             file_name = f"{stem}.png"
-            _write_atomic(os.path.join(png_dir, file_name), p["png"])
+            atomic_write_bytes(os.path.join(png_dir, file_name), p["png"])
             annotations.append(
                 {
                     "image_id": p["image_id"],
@@ -726,7 +714,7 @@ class COCOPanopticEvaluator(DatasetEvaluator):
         ]
         json_path = os.path.join(self._output_dir, "panoptic_predictions.json")
         data = json.dumps({"annotations": annotations, "categories": categories})
-        _write_atomic(json_path, data.encode("utf-8"))
+        atomic_write_bytes(json_path, data.encode("utf-8"))
         logger.info("Wrote %d panoptic predictions to %s", len(annotations), json_path)
 
 

@@ -5,13 +5,11 @@ Results are the evaluators' nested dicts, ``{task: {metric: value or nested dict
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
-import os
 import re
-import tempfile
 from typing import Any, Iterator
+from pix2cap.utils.file_io import atomic_write_json
 
 __all__ = ["print_results_table", "write_results_json", "log_results_to_storage", "flatten_results"]
 
@@ -115,20 +113,7 @@ def write_results_json(results: dict, path: str) -> None:
 
     Non-finite floats become ``null``; numpy/torch values become plain numbers or lists.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    text = json.dumps(_jsonable(results), indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_json(path, _jsonable(results), indent=2, allow_nan=False)
 
 
 def flatten_results(results: dict, prefix: str = "") -> Iterator[tuple[str, float]]:

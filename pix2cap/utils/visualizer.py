@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import colorsys
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
@@ -481,15 +480,7 @@ def draw_dataset_dict(
 def save_rgb_png(image: np.ndarray, path: str | os.PathLike) -> None:
     """Write an RGB uint8 [H, W, 3] array as a PNG, atomically (temporary file in the same
     folder, then ``os.replace``), so a reader never sees half a picture."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from pix2cap.utils.file_io import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(f, format="PNG")

@@ -1,6 +1,5 @@
 import itertools
 import logging
-from pathlib import Path
 
 import pytest
 import torch

@@ -78,6 +78,7 @@ import portalocker
 from PIL import Image
 
 from pix2cap.data.errors import DatasetError
+from pix2cap.utils.file_io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -723,15 +724,7 @@ def _split_files(split: str) -> dict[str, str]:
 
 
 def _dump_json(obj, path: str) -> None:
-    """Write JSON atomically: temp file in the same folder, then rename."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_json(path, obj)
 
 
 def _save_png(array: np.ndarray, path: str) -> None:
