@@ -27,7 +27,7 @@ import torch
 
 import pix2cap.data  # noqa: F401  (registers the built-in datasets)
 from pix2cap.checkpoint import Checkpointer
-from pix2cap.config import get_cfg
+from pix2cap.config import load_cfg
 from pix2cap.data import DatasetCatalog
 from pix2cap.data.detection_utils import read_image
 from pix2cap.data.transforms import ResizeShortestEdge, apply_augmentations
@@ -237,10 +237,7 @@ def main(argv=None) -> dict:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
     args = parser.parse_args(argv)
 
-    cfg = get_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = load_cfg(args.config_file, args.opts)
     device = torch.device(cfg.MODEL.DEVICE)
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:

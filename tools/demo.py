@@ -33,7 +33,6 @@ import torch
 
 import pix2cap.data  # noqa: F401  (registers the built-in datasets and their metadata)
 import pix2cap.modeling  # noqa: F401  (registers the models)
-from pix2cap.config import get_cfg
 from pix2cap.data.detection_utils import read_image
 from pix2cap.data.errors import DatasetError
 from pix2cap.engine.predictor import DefaultPredictor
@@ -77,12 +76,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts or [])
-    cfg.freeze()
-    return cfg
+    from pix2cap.config import load_cfg
+
+    return load_cfg(args.config_file, args.opts)
 
 
 def collect_images(inputs: Sequence[str]) -> list[str]:

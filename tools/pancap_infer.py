@@ -68,14 +68,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args):
-    from pix2cap.config import get_cfg
+    from pix2cap.config import load_cfg
 
-    cfg = get_cfg()
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts or [])
-    cfg.freeze()
-    return cfg
+    return load_cfg(args.config_file, args.opts)
 
 
 def collect_inputs(args) -> list[tuple[str, str]]:

@@ -15,7 +15,7 @@ import logging
 import pix2cap.data  # noqa: F401  (registers the built-in datasets)
 import pix2cap.modeling  # noqa: F401  (registers the models)
 from pix2cap.checkpoint import Checkpointer
-from pix2cap.config import get_cfg
+from pix2cap.config import load_cfg
 from pix2cap.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from pix2cap.utils import comm
 
@@ -24,11 +24,7 @@ logger = logging.getLogger("pix2cap.train_net")
 
 def setup(args):
     """The frozen config: defaults, then the config file, then command-line overrides."""
-    cfg = get_cfg()
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts or [])
-    cfg.freeze()
+    cfg = load_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
     return cfg
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 from fvcore.common.config import CfgNode as _FvcoreCfgNode
 
-__all__ = ["CfgNode", "get_cfg", "configurable", "ConfigError"]
+__all__ = ["CfgNode", "get_cfg", "load_cfg", "configurable", "ConfigError"]
 
 _YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -70,6 +70,17 @@ def get_cfg() -> CfgNode:
     from .defaults import _C
 
     return _C.clone()
+
+
+def load_cfg(config_file: Optional[str] = None, opts: Optional[list] = None) -> CfgNode:
+    """Defaults, then ``config_file`` (with its ``_BASE_`` chain), then ``opts`` overrides
+    (``["KEY", "VALUE", ...]``); the result is frozen."""
+    cfg = get_cfg()
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts or []))
+    cfg.freeze()
+    return cfg
 
 
 def configurable(init_func: Optional[Callable] = None, *, from_config: Optional[Callable] = None):
