@@ -50,7 +50,7 @@ def get_parser() -> argparse.ArgumentParser:
     source.add_argument("--input", nargs="+", help="image files and/or folders of images")
     source.add_argument("--dataset", help="a registered dataset name, e.g. sapancap_val")
     parser.add_argument(
-        "--writer", default="template", choices=["template", "small_lm", "hf_causal_lm"]
+        "--writer", default="template", choices=["template", "concat", "concat_boxes", "small_lm", "hf_causal_lm"]
     )
     parser.add_argument("--lm-path", default=None, help="model folder for small_lm / hf_causal_lm")
     parser.add_argument("--adapter-path", default=None, help="LoRA adapter folder (hf_causal_lm)")
@@ -77,7 +77,12 @@ def collect_inputs(args) -> list[tuple[str, str]]:
     """(image file, image_path written in the predictions) pairs."""
     if args.dataset:
         dicts = DatasetCatalog.get(args.dataset)
-        return [(d["file_name"], str(d.get("image_id", d["file_name"]))) for d in dicts]
+        # image_path: the path as the dataset's SA-Pancap files write it (the key of the
+        # ground-truth captions); datasets without one fall back to the image id.
+        return [
+            (d["file_name"], str(d.get("image_path", d.get("image_id", d["file_name"]))))
+            for d in dicts
+        ]
     out: list[tuple[str, str]] = []
     for item in args.input:
         if os.path.isdir(item):
@@ -109,8 +114,8 @@ def class_metadata(cfg, predictor) -> Any:
 
 
 def build_writer(args):
-    if args.writer == "template":
-        return build_caption_writer("template")
+    if args.writer in ("template", "concat", "concat_boxes"):  # no language model
+        return build_caption_writer(args.writer)
     if not args.lm_path:
         raise ValueError(f"--writer {args.writer} needs --lm-path (a saved model folder)")
     kwargs: dict[str, Any] = {

@@ -17,6 +17,8 @@ panoptic caption in SA-Pancap form. Registered classes take keyword arguments on
 # Short names used on command lines -> registered class names.
 WRITER_NAMES = {
     "template": "TemplateWriter",
+    "concat": "DenseCaptionConcatWriter",
+    "concat_boxes": "BoxedDenseCaptionConcatWriter",
     "hf_causal_lm": "HFCausalLMWriter",
     "small_lm": "SmallLMWriter",
 }

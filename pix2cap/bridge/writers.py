@@ -163,6 +163,35 @@ class TemplateWriter(CaptionWriter):
         return f"{relation.text} {_boxed(content, relation.object, definite=True)}"
 
 
+@CAPTION_WRITER_REGISTRY.register()
+class DenseCaptionConcatWriter(CaptionWriter):
+    """The entities' dense captions joined into one text, in entity order: a baseline showing
+    what the segment captions say on their own (no global sentence, no language model; boxes
+    only with ``with_boxes``)."""
+
+    def __init__(self, *, with_boxes: bool = False):
+        self.with_boxes = bool(with_boxes)
+
+    def __call__(self, content, stages, image_size, *, object_features=None) -> str:
+        sentences = []
+        for entity in content.entities:
+            caption = entity.caption.strip().rstrip(".")
+            if not caption:
+                continue
+            if self.with_boxes and entity.box is not None:
+                caption = f"{caption} {format_box(entity.box)}"
+            sentences.append(_capitalise(caption) + ".")
+        return " ".join(sentences)
+
+
+@CAPTION_WRITER_REGISTRY.register()
+class BoxedDenseCaptionConcatWriter(DenseCaptionConcatWriter):
+    """:class:`DenseCaptionConcatWriter` with each caption followed by its segment's box."""
+
+    def __init__(self):
+        super().__init__(with_boxes=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Language-model writers
 

@@ -139,3 +139,25 @@ def test_small_lm_trains_and_generates(tmp_path):
     assert isinstance(caption, str) and caption
     # Grid boxes the LM writes come back in SA-Pancap form.
     assert "<box>" not in caption
+
+
+def test_dense_caption_concat_writers():
+    from pix2cap.bridge.build import build_caption_writer
+    from pix2cap.bridge.content import Entity, PanopticContent
+
+    def entity(i, name, caption, box):
+        return Entity(id=i, name=name, box=box, grid_box=None, isthing=True, score=1.0,
+                      caption=caption, area=10, segment_id=i, source="segment")
+
+    content = PanopticContent(
+        entities=[entity(1, "circle", "a red circle left of the star.", [0.1, 0.2, 0.3, 0.4]),
+                  entity(2, "star", "", [0.5, 0.5, 0.6, 0.6]),
+                  entity(3, "sky", "blue sky covering the top", None)],
+        attributes=[], relations=[], global_items=["one object"],
+    )
+    plain = build_caption_writer("concat")(content, None, (100, 100))
+    assert plain == "A red circle left of the star. Blue sky covering the top."
+    boxed = build_caption_writer("concat_boxes")(content, None, (100, 100))
+    assert boxed == (
+        "A red circle left of the star [[0.100, 0.200, 0.300, 0.400]]. Blue sky covering the top."
+    )

@@ -1,4 +1,5 @@
 import builtins
+import json
 import os
 import shutil
 
@@ -137,6 +138,8 @@ def test_shapes_are_generated_on_first_use_and_merged(datasets_root):
     generate_shapes(datasets_root / "shapes", "val", num_images=3, image_size=64)
     dicts = DatasetCatalog.get("shapes_val")
     assert len(dicts) == 3
+    gt_file = datasets_root / "shapes" / "annotations" / "sapancap_val_gtcaption.json"
+    gt_by_path = {e["image_path"]: e["gt_response"] for e in json.loads(gt_file.read_text())}
     for record in dicts:
         assert record["file_name"] == str(
             datasets_root / "shapes" / "images" / "val" / f"{record['image_id']:06d}.png"
@@ -144,6 +147,9 @@ def test_shapes_are_generated_on_first_use_and_merged(datasets_root):
         assert all(s["description"] for s in record["segments_info"])
         assert record["grounded_caption"]["convention"] == "segment_id"
         assert record["panoptic_caption"] and record["panoptic_caption_boxes"]
+        # image_path is the key of the SA-Pancap ground-truth captions
+        assert record["image_path"] == f"images/val/{record['image_id']:06d}.png"
+        assert gt_by_path[record["image_path"]] == record["panoptic_caption"]
     meta = MetadataCatalog.get("shapes_val")
     assert meta.panoptic_json == str(datasets_root / "shapes" / "annotations" / "panoptic_val.json")
     assert meta.grounding_tag_stats["unresolved"] == 0

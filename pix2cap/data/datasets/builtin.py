@@ -305,6 +305,7 @@ def load_shapes(
             raise DatasetError(
                 data_list, f"{record['file_name']} (in {pix2cap_json}) is not listed"
             )
+        record["image_path"] = sa["image_path"]
         if "panoptic_caption" in sa:
             record["panoptic_caption"] = sa["panoptic_caption"]
             record["panoptic_caption_boxes"] = sa["panoptic_caption_boxes"]

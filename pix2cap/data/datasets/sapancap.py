@@ -231,7 +231,7 @@ def load_sapancap(
         file_name = os.path.join(image_root, rel)
         if not os.path.isfile(file_name):
             missing.append(rel)
-        dataset_dicts.append({"file_name": file_name, "image_id": rel})
+        dataset_dicts.append({"file_name": file_name, "image_id": rel, "image_path": rel})
     if missing:
         listed = ", ".join(missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
