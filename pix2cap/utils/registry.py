@@ -12,7 +12,7 @@ from fvcore.common.registry import Registry
 
 T = TypeVar("T")
 
-__all__ = ["register_as"]
+__all__ = ["register_as", "build_by_name"]
 
 
 def register_as(registry: Registry, name: str) -> Callable[[T], T]:
@@ -25,3 +25,13 @@ def register_as(registry: Registry, name: str) -> Callable[[T], T]:
         return obj
 
     return decorator
+
+
+def build_by_name(registry: Registry, name: str, aliases: dict, what: str, **kwargs):
+    """``registry.get(aliases.get(name, name))(**kwargs)``; an unknown ``name`` gets an error
+    listing the short names (``what`` names the kind of object in that message)."""
+    try:
+        cls = registry.get(aliases.get(name, name))
+    except KeyError:
+        raise KeyError(f"unknown {what} {name!r}; choose one of {sorted(aliases)}") from None
+    return cls(**kwargs)

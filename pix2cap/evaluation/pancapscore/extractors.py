@@ -291,13 +291,10 @@ def build_extractor(name: str, judge=None, **kwargs) -> ContentExtractor:
     ``llm`` takes the judge that will write the extraction lines."""
     aliases = {"llm": "LLMExtractor", "structured": "StructuredExtractor",
                "heuristic": "HeuristicExtractor"}
-    key = aliases.get(name, name)
-    try:
-        cls = PANCAP_EXTRACTOR_REGISTRY.get(key)
-    except KeyError:
-        raise KeyError(
-            f"unknown PancapScore extractor {name!r}; choose one of {sorted(aliases)}"
-        ) from None
-    if cls is LLMExtractor:
-        return cls(judge, **kwargs)
-    return cls(**kwargs)
+    from pix2cap.utils.registry import build_by_name
+
+    if aliases.get(name, name) == "LLMExtractor":
+        kwargs["judge"] = judge
+    return build_by_name(
+        PANCAP_EXTRACTOR_REGISTRY, name, aliases, "PancapScore extractor", **kwargs
+    )

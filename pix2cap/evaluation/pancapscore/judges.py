@@ -464,11 +464,6 @@ def build_judge(name: str, **kwargs) -> PancapJudge:
     ``openai_http``, ``structured``) or class name."""
     aliases = {"hf_local": "HFLocalJudge", "openai_http": "OpenAIHTTPJudge",
                "structured": "StructuredJudge"}
-    key = aliases.get(name, name)
-    try:
-        cls = PANCAP_JUDGE_REGISTRY.get(key)
-    except KeyError:
-        raise KeyError(
-            f"unknown PancapScore judge {name!r}; choose one of {sorted(aliases)}"
-        ) from None
-    return cls(**kwargs)
+    from pix2cap.utils.registry import build_by_name
+
+    return build_by_name(PANCAP_JUDGE_REGISTRY, name, aliases, "PancapScore judge", **kwargs)
