@@ -58,6 +58,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument(
+        "--free-boxes", action="store_true",
+        help="LM writers: decode boxes without the listed-box constraint (an ablation)",
+    )
     parser.add_argument("--extra-instance-threshold", type=float, default=0.5)
     parser.add_argument("--min-segment-score", type=float, default=0.0)
     parser.add_argument("--limit", type=int, default=0, help="process at most N images (0 = all)")
@@ -123,6 +127,7 @@ def build_writer(args):
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
+        "constrain_boxes": not args.free_boxes,
     }
     if args.adapter_path:
         kwargs["adapter_path"] = args.adapter_path

@@ -35,11 +35,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--n-embd", type=int, default=128)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument(
+        "--max-target-tokens", type=int, default=480,
+        help="caption budget; the prompt gets the rest of the 1024 positions",
+    )
     args = parser.parse_args(argv)
     setup_logger(name="pix2cap")
 
     pairs = make_training_pairs(
-        DatasetCatalog.get(args.dataset), metadata=MetadataCatalog.get(args.dataset)
+        DatasetCatalog.get(args.dataset),
+        metadata=MetadataCatalog.get(args.dataset),
     )
     texts = [p["prompt"] for p in pairs] + [p["target"] for p in pairs]
     texts.append(" ".join(str(i) for i in range(1001)))  # every grid coordinate
@@ -52,7 +58,9 @@ def main(argv=None) -> dict:
             args.steps,
             n_layer=args.n_layer,
             n_embd=args.n_embd,
-            batch_size=args.batch_size,
+            n_head=args.n_head,
+            max_target_tokens=args.max_target_tokens,
+                batch_size=args.batch_size,
             lr=args.lr,
             vocab_file=vocab_file,
         )

@@ -8,7 +8,12 @@
 * :mod:`pix2cap.bridge.bridge` -- :class:`PanopticCaptionBridge` and training pairs.
 """
 
-from .bridge import PanopticCaptionBridge, ground_truth_entities, make_training_pairs
+from .bridge import (
+    PanopticCaptionBridge,
+    align_to_mentions,
+    ground_truth_entities,
+    make_training_pairs,
+)
 from .build import CAPTION_WRITER_REGISTRY, build_caption_writer
 from .content import DecodedEntity, PanopticContent, build_content, geometric_relations
 from .stages import (
@@ -20,12 +25,14 @@ from .stages import (
     PancapStages,
     StageItem,
     build_stages,
+    find_grid_boxes,
     grid_text_to_pancap,
     normalized_box_to_grid,
     pancap_text_to_grid,
     pixel_box_to_grid,
 )
 from .writers import (
+    GridBoxLogitsProcessor,
     HFCausalLMWriter,
     SmallLMWriter,
     TemplateWriter,

@@ -14,15 +14,18 @@ masks); optionally ``"instances"`` (``Instances`` with ``pred_masks`` Bool[N, H,
 become the stage-3 extra entities; optionally ``"object_features"`` Float[S, D] (one row per
 segment) for a writer with a visual prefix.
 
-Entity order: segments in reading order of their boxes (top, then left), then the extra
-instances by descending score. An extra instance is kept when its score is at least
+Entity order: stuff segments, then thing segments, each in reading order of their boxes
+(top, then left) -- the background a panoptic caption opens with, then the objects -- and
+last the extra instances by descending score. An extra instance is kept when its score is at least
 ``extra_instance_threshold``, its mask is not empty, and its mask IoU with every segment or
 earlier extra of the same tag is below ``duplicate_iou`` (the same object found twice).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,11 +39,18 @@ from pix2cap.bridge.stages import (
     StageItem,
     build_stages,
     clean_tag,
+    find_grid_boxes,
+    format_grid_box,
     pancap_text_to_grid,
     pixel_box_to_grid,
 )
 
-__all__ = ["PanopticCaptionBridge", "make_training_pairs", "ground_truth_entities"]
+__all__ = [
+    "PanopticCaptionBridge",
+    "make_training_pairs",
+    "ground_truth_entities",
+    "align_to_mentions",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -165,15 +175,15 @@ class PanopticCaptionBridge:
                     source="segment",
                 )
             )
-        segments = self._reading_order(segments)
+        segments = self._layout_order(segments)
         extras = self._extra_instances(image_result.get("instances"), segments, (height, width))
         return segments, extras
 
     @staticmethod
-    def _reading_order(entities: list[DecodedEntity]) -> list[DecodedEntity]:
+    def _layout_order(entities: list[DecodedEntity]) -> list[DecodedEntity]:
         def key(e: DecodedEntity):
             s = mask_stats(e.mask)
-            return (s["y0"], s["x0"], -s["area"], e.segment_id or 0)
+            return (e.isthing, s["y0"], s["x0"], -s["area"], e.segment_id or 0)
 
         return sorted(entities, key=key)
 
@@ -306,7 +316,76 @@ def ground_truth_entities(record: Mapping, bridge: PanopticCaptionBridge) -> lis
                 source="segment",
             )
         )
-    return bridge._reading_order(entities)
+    return bridge._layout_order(entities)
+
+
+def align_to_mentions(
+    boxes: Sequence[Sequence[int]], target: str, tolerance: int = 3
+) -> tuple[list[int], str]:
+    """Line a ground-truth caption up with the entity list it is to be written from.
+
+    Each ``<box>[[...]]</box>`` of ``target`` (grid form) is matched to the entity whose grid
+    box is nearest (largest coordinate difference at most ``tolerance``) and rewritten to that
+    box exactly: annotation boxes and boxes of the decoded masks may differ by a rounding unit,
+    and an LM should learn to copy the listed box, not to guess the difference.
+
+    Args:
+        boxes: the entities' grid boxes, in list order.
+        target: the caption with grid boxes.
+        tolerance: the largest per-coordinate difference that still counts as the same box.
+
+    Returns:
+        ``(order, target)``: entity indices in the order the caption describes them, and the
+        caption with snapped boxes. An entity is placed where it is first the subject of a
+        sentence (the sentence's first box), else where it is first mentioned at all, so
+        that ``"A star [[..]] is above the triangle [[..]]."`` places the triangle where its
+        own sentence is; entities never mentioned follow in list order.
+    """
+    target, mentions = _snap_mentions(boxes, target, tolerance)
+    first: dict[int, int] = {}
+    as_subject: dict[int, int] = {}
+    for start, entity, is_subject in mentions:
+        if entity is None:
+            continue
+        first.setdefault(entity, start)
+        if is_subject:
+            as_subject.setdefault(entity, start)
+    place = {k: as_subject.get(k, first[k]) for k in first}
+    order = sorted(place, key=place.get) + [k for k in range(len(boxes)) if k not in place]
+    return order, target
+
+
+def _sentence_starts(text: str) -> list[int]:
+    return [0] + [m.end() for m in re.finditer(r"[.!?]\s+", text)]
+
+
+def _snap_mentions(
+    boxes: Sequence[Sequence[int]], target: str, tolerance: int
+) -> tuple[str, list[tuple[int, int | None, bool]]]:
+    """``target`` with boxes snapped to ``boxes`` (see :func:`align_to_mentions`), and its
+    mentions as ``(start in the snapped text, entity index or None, first box of its
+    sentence)``."""
+    boxes = [tuple(int(v) for v in b) for b in boxes]
+    sentence_starts = _sentence_starts(target)
+    mentions: list[tuple[int, int | None, bool]] = []
+    subject_sentences: set[int] = set()
+    pieces: list[str] = []
+    cursor = 0
+    shift = 0  # snapped boxes may be shorter or longer than the written ones
+    for start, end, box in find_grid_boxes(target):
+        gaps = [max(abs(a - b) for a, b in zip(box, cand)) for cand in boxes]
+        best = int(np.argmin(gaps)) if gaps else -1
+        matched = best >= 0 and gaps[best] <= tolerance
+        replacement = format_grid_box(boxes[best]) if matched else target[start:end]
+        sentence = bisect.bisect_right(sentence_starts, start)
+        mentions.append((start + shift, best if matched else None, sentence not in subject_sentences))
+        subject_sentences.add(sentence)
+        pieces.append(target[cursor:start])
+        pieces.append(replacement)
+        shift += len(replacement) - (end - start)
+        cursor = end
+    pieces.append(target[cursor:])
+    return "".join(pieces), mentions
 
 
 def make_training_pairs(
@@ -315,6 +394,8 @@ def make_training_pairs(
     metadata: Any = None,
     class_names: Sequence[str] | None = None,
     include_dense_captions: bool = True,
+    region_boxes: bool = True,
+    mention_order: bool = True,
     grid: int = GRID,
 ) -> list[dict]:
     """(prompt -> ground-truth panoptic caption) pairs for the LM writers.
@@ -324,6 +405,12 @@ def make_training_pairs(
     descriptions; no extra instances); the target is ``panoptic_caption`` with its boxes
     rewritten on the model-side grid (PancapChain's training form). Images without a
     ``panoptic_caption`` are skipped with a warning.
+
+    With ``mention_order`` the prompt lists the entities in the order the caption first
+    mentions them, and the caption's boxes are snapped to the listed ones
+    (:func:`align_to_mentions`). The list is a set to the protocol, so its order is free; in
+    this order an LM learns to describe the entities as listed, which it then does for the
+    bridge's layout order at inference, instead of having to plan an order of its own.
 
     Returns:
         ``[{"prompt", "target", "image_id"}]``.
@@ -339,12 +426,18 @@ def make_training_pairs(
             continue
         height, width = int(record["height"]), int(record["width"])
         entities = ground_truth_entities(record, bridge)
+        target = pancap_text_to_grid(record["panoptic_caption"], width, height, grid)
+        image_id = record.get("image_id")
+        if mention_order:
+            boxes = [bridge._item(e, width, height).box for e in entities]
+            order, target = align_to_mentions(boxes, target)
+            entities = [entities[k] for k in order]
         stages, content = bridge.prepare(entities, [], (height, width))
         pairs.append(
             {
-                "prompt": build_lm_prompt(stages, content, include_dense_captions),
-                "target": pancap_text_to_grid(record["panoptic_caption"], width, height, grid),
-                "image_id": record.get("image_id"),
+                "prompt": build_lm_prompt(stages, content, include_dense_captions, region_boxes),
+                "target": target,
+                "image_id": image_id,
             }
         )
     if skipped:

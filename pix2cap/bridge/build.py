@@ -6,6 +6,8 @@ from typing import Any
 
 from fvcore.common.registry import Registry
 
+from pix2cap.utils.registry import build_by_name
+
 __all__ = ["CAPTION_WRITER_REGISTRY", "WRITER_NAMES", "build_caption_writer"]
 
 CAPTION_WRITER_REGISTRY = Registry("CAPTION_WRITER")
@@ -30,10 +32,4 @@ def build_caption_writer(name: str, **kwargs: Any):
     # Importing the module registers the writers.
     import pix2cap.bridge.writers  # noqa: F401
 
-    cls_name = WRITER_NAMES.get(name, name)
-    try:
-        cls = CAPTION_WRITER_REGISTRY.get(cls_name)
-    except KeyError:
-        known = ", ".join(sorted(WRITER_NAMES))
-        raise KeyError(f"unknown caption writer {name!r}; known: {known}") from None
-    return cls(**kwargs)
+    return build_by_name(CAPTION_WRITER_REGISTRY, name, WRITER_NAMES, "caption writer", **kwargs)

@@ -72,6 +72,7 @@ __all__ = [
     "build_stages",
     "grid_text_to_pancap",
     "pancap_text_to_grid",
+    "find_grid_boxes",
 ]
 
 GRID = 1000
@@ -326,6 +327,14 @@ _GRID_BOX_RE = re.compile(
 _BARE_INT_BOX_RE = re.compile(
     r"\[\s*\[\s*(" + _INT + r")\s*,\s*(" + _INT + r")\s*,\s*(" + _INT + r")\s*,\s*(" + _INT + r")\s*\]\s*\]"
 )
+
+
+def find_grid_boxes(text: str) -> list[tuple[int, int, tuple[int, int, int, int]]]:
+    """Every model-side ``<box>[[x1, y1, x2, y2]]</box>`` of ``text`` (any spacing) as
+    ``(start, end, box)`` character spans, in order."""
+    return [
+        (m.start(), m.end(), tuple(int(v) for v in m.groups())) for m in _GRID_BOX_RE.finditer(text)
+    ]
 
 
 def grid_text_to_pancap(text: str, width: int, height: int, grid: int = GRID) -> str:

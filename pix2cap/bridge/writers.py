@@ -15,9 +15,11 @@ that writes model-side ``<box>[[...]]</box>`` grid boxes has them converted
   :func:`train_small_lm` with the BERT WordPiece vocabulary.
 
 The language-model prompt is :func:`build_lm_prompt`: the stage-4 prompt followed by the
-entities' dense captions. Training pairs use the same function on ground-truth segments
-(:func:`pix2cap.bridge.bridge.make_training_pairs`), and targets carry grid boxes, as
-PancapChain trains its caption stage.
+entities' dense captions, each with its box. Training pairs use the same function on
+ground-truth segments (:func:`pix2cap.bridge.bridge.make_training_pairs`), and targets carry
+grid boxes, as PancapChain trains its caption stage. The LM writers decode boxes under
+:class:`GridBoxLogitsProcessor`: a box the LM opens can only be completed as the box of a
+listed entity.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from torch import nn
 
 from pix2cap.bridge.build import CAPTION_WRITER_REGISTRY
 from pix2cap.bridge.content import PanopticContent, Relation
-from pix2cap.bridge.stages import GRID, PancapStages, grid_text_to_pancap
+from pix2cap.bridge.stages import GRID, PancapStages, format_grid_box, grid_text_to_pancap
 from pix2cap.data.datasets.sapancap import format_box
 from pix2cap.utils.file_io import atomic_write_bytes
 
@@ -48,6 +50,7 @@ __all__ = [
     "TemplateWriter",
     "HFCausalLMWriter",
     "SmallLMWriter",
+    "GridBoxLogitsProcessor",
     "VisualPrefixProjector",
     "build_lm_prompt",
     "finetune_lora",
@@ -75,19 +78,30 @@ class CaptionWriter:
 
 
 def build_lm_prompt(
-    stages: PancapStages, content: PanopticContent | None = None, include_dense_captions: bool = True
+    stages: PancapStages,
+    content: PanopticContent | None = None,
+    include_dense_captions: bool = True,
+    region_boxes: bool = True,
 ) -> str:
     """The text a language model continues into the panoptic caption.
 
     ``stages.prompts[4]`` (the PancapChain stage-4 prompt with the merged entity list), then,
     if ``include_dense_captions`` and any entity has a dense caption, a line
-    ``"Region captions: 1. <tag>: <caption>; 2. ..."`` with the entity ids of ``content``.
+    ``"Region captions: 1. <tag> <box>[[...]]</box>: <caption>; 2. ..."`` with the entity ids
+    of ``content``. ``region_boxes`` repeats each entity's grid box beside its caption, so the
+    words and the box an LM writes about one entity sit next to each other in the prompt
+    (without it the line is ``"1. <tag>: <caption>"``).
     """
     prompt = stages.prompts[4]
     if include_dense_captions and content is not None:
-        parts = [
-            f"{e.id}. {e.name}: {e.caption.strip()}" for e in content.entities if e.caption.strip()
-        ]
+        parts = []
+        for e in content.entities:
+            if not e.caption.strip():
+                continue
+            name = e.name
+            if region_boxes and e.grid_box is not None:
+                name = f"{name} {format_grid_box(e.grid_box)}"
+            parts.append(f"{e.id}. {name}: {e.caption.strip()}")
         if parts:
             prompt += "\nRegion captions: " + "; ".join(parts)
     return prompt
@@ -301,6 +315,64 @@ class _LMEncoding:
         return ids
 
 
+class GridBoxLogitsProcessor:
+    """Constrained box decoding: once the LM opens a box (``<box>``), only the grid boxes of
+    the listed entities may follow, token by token, until one is closed.
+
+    The LM still chooses which entity a box belongs to (by its scores over the allowed
+    tokens), but every box it writes is the box of a decoded entity, never an invented or a
+    malformed one. A ``transformers`` logits processor (``generate(logits_processor=[...])``).
+
+    Works on token ids: ``"<box>"`` and each ``"<box>[[x1, y1, x2, y2]]</box>"`` are tokenized
+    on their own, which matches their tokens inside a text for tokenizers that split at
+    punctuation (WordPiece). A byte-level BPE that merges across ``>[[`` may tokenize them
+    differently in context; boxes are then left unconstrained, not corrupted.
+
+    Args:
+        tokenizer: the LM's tokenizer.
+        boxes: the allowed grid boxes ``[x1, y1, x2, y2]``.
+    """
+
+    def __init__(self, tokenizer, boxes: Sequence[Sequence[int]]):
+        self.open_ids = tuple(tokenizer("<box>", add_special_tokens=False)["input_ids"])
+        rests = set()
+        for box in boxes:
+            ids = tuple(tokenizer(format_grid_box(box), add_special_tokens=False)["input_ids"])
+            if ids[: len(self.open_ids)] == self.open_ids:
+                rests.add(ids[len(self.open_ids) :])
+        self.rests = sorted(rests)
+        self.window = len(self.open_ids) + max((len(r) for r in self.rests), default=0)
+
+    def allowed(self, ids: Sequence[int]) -> list[int] | None:
+        """Token ids that may follow ``ids`` (a sequence so far), or None when no box is open."""
+        if not self.rests or not self.open_ids:
+            return None
+        tail = tuple(ids[-self.window :])
+        n = len(self.open_ids)
+        for start in range(len(tail) - n, -1, -1):
+            if tail[start : start + n] == self.open_ids:
+                done = tail[start + n :]
+                following = {
+                    r[len(done)] for r in self.rests if len(r) > len(done) and r[: len(done)] == done
+                }
+                return sorted(following) or None
+        return None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """input_ids: Long[B, L] (the sequences so far); scores: Float[B, V] next-token scores."""
+        out = scores
+        for row in range(input_ids.shape[0]):
+            allowed = self.allowed(input_ids[row, -self.window :].tolist())
+            if allowed is None:
+                continue
+            if out is scores:
+                out = scores.clone()
+            keep = out[row, allowed]
+            out[row] = float("-inf")
+            out[row, allowed] = keep
+        return out
+
+
 def _load_causal_lm(path: str, device: str | torch.device, dtype: torch.dtype | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -325,6 +397,10 @@ class HFCausalLMWriter(CaptionWriter):
             ``peft``); a ``visual_projector.safetensors`` there is loaded too.
         max_new_tokens, temperature, top_p: decoding (``temperature <= 0``: greedy).
         include_dense_captions: add the region captions to the prompt.
+        region_boxes: repeat each entity's box beside its region caption
+            (:func:`build_lm_prompt`); must match what the LM was trained on.
+        constrain_boxes: decode boxes with :class:`GridBoxLogitsProcessor`, so every box the
+            caption states is the box of a listed entity.
         use_chat_template: None = when the tokenizer has one.
         device, dtype: where / how to run (dtype None: float32).
         grid: the model-side box grid.
@@ -342,6 +418,8 @@ class HFCausalLMWriter(CaptionWriter):
         temperature: float = 0.0,
         top_p: float | None = None,
         include_dense_captions: bool = True,
+        region_boxes: bool = True,
+        constrain_boxes: bool = True,
         use_chat_template: bool | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
@@ -372,6 +450,8 @@ class HFCausalLMWriter(CaptionWriter):
         self.temperature = float(temperature)
         self.top_p = top_p
         self.include_dense_captions = bool(include_dense_captions)
+        self.region_boxes = bool(region_boxes)
+        self.constrain_boxes = bool(constrain_boxes)
         self.grid = int(grid)
         limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(
             self.model.config, "n_positions", None
@@ -391,13 +471,25 @@ class HFCausalLMWriter(CaptionWriter):
         return ids
 
     @torch.no_grad()
-    def generate(self, prompt: str, object_features: torch.Tensor | None = None) -> str:
-        """Raw continuation of ``prompt`` (special tokens removed)."""
+    def generate(
+        self,
+        prompt: str,
+        object_features: torch.Tensor | None = None,
+        boxes: Sequence[Sequence[int]] | None = None,
+    ) -> str:
+        """Raw continuation of ``prompt`` (special tokens removed); with ``boxes`` (grid boxes),
+        every box it writes is one of them (:class:`GridBoxLogitsProcessor`)."""
+        from transformers import LogitsProcessorList
+
         ids = torch.tensor([self.prompt_ids(prompt)], dtype=torch.long, device=self.device)
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
             "pad_token_id": self.encoding.pad_id,
         }
+        if boxes:
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [GridBoxLogitsProcessor(self.tokenizer, boxes)]
+            )
         if self.encoding.eos_id is not None:
             kwargs["eos_token_id"] = self.encoding.eos_id
         if self.temperature > 0:
@@ -423,8 +515,11 @@ class HFCausalLMWriter(CaptionWriter):
 
     def __call__(self, content, stages, image_size, *, object_features=None) -> str:
         height, width = int(image_size[0]), int(image_size[1])
-        prompt = build_lm_prompt(stages, content, self.include_dense_captions)
-        text = self.generate(prompt, object_features)
+        boxes = None
+        if self.constrain_boxes:
+            boxes = [e.grid_box for e in content.entities if e.grid_box is not None]
+        prompt = build_lm_prompt(stages, content, self.include_dense_captions, self.region_boxes)
+        text = self.generate(prompt, object_features, boxes)
         return _tidy(grid_text_to_pancap(text, width, height, self.grid))
 
 
@@ -439,7 +534,8 @@ def _tidy(text: str) -> str:
 @CAPTION_WRITER_REGISTRY.register()
 class SmallLMWriter(HFCausalLMWriter):
     """The small LM of :func:`train_small_lm` (same decoding as :class:`HFCausalLMWriter`;
-    no chat template: ``[CLS] prompt [SEP]`` then the caption up to ``[SEP]``)."""
+    no chat template: ``[CLS] prompt [SEP]`` then the caption up to ``[SEP]``). The prompt
+    form it was trained with (region boxes or not) is read from its ``pix2cap_small_lm.json``."""
 
     def __init__(self, model_path: str, **kwargs):
         path = _require_dir(model_path, "small LM")
@@ -452,6 +548,8 @@ class SmallLMWriter(HFCausalLMWriter):
             info = json.load(f)
         kwargs.setdefault("use_chat_template", False)
         kwargs.setdefault("include_dense_captions", bool(info.get("include_dense_captions", True)))
+        # Folders written before region boxes were added to the prompt say nothing of them.
+        kwargs.setdefault("region_boxes", bool(info.get("region_boxes", False)))
         kwargs.setdefault("max_new_tokens", int(info.get("max_target_tokens", 512)))
         super().__init__(path, **kwargs)
 
@@ -711,7 +809,7 @@ def train_small_lm(
     n_embd: int = 128,
     n_head: int = 4,
     n_positions: int = 1024,
-    max_target_tokens: int = 640,
+    max_target_tokens: int = 480,
     batch_size: int = 8,
     lr: float = 1e-3,
     weight_decay: float = 0.01,
@@ -719,6 +817,7 @@ def train_small_lm(
     vocab_file: str | None = None,
     save_dtype: torch.dtype = torch.float16,
     include_dense_captions: bool = True,
+    region_boxes: bool = True,
     device: str | torch.device = "cpu",
     seed: int = 0,
     log_every: int = 50,
@@ -738,6 +837,8 @@ def train_small_lm(
         steps: optimisation steps (AdamW, warm-up 5%, cosine decay, grad clip 1.0).
         n_layer, n_embd, n_head, n_positions, dropout: the ``GPT2Config``.
         max_target_tokens: target budget; the prompt gets ``n_positions - max_target_tokens``.
+        include_dense_captions, region_boxes: the prompt form the pairs were built with
+            (:func:`build_lm_prompt`), recorded so that :class:`SmallLMWriter` builds the same.
 
     Returns:
         ``{"losses": [...], "seconds": float, "num_parameters": int, "bytes": int}``.
@@ -798,6 +899,7 @@ def train_small_lm(
         "num_pairs": len(pairs),
         "max_target_tokens": max_target_tokens,
         "include_dense_captions": include_dense_captions,
+        "region_boxes": region_boxes,
         "num_parameters": num_parameters,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pix2cap.bridge import (
+    GridBoxLogitsProcessor,
     HFCausalLMWriter,
     PanopticCaptionBridge,
     SmallLMWriter,
@@ -15,6 +16,7 @@ from pix2cap.bridge import (
     train_small_lm,
 )
 from pix2cap.bridge.content import DecodedEntity
+from pix2cap.bridge.stages import format_grid_box, grid_text_to_pancap
 from pix2cap.data.datasets.sapancap import format_box, parse_pancap_boxes
 
 H, W = 40, 60
@@ -83,8 +85,83 @@ def test_lm_prompt_contains_stage4_and_dense_captions():
     stages, content = _prepared()
     prompt = build_lm_prompt(stages, content)
     assert prompt.startswith(stages.prompts[4])
-    assert "2. circle: a red striped circle" in prompt
+    circle_box = content.entity(2).grid_box
+    assert f"; 2. circle {format_grid_box(circle_box)}: a red striped circle;" in prompt
+    # The same box as the stage-4 entity list states.
+    assert f"circle {format_grid_box(circle_box)}," in stages.prompts[4]
+    plain = build_lm_prompt(stages, content, region_boxes=False)
+    assert "; 2. circle: a red striped circle;" in plain
     assert build_lm_prompt(stages, content, include_dense_captions=False) == stages.prompts[4]
+
+
+BOXES = [[0, 0, 999, 418], [316, 355, 418, 461], [316, 20, 400, 90]]
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_grid_box_processor_allows_only_listed_boxes():
+    from pix2cap.modeling.caption_head.tokenizer import build_caption_tokenizer
+
+    tok = build_caption_tokenizer()
+    proc = GridBoxLogitsProcessor(tok, BOXES)
+    first = lambda text: _ids(tok, text)[:1]  # noqa: E731
+
+    assert proc.allowed(_ids(tok, "a grey wall")) is None
+    assert proc.allowed(_ids(tok, "a grey wall <box>")) == _ids(tok, "[")
+    assert proc.allowed(_ids(tok, "a wall <box>[[")) == sorted(first("0") + first("316"))
+    # Two boxes start with 316: both second coordinates are allowed, nothing else.
+    assert proc.allowed(_ids(tok, "a square <box>[[316, ")) == sorted(first("355") + first("20"))
+    assert proc.allowed(_ids(tok, "a square <box>[[316, 355, ")) == first("418")
+    assert proc.allowed(_ids(tok, "a square <box>[[316, 355, 418, 461]]</box")) == first(">")
+    # A closed box, or one that is none of the listed boxes, leaves decoding free.
+    assert proc.allowed(_ids(tok, "a square <box>[[316, 355, 418, 461]]</box>")) is None
+    assert proc.allowed(_ids(tok, "a square <box>[[316, 355, 418, 461]]</box> is")) is None
+    assert proc.allowed(_ids(tok, "a square <box>[[5")) is None
+
+
+def test_grid_box_processor_masks_scores_of_open_boxes_only():
+    from pix2cap.modeling.caption_head.tokenizer import build_caption_tokenizer
+
+    tok = build_caption_tokenizer()
+    proc = GridBoxLogitsProcessor(tok, BOXES)
+    open_row = _ids(tok, "a square <box>[[316, ")
+    free_row = _ids(tok, "a square is on the grass")
+    width = max(len(open_row), len(free_row))
+    pad = lambda row: [tok.pad_token_id] * (width - len(row)) + row  # noqa: E731
+    input_ids = torch.tensor([pad(open_row), pad(free_row)])
+    scores = torch.randn(2, len(tok))
+    out = proc(input_ids, scores.clone())
+    allowed = proc.allowed(open_row)
+    finite = torch.isfinite(out[0]).nonzero().flatten().tolist()
+    assert finite == allowed and len(allowed) == 2
+    assert torch.equal(out[0, allowed], scores[0, allowed])
+    assert torch.equal(out[1], scores[1])
+
+
+def test_constrained_generation_writes_a_listed_box(tiny_lm):
+    """Through transformers' generate(): a random LM that opens a box can only complete one
+    of the listed boxes, token for token."""
+    writer = HFCausalLMWriter(tiny_lm, max_new_tokens=24)
+    tok = writer.tokenizer
+    rests = {
+        tuple(_ids(tok, format_grid_box(box))[len(_ids(tok, "<box>")):]) for box in BOXES
+    }
+    prompt = torch.tensor([[tok.cls_token_id] + _ids(tok, "a red square <box>")])
+    longest = max(len(r) for r in rests)
+    from transformers import LogitsProcessorList
+
+    out = writer.model.generate(
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=longest,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        logits_processor=LogitsProcessorList([GridBoxLogitsProcessor(tok, BOXES)]),
+    )
+    new = tuple(out[0, prompt.shape[1] :].tolist())
+    assert any(new[: len(r)] == r for r in rests)
 
 
 def test_hf_causal_lm_end_to_end(tiny_lm):
@@ -161,3 +238,20 @@ def test_dense_caption_concat_writers():
     assert boxed == (
         "A red circle left of the star [[0.100, 0.200, 0.300, 0.400]]. Blue sky covering the top."
     )
+
+
+
+def test_shipped_shapes_lm_writes_only_listed_boxes():
+    """The LM in model_zoo loads offline and, under the box constraint, states only the
+    boxes of the entities it was given."""
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "model_zoo", "shapes", "bridge_small_lm")
+    writer = build_caption_writer("small_lm", model_path=path, max_new_tokens=160)
+    assert writer.region_boxes and writer.constrain_boxes
+    stages, content = _prepared()
+    caption = writer(content, stages, (H, W))
+    stated = {tuple(b["box"]) for b in parse_pancap_boxes(caption)}
+    listed = {
+        tuple(parse_pancap_boxes(grid_text_to_pancap(format_grid_box(e.grid_box), W, H))[0]["box"])
+        for e in content.entities
+    }
+    assert stated and stated <= listed

@@ -96,8 +96,8 @@ def test_folder_input_template_writer(tmp_path):
     assert structured[0]["stage3_extra"] == "square <box>[[625, 250, 875, 425]]</box>"
     assert stages["3"] == stages["2"] + ", " + structured[0]["stage3_extra"]
     names = [e["name"] for e in structured[0]["structured"]["entities"]]
-    assert names == ["sky", "circle", "grass", "square"]
-    assert {"entities": [2, 3], "text": "on"} in structured[0]["structured"]["relations"]
+    assert names == ["sky", "grass", "circle", "square"]  # stuff, then things; reading order
+    assert {"entities": [3, 2], "text": "on"} in structured[0]["structured"]["relations"]
 
 
 def test_dataset_input_uses_image_id(tmp_path):
