@@ -16,9 +16,10 @@ segment) for a writer with a visual prefix.
 
 Entity order: stuff segments, then thing segments, each in reading order of their boxes
 (top, then left) -- the background a panoptic caption opens with, then the objects -- and
-last the extra instances by descending score. An extra instance is kept when its score is at least
-``extra_instance_threshold``, its mask is not empty, and its mask IoU with every segment or
-earlier extra of the same tag is below ``duplicate_iou`` (the same object found twice).
+last the extra instances by descending score. An extra instance is kept when its score is
+at least ``extra_instance_threshold``, its mask is not empty, and its mask IoU with every
+segment or earlier extra of the same tag is below ``duplicate_iou`` (the same object found
+twice).
 """
 
 from __future__ import annotations
@@ -341,51 +342,32 @@ def align_to_mentions(
         that ``"A star [[..]] is above the triangle [[..]]."`` places the triangle where its
         own sentence is; entities never mentioned follow in list order.
     """
-    target, mentions = _snap_mentions(boxes, target, tolerance)
+    boxes = [tuple(int(v) for v in b) for b in boxes]
+    sentence_starts = [0] + [m.end() for m in re.finditer(r"[.!?]\s+", target)]
     first: dict[int, int] = {}
     as_subject: dict[int, int] = {}
-    for start, entity, is_subject in mentions:
-        if entity is None:
-            continue
-        first.setdefault(entity, start)
-        if is_subject:
-            as_subject.setdefault(entity, start)
-    place = {k: as_subject.get(k, first[k]) for k in first}
-    order = sorted(place, key=place.get) + [k for k in range(len(boxes)) if k not in place]
-    return order, target
-
-
-def _sentence_starts(text: str) -> list[int]:
-    return [0] + [m.end() for m in re.finditer(r"[.!?]\s+", text)]
-
-
-def _snap_mentions(
-    boxes: Sequence[Sequence[int]], target: str, tolerance: int
-) -> tuple[str, list[tuple[int, int | None, bool]]]:
-    """``target`` with boxes snapped to ``boxes`` (see :func:`align_to_mentions`), and its
-    mentions as ``(start in the snapped text, entity index or None, first box of its
-    sentence)``."""
-    boxes = [tuple(int(v) for v in b) for b in boxes]
-    sentence_starts = _sentence_starts(target)
-    mentions: list[tuple[int, int | None, bool]] = []
-    subject_sentences: set[int] = set()
+    sentences_with_subject: set[int] = set()
     pieces: list[str] = []
     cursor = 0
-    shift = 0  # snapped boxes may be shorter or longer than the written ones
     for start, end, box in find_grid_boxes(target):
+        sentence = bisect.bisect_right(sentence_starts, start)
+        is_subject = sentence not in sentences_with_subject
+        sentences_with_subject.add(sentence)
         gaps = [max(abs(a - b) for a, b in zip(box, cand)) for cand in boxes]
         best = int(np.argmin(gaps)) if gaps else -1
-        matched = best >= 0 and gaps[best] <= tolerance
-        replacement = format_grid_box(boxes[best]) if matched else target[start:end]
-        sentence = bisect.bisect_right(sentence_starts, start)
-        mentions.append((start + shift, best if matched else None, sentence not in subject_sentences))
-        subject_sentences.add(sentence)
         pieces.append(target[cursor:start])
-        pieces.append(replacement)
-        shift += len(replacement) - (end - start)
         cursor = end
+        if best < 0 or gaps[best] > tolerance:
+            pieces.append(target[start:end])
+            continue
+        pieces.append(format_grid_box(boxes[best]))
+        first.setdefault(best, start)
+        if is_subject:
+            as_subject.setdefault(best, start)
     pieces.append(target[cursor:])
-    return "".join(pieces), mentions
+    place = {k: as_subject.get(k, first[k]) for k in first}
+    order = sorted(place, key=place.get) + [k for k in range(len(boxes)) if k not in place]
+    return order, "".join(pieces)
 
 
 def make_training_pairs(
@@ -427,7 +409,6 @@ def make_training_pairs(
         height, width = int(record["height"]), int(record["width"])
         entities = ground_truth_entities(record, bridge)
         target = pancap_text_to_grid(record["panoptic_caption"], width, height, grid)
-        image_id = record.get("image_id")
         if mention_order:
             boxes = [bridge._item(e, width, height).box for e in entities]
             order, target = align_to_mentions(boxes, target)
@@ -437,7 +418,7 @@ def make_training_pairs(
             {
                 "prompt": build_lm_prompt(stages, content, include_dense_captions, region_boxes),
                 "target": target,
-                "image_id": image_id,
+                "image_id": record.get("image_id"),
             }
         )
     if skipped:

@@ -72,6 +72,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pix2cap.bridge.stages import GRID, pixel_box_to_grid
+from pix2cap.structures.masks import above, left_of, mask_stats
 
 __all__ = [
     "DecodedEntity",
@@ -98,7 +99,6 @@ RELATION_TEXT = {
 }
 _MIRROR = {"left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above"}
 
-EXTENT_OVERLAP = 0.25
 ON_FRACTION = 0.5
 INSIDE_FRACTION = 0.9
 MIN_CONTACT = 3
@@ -222,22 +222,6 @@ class PanopticContent:
 # Geometry
 
 
-def mask_stats(mask: np.ndarray) -> dict | None:
-    """Extent, centroid, area of a Bool [H, W] mask; None when empty."""
-    ys, xs = np.nonzero(mask)
-    if xs.size == 0:
-        return None
-    return {
-        "x0": int(xs.min()),
-        "x1": int(xs.max()),
-        "y0": int(ys.min()),
-        "y1": int(ys.max()),
-        "cx": float(xs.mean()),
-        "cy": float(ys.mean()),
-        "area": int(xs.size),
-    }
-
-
 def _ring(mask: np.ndarray) -> np.ndarray:
     """Pixels outside ``mask`` that are 4-neighbours of it."""
     grown = mask.copy()
@@ -260,18 +244,6 @@ def _below_edge(mask: np.ndarray) -> np.ndarray:
     keep = last + 1 < height
     out[last[keep] + 1, cols[keep]] = True
     return out
-
-
-def _left_of(a: dict, b: dict) -> bool:
-    overlap = min(a["x1"], b["x1"]) - max(a["x0"], b["x0"]) + 1
-    narrower = min(a["x1"] - a["x0"] + 1, b["x1"] - b["x0"] + 1)
-    return a["cx"] < b["cx"] and overlap <= EXTENT_OVERLAP * narrower
-
-
-def _above(a: dict, b: dict) -> bool:
-    overlap = min(a["y1"], b["y1"]) - max(a["y0"], b["y0"]) + 1
-    narrower = min(a["y1"] - a["y0"] + 1, b["y1"] - b["y0"] + 1)
-    return a["cy"] < b["cy"] and overlap <= EXTENT_OVERLAP * narrower
 
 
 def _on(thing: np.ndarray, thing_stats: dict, region: np.ndarray, region_stats: dict) -> bool:
@@ -333,13 +305,13 @@ def geometric_relations(
                 found.append((i, j, "overlapping"))
             support = any(rel in ("on", "inside") for _, _, rel in found)
             if not support:
-                if _left_of(a, b):
+                if left_of(a, b):
                     found.append((i, j, "left_of"))
-                elif _left_of(b, a):
+                elif left_of(b, a):
                     found.append((i, j, "right_of"))
-                if _above(a, b):
+                if above(a, b):
                     found.append((i, j, "above"))
-                elif _above(b, a):
+                elif above(b, a):
                     found.append((i, j, "below"))
             if not isthing[i] and not isthing[j]:
                 found = [f for f in found if f[2] in ("above", "below")]

@@ -89,6 +89,7 @@ from pix2cap.utils import comm
 from .build import EVALUATOR_REGISTRY
 from .evaluator import DatasetEvaluator
 from .meteor import MeteorScorer, find_java
+from .panoptic_evaluation import read_panoptic_ids
 from .results import print_results_table, write_results_json
 
 __all__ = [
@@ -655,8 +656,6 @@ class DenseCaptionEvaluator(DatasetEvaluator):
         outputs: dicts with ``"panoptic_seg": (Int[H, W] segment ids, segments_info)``, each
             predicted segment with ``id``, ``category_id``, ``score``, ``caption``.
         """
-        from pix2cap.data.detection_utils import read_panoptic_png
-
         if len(inputs) != len(outputs):
             raise ValueError(f"{len(inputs)} inputs but {len(outputs)} outputs")
         for inp, out in zip(inputs, outputs):
@@ -669,7 +668,7 @@ class DenseCaptionEvaluator(DatasetEvaluator):
                 )
             if "panoptic_seg" not in out:
                 raise KeyError(f"output for {png} lacks 'panoptic_seg' (has {sorted(out)})")
-            gt_ids = read_panoptic_png(png)
+            gt_ids = read_panoptic_ids(png)
             gt_segments = inp["segments_info"]
             for seg in gt_segments:
                 if "description" not in seg:

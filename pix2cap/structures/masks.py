@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-__all__ = ["masks_to_boxes_xyxy"]
+__all__ = ["masks_to_boxes_xyxy", "mask_stats", "left_of", "above", "EXTENT_OVERLAP"]
+
+# left_of / above: how much the two extents may overlap, as a fraction of the narrower one.
+EXTENT_OVERLAP = 0.25
 
 
 def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
@@ -39,3 +43,35 @@ def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
     stacked = torch.stack([x1, y1, x2, y2], dim=1).float()
     boxes[non_empty] = stacked[non_empty]
     return boxes
+
+
+def mask_stats(mask: np.ndarray) -> dict | None:
+    """Extent (inclusive ``x0, x1, y0, y1``), centroid ``cx, cy`` and ``area`` of a Bool
+    [H, W] mask; None when it is empty."""
+    ys, xs = np.nonzero(mask)
+    if xs.size == 0:
+        return None
+    return {
+        "x0": int(xs.min()),
+        "x1": int(xs.max()),
+        "y0": int(ys.min()),
+        "y1": int(ys.max()),
+        "cx": float(xs.mean()),
+        "cy": float(ys.mean()),
+        "area": int(xs.size),
+    }
+
+
+def left_of(a: dict, b: dict) -> bool:
+    """Region ``a`` is left of ``b`` (:func:`mask_stats` dicts): its centroid is further
+    left and their horizontal extents overlap by at most ``EXTENT_OVERLAP`` of the narrower."""
+    overlap = min(a["x1"], b["x1"]) - max(a["x0"], b["x0"]) + 1
+    narrower = min(a["x1"] - a["x0"] + 1, b["x1"] - b["x0"] + 1)
+    return a["cx"] < b["cx"] and overlap <= EXTENT_OVERLAP * narrower
+
+
+def above(a: dict, b: dict) -> bool:
+    """Region ``a`` is above ``b``: :func:`left_of` on the vertical axis."""
+    overlap = min(a["y1"], b["y1"]) - max(a["y0"], b["y0"]) + 1
+    narrower = min(a["y1"] - a["y0"] + 1, b["y1"] - b["y0"] + 1)
+    return a["cy"] < b["cy"] and overlap <= EXTENT_OVERLAP * narrower

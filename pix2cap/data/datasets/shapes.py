@@ -78,6 +78,7 @@ import portalocker
 from PIL import Image
 
 from pix2cap.data.errors import DatasetError
+from pix2cap.structures.masks import above, left_of, mask_stats
 from pix2cap.utils.file_io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,6 @@ _MIN_IMAGE_SIZE = 32
 _MIN_VISIBLE_FRACTION = 0.4
 _PLACEMENT_TRIES = 25
 _SCENE_TRIES = 50
-_MAX_EXTENT_OVERLAP = 0.25  # left_of/above: allowed extent overlap, fraction of narrower one
 _ON_STUFF_FRACTION = 0.75
 _MIN_RING_STUFF_PIXELS = 8
 _MIN_OCCLUSION_FRACTION = 0.05
@@ -399,16 +399,11 @@ def _place_things(rng, size, specs: list[_Thing]) -> list[_Thing]:
 def _segment_stats(segment_ids: np.ndarray, ids: Sequence[int]) -> dict[int, dict]:
     stats = {}
     for seg_id in ids:
-        ys, xs = np.nonzero(segment_ids == seg_id)
-        if len(xs) == 0:
+        seg = mask_stats(segment_ids == seg_id)
+        if seg is None:
             raise _SceneRejected(f"segment {seg_id} has no visible pixel")
-        x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
-        stats[seg_id] = {
-            "area": int(len(xs)),
-            "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1],
-            "x0": x0, "x1": x1, "y0": y0, "y1": y1,
-            "cx": float(xs.mean()), "cy": float(ys.mean()),
-        }
+        seg["bbox"] = [seg["x0"], seg["y0"], seg["x1"] - seg["x0"] + 1, seg["y1"] - seg["y0"] + 1]
+        stats[seg_id] = seg
     return stats
 
 
@@ -438,18 +433,6 @@ def _ring_counts(segment_ids: np.ndarray, seg_id: int) -> dict[int, int]:
     ring_ids = segment_ids[grown & ~mask]
     values, counts = np.unique(ring_ids, return_counts=True)
     return {int(v): int(c) for v, c in zip(values, counts)}
-
-
-def _left_of(a: dict, b: dict) -> bool:
-    overlap = min(a["x1"], b["x1"]) - max(a["x0"], b["x0"]) + 1
-    narrower = min(a["x1"] - a["x0"] + 1, b["x1"] - b["x0"] + 1)
-    return a["cx"] < b["cx"] and overlap <= _MAX_EXTENT_OVERLAP * narrower
-
-
-def _above(a: dict, b: dict) -> bool:
-    overlap = min(a["y1"], b["y1"]) - max(a["y0"], b["y0"]) + 1
-    narrower = min(a["y1"] - a["y0"] + 1, b["y1"] - b["y0"] + 1)
-    return a["cy"] < b["cy"] and overlap <= _MAX_EXTENT_OVERLAP * narrower
 
 
 def _reference_phrase(things: list[_Thing], index: int) -> str | None:
@@ -548,10 +531,10 @@ def _try_render(rng, size, allowed_pairs, required_pairs) -> Scene:
                 continue
             a, b = stats[seg_id], stats[other]
             holds = {
-                "left_of": _left_of(a, b),
-                "right_of": _left_of(b, a),
-                "above": _above(a, b),
-                "below": _above(b, a),
+                "left_of": left_of(a, b),
+                "right_of": left_of(b, a),
+                "above": above(a, b),
+                "below": above(b, a),
                 "in_front_of": occludes(seg_id, other),
                 "behind": occludes(other, seg_id),
             }
