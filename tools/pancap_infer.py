@@ -58,9 +58,17 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search width (1 = greedy)")
     parser.add_argument(
-        "--free-boxes", action="store_true",
-        help="LM writers: decode boxes without the listed-box constraint (an ablation)",
+        "--box-constraint", default="named", choices=["named", "listed", "free"],
+        help="LM writers: a box must be that of the entity just named (named), of any listed "
+        "entity (listed), or is decoded freely (free)",
+    )
+    parser.add_argument(
+        "--region-captions", default=None, choices=["raw", "grounded"],
+        help="LM writers: region captions as the caption head wrote them, or with relation "
+        "clauses tied to the decoded entities (default: what the small LM was trained with; "
+        "raw for hf_causal_lm)",
     )
     parser.add_argument("--extra-instance-threshold", type=float, default=0.5)
     parser.add_argument("--min-segment-score", type=float, default=0.0)
@@ -127,8 +135,12 @@ def build_writer(args):
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
-        "constrain_boxes": not args.free_boxes,
+        "num_beams": args.num_beams,
+        "constrain_boxes": args.box_constraint != "free",
+        "boxes_follow_names": args.box_constraint == "named",
     }
+    if args.region_captions is not None:
+        kwargs["ground_region_captions"] = args.region_captions == "grounded"
     if args.adapter_path:
         kwargs["adapter_path"] = args.adapter_path
     return build_caption_writer(args.writer, **kwargs)

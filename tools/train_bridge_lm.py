@@ -5,9 +5,11 @@
 
 Pairs are built from the ground-truth segments exactly as inference builds the prompt from
 decoded ones (``pix2cap.bridge.bridge.make_training_pairs``): the stage-4 prompt with boxes
-and tags, plus the region captions -> the ground-truth panoptic caption. The vocabulary is the
-WordPiece subset those texts use, plus every grid number (0-1000), so tokenization is BERT
-uncased WordPiece with a much smaller output layer (see ``build_subset_vocab``).
+and tags, plus the region captions (relation clauses tied to the listed entities, see
+``pix2cap.bridge.content.grounded_caption``) -> the ground-truth panoptic caption. The
+vocabulary is the WordPiece subset those texts use, plus every grid number (0-1000), so
+tokenization is BERT uncased WordPiece with a much smaller output layer (see
+``build_subset_vocab``).
 """
 
 from __future__ import annotations
@@ -40,12 +42,22 @@ def main(argv=None) -> dict:
         "--max-target-tokens", type=int, default=480,
         help="caption budget; the prompt gets the rest of the 1024 positions",
     )
+    parser.add_argument(
+        "--raw-region-captions", dest="ground_region_captions", action="store_false",
+        help="give region captions as written, without tying their relation clauses to the "
+        "listed entities (pix2cap.bridge.content.grounded_caption)",
+    )
+    parser.add_argument(
+        "--no-copy-head", dest="copy_head", action="store_false",
+        help="a plain GPT-2 without the pointer head that copies words from the prompt",
+    )
     args = parser.parse_args(argv)
     setup_logger(name="pix2cap")
 
     pairs = make_training_pairs(
         DatasetCatalog.get(args.dataset),
         metadata=MetadataCatalog.get(args.dataset),
+        ground_captions=args.ground_region_captions,
     )
     texts = [p["prompt"] for p in pairs] + [p["target"] for p in pairs]
     texts.append(" ".join(str(i) for i in range(1001)))  # every grid coordinate
@@ -60,7 +72,9 @@ def main(argv=None) -> dict:
             n_embd=args.n_embd,
             n_head=args.n_head,
             max_target_tokens=args.max_target_tokens,
-                batch_size=args.batch_size,
+            batch_size=args.batch_size,
+            copy_head=args.copy_head,
+            ground_region_captions=args.ground_region_captions,
             lr=args.lr,
             vocab_file=vocab_file,
         )
@@ -69,6 +83,8 @@ def main(argv=None) -> dict:
         "pairs": len(pairs),
         "steps": args.steps,
         "seconds": round(result["seconds"], 1),
+        "copy_head": args.copy_head,
+        "ground_region_captions": args.ground_region_captions,
         "num_parameters": result["num_parameters"],
         "bytes": result["bytes"],
         "first_loss": round(result["losses"][0], 4),

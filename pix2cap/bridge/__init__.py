@@ -2,9 +2,12 @@
 
 * :mod:`pix2cap.bridge.stages` -- protocol strings (prompts, ``<box>`` grid boxes, merges).
 * :mod:`pix2cap.bridge.content` -- structured content (entities, attributes, relations from
-  mask geometry and dense captions, global items) and its exchange dict.
+  mask geometry and dense captions, global items), its exchange dict, and region captions
+  grounded in the decoded entities.
 * :mod:`pix2cap.bridge.writers` -- caption writers (``template``, ``hf_causal_lm``,
   ``small_lm``) and their training functions; registry in :mod:`pix2cap.bridge.build`.
+* :mod:`pix2cap.bridge.copy_lm` -- the small LM's model: GPT-2 with a pointer head that copies
+  from the prompt (imported on use, as it imports transformers).
 * :mod:`pix2cap.bridge.bridge` -- :class:`PanopticCaptionBridge` and training pairs.
 """
 
@@ -15,7 +18,13 @@ from .bridge import (
     make_training_pairs,
 )
 from .build import CAPTION_WRITER_REGISTRY, build_caption_writer
-from .content import DecodedEntity, PanopticContent, build_content, geometric_relations
+from .content import (
+    DecodedEntity,
+    PanopticContent,
+    build_content,
+    geometric_relations,
+    grounded_caption,
+)
 from .stages import (
     GRID,
     STAGE1_PROMPT,

@@ -377,6 +377,7 @@ def make_training_pairs(
     class_names: Sequence[str] | None = None,
     include_dense_captions: bool = True,
     region_boxes: bool = True,
+    ground_captions: bool = False,
     mention_order: bool = True,
     grid: int = GRID,
 ) -> list[dict]:
@@ -416,7 +417,9 @@ def make_training_pairs(
         stages, content = bridge.prepare(entities, [], (height, width))
         pairs.append(
             {
-                "prompt": build_lm_prompt(stages, content, include_dense_captions, region_boxes),
+                "prompt": build_lm_prompt(
+                    stages, content, include_dense_captions, region_boxes, ground_captions
+                ),
                 "target": target,
                 "image_id": record.get("image_id"),
             }

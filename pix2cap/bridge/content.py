@@ -15,7 +15,9 @@ A panoptic caption has five kinds of content (Panoptic Captioning, DESIGN 5.5): 
 * **relations** -- from mask geometry (definitions below), and from the dense captions when a
   caption names a relation to another entity that can be identified uniquely (its tag occurs
   after the relation words, and only one other entity carries that tag, or the attribute
-  words written before it single one out). Nothing is added that neither source supports.
+  words written before it single one out). Nothing is added that neither source supports,
+  and a caption's directional relation (left of / right of / above / below) is dropped when
+  the two masks' centroids say the opposite.
 * **global** -- the number of things ("the image shows three objects"), counts per thing
   class when a class appears more than once, and the dominant stuff region (the stuff entity
   with the largest area, if it covers at least 25% of the image).
@@ -60,6 +62,13 @@ is the modifier phrase of its entity; a relation's ``text`` is the predicate phr
 ``entities[0] <text> entities[1]``; ``global`` items are short sentences.
 :meth:`PanopticContent.to_full_dict` adds scores, grid boxes, captions, relation types and
 sources for inspection.
+
+:func:`grounded_caption` restates a thing's dense caption so that its relation clause names a
+decoded entity: the clause the caption states is kept when it survived the rules above (an
+object named with attribute words it does not have is restated), otherwise it is replaced by
+the entity's strongest geometric relation (the order of :data:`RELATION_PRIORITY`).
+Language-model writers can be given these captions instead of the raw ones, so that a caption
+head's invented relation targets never reach the prompt.
 """
 
 from __future__ import annotations
@@ -85,6 +94,8 @@ __all__ = [
     "caption_attributes",
     "mask_stats",
     "RELATION_TEXT",
+    "RELATION_PRIORITY",
+    "grounded_caption",
 ]
 
 RELATION_TEXT = {
@@ -98,6 +109,13 @@ RELATION_TEXT = {
     "next_to": "next to",
 }
 _MIRROR = {"left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above"}
+_DIRECTION_OF_TEXT = {RELATION_TEXT[k]: k for k in _MIRROR}
+# Which relation describes an entity best: support and containment first, then what its own
+# caption says, then contact, then direction.
+RELATION_PRIORITY = {
+    "on": 0, "inside": 1, "caption": 2, "overlapping": 3, "next_to": 4,
+    "left_of": 5, "right_of": 5, "above": 6, "below": 6,
+}
 
 ON_FRACTION = 0.5
 INSIDE_FRACTION = 0.9
@@ -175,6 +193,10 @@ class PanopticContent:
     relations: list[Relation] = field(default_factory=list)
     global_items: list[str] = field(default_factory=list)
     image_size: tuple[int, int] = (0, 0)
+    # entity id -> the relation its caption states (also when geometry lists the same one).
+    caption_relations: dict[int, Relation] = field(default_factory=dict)
+    # Relations captions state that the masks contradict (not in ``relations``).
+    refuted_caption_relations: list[Relation] = field(default_factory=list)
 
     def entity(self, entity_id: int) -> Entity:
         return self.entities[entity_id - 1]
@@ -405,6 +427,29 @@ def _caption_relation(
     head = _head_index(words, entity.name)
     if head is None:
         return None
+    mentions = _mentions(words, head, index, entities, attributes)
+    if not mentions:
+        return None
+    start, _, obj = mentions[0]
+    if obj is None:
+        return None
+    predicate = words[head + 1 : start]
+    # "between" needs two objects; a half-stated relation would be false.
+    if not predicate or predicate[-1] == "between":
+        return None
+    return obj, " ".join(predicate)
+
+
+def _mentions(
+    words: list[str], head: int, index: int, entities: Sequence[Entity], attributes: dict[int, str]
+) -> list[tuple[int, int, int | None]]:
+    """The other entities named after the head noun of entity ``index``'s caption words.
+
+    Returns ``(start, noun, object)`` per mention: where its noun phrase starts (after the
+    predicate words), the noun's word index, and the entity index it names, or None when
+    several entities carry the tag and the attribute words before it do not single one out.
+    """
+    out: list[tuple[int, int, int | None]] = []
     for k in range(head + 1, len(words)):
         candidates = [
             j for j, other in enumerate(entities) if j != index and words[k] in _noun_forms(other.name)
@@ -413,24 +458,99 @@ def _caption_relation(
             continue
         # Walk back over the object's modifiers and determiner to find where the predicate ends.
         start = k
-        while start > head + 1 and words[start - 1] not in _PHRASE_END:
+        floor = out[-1][1] + 1 if out else head + 1
+        while start > floor and words[start - 1] not in _PHRASE_END:
             start -= 1
         modifiers = set(words[start:k]) - _DETERMINERS
         if len(candidates) > 1:
-            narrowed = [
+            candidates = [
                 j
                 for j in candidates
                 if modifiers and set((attributes.get(j) or "").split()) >= modifiers
             ]
-            if len(narrowed) != 1:
-                return None
-            candidates = narrowed
-        predicate = words[head + 1 : start]
-        # "between" needs two objects; a half-stated relation would be false.
-        if not predicate or predicate[-1] == "between":
-            return None
-        return candidates[0], " ".join(predicate)
-    return None
+        out.append((start, k, candidates[0] if len(candidates) == 1 else None))
+    return out
+
+
+def _centroids_contradict(predicate: str, subject: dict, obj: dict) -> bool:
+    """A directional predicate whose subject centroid lies on the other side of the object's."""
+    direction = _DIRECTION_OF_TEXT.get(predicate)
+    if direction == "left_of":
+        return subject["cx"] >= obj["cx"]
+    if direction == "right_of":
+        return subject["cx"] <= obj["cx"]
+    if direction == "above":
+        return subject["cy"] >= obj["cy"]
+    if direction == "below":
+        return subject["cy"] <= obj["cy"]
+    return False
+
+
+def _relations_as_subject(content: PanopticContent, entity_id: int) -> list[Relation]:
+    """The entity's relations with it as subject, mirroring directional ones stated the other
+    way round (``B left of A`` -> ``A right of B``)."""
+    out = list(content.relations_of(entity_id))
+    for r in content.relations:
+        if r.object == entity_id and r.type in _MIRROR:
+            mirror = _MIRROR[r.type]
+            out.append(Relation(entity_id, r.subject, mirror, RELATION_TEXT[mirror], r.source))
+    return out
+
+
+def _reference(content: PanopticContent, entity_id: int) -> str:
+    """``"the <tag>"``, with the entity's attribute words when another entity shares the tag."""
+    entity = content.entity(entity_id)
+    shared = sum(1 for e in content.entities if e.name == entity.name) > 1
+    words = content.attributes_of(entity_id)[:1] if shared and entity.isthing else []
+    return " ".join(["the"] + words + [entity.name])
+
+
+def grounded_caption(content: PanopticContent, entity_id: int) -> str:
+    """The entity's dense caption with its relation clause tied to the decoded entities.
+
+    Stuff captions and captions without words after the head noun are returned unchanged.
+    A caption whose stated relation survived :func:`build_content`, or whose words after the
+    head noun name other entities, each one uniquely, without stating a refuted relation
+    (``"on the horizon between the sky and the sand"``), keeps its words, except that an
+    object named with attribute words its entity does not have (``"the red star"`` for the
+    blue one) is restated as ``"the <tag>"``, with the entity's own attribute words when
+    another entity shares the tag. Otherwise (the caption names no decoded entity, or an
+    ambiguous or a wrong one) the words after the head noun are replaced by the entity's
+    strongest relation (lowest :data:`RELATION_PRIORITY`, then lowest object id) and a
+    reference of the same form to its object, or dropped when the entity has no relation.
+    """
+    entity = content.entity(entity_id)
+    caption = entity.caption.strip()
+    if not caption or not entity.isthing:
+        return caption
+    words = _words(caption)
+    head = _head_index(words, entity.name)
+    if head is None or head == len(words) - 1:
+        return caption
+    attributes = {a.entity - 1: a.text for a in content.attributes}
+    mentions = _mentions(words, head, entity_id - 1, content.entities, attributes)
+    refuted = any(r.subject == entity_id for r in content.refuted_caption_relations)
+    named = bool(mentions) and not refuted and all(obj is not None for _, _, obj in mentions)
+    if entity_id in content.caption_relations or named:
+        restated, cursor = [], 0
+        for start, noun, obj in mentions:
+            modifiers = set(words[start:noun]) - _DETERMINERS
+            if obj is None or modifiers <= set((attributes.get(obj) or "").split()):
+                continue
+            restated += words[cursor:start] + [_reference(content, obj + 1)]
+            cursor = noun + 1
+        if not restated:
+            return caption
+        return " ".join(restated + words[cursor:])
+    noun_phrase = " ".join(words[: head + 1])
+    relations = sorted(
+        _relations_as_subject(content, entity_id),
+        key=lambda r: (RELATION_PRIORITY.get(r.type, 9), r.object),
+    )
+    if not relations:
+        return noun_phrase
+    best = relations[0]
+    return f"{noun_phrase} {best.text} {_reference(content, best.object)}"
 
 
 def _number_word(n: int) -> str:
@@ -502,23 +622,31 @@ def build_content(
             attribute_text[k] = text
             content.attributes.append(Attribute(entity.id, text))
 
-    seen_pairs: set[tuple[int, int]] = set()
     for i, j, rel in geometric_relations([r.mask for r in kept], [r.isthing for r in kept]):
         content.relations.append(
             Relation(i + 1, j + 1, rel, RELATION_TEXT[rel], "geometry")
         )
-        seen_pairs.add((min(i, j), max(i, j)))
+    centroids = [mask_stats(np.asarray(r.mask, dtype=bool)) for r in kept]
     for k in range(len(content.entities)):
         found = _caption_relation(k, content.entities, attribute_text)
         if found is None:
             continue
         j, predicate = found
-        if any(
-            r.subject == k + 1 and r.object == j + 1 and r.text == predicate
-            for r in content.relations
-        ):
+        if _centroids_contradict(predicate, centroids[k], centroids[j]):
+            content.refuted_caption_relations.append(
+                Relation(k + 1, j + 1, "caption", predicate, "caption")
+            )
             continue
-        content.relations.append(Relation(k + 1, j + 1, "caption", predicate, "caption"))
+        same = [
+            r for r in content.relations
+            if r.subject == k + 1 and r.object == j + 1 and r.text == predicate
+        ]
+        if same:
+            content.caption_relations[k + 1] = same[0]
+            continue
+        relation = Relation(k + 1, j + 1, "caption", predicate, "caption")
+        content.relations.append(relation)
+        content.caption_relations[k + 1] = relation
 
     things = [e for e in content.entities if e.isthing]
     count = len(things)

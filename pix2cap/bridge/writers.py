@@ -12,7 +12,9 @@ that writes model-side ``<box>[[...]]</box>`` grid boxes has them converted
   decoding, optional LoRA adapter (:func:`finetune_lora`) and optional visual prefix (object
   features projected into the LM's embedding space by :class:`VisualPrefixProjector`).
 * :class:`SmallLMWriter` (``"small_lm"``) -- a small decoder trained from scratch by
-  :func:`train_small_lm` with the BERT WordPiece vocabulary.
+  :func:`train_small_lm` with the BERT WordPiece vocabulary; by default a GPT-2 with a
+  pointer head (:class:`pix2cap.bridge.copy_lm.CopyGPT2LMHeadModel`) that copies tags, boxes
+  and region-caption words from its prompt.
 
 The language-model prompt is :func:`build_lm_prompt`: the stage-4 prompt followed by the
 entities' dense captions, each with its box. Training pairs use the same function on
@@ -40,7 +42,12 @@ import torch
 from torch import nn
 
 from pix2cap.bridge.build import CAPTION_WRITER_REGISTRY
-from pix2cap.bridge.content import PanopticContent, Relation
+from pix2cap.bridge.content import (
+    RELATION_PRIORITY,
+    PanopticContent,
+    Relation,
+    grounded_caption,
+)
 from pix2cap.bridge.stages import GRID, PancapStages, format_grid_box, grid_text_to_pancap
 from pix2cap.data.datasets.sapancap import format_box
 from pix2cap.utils.file_io import atomic_write_bytes
@@ -82,6 +89,7 @@ def build_lm_prompt(
     content: PanopticContent | None = None,
     include_dense_captions: bool = True,
     region_boxes: bool = True,
+    ground_captions: bool = False,
 ) -> str:
     """The text a language model continues into the panoptic caption.
 
@@ -90,18 +98,21 @@ def build_lm_prompt(
     ``"Region captions: 1. <tag> <box>[[...]]</box>: <caption>; 2. ..."`` with the entity ids
     of ``content``. ``region_boxes`` repeats each entity's grid box beside its caption, so the
     words and the box an LM writes about one entity sit next to each other in the prompt
-    (without it the line is ``"1. <tag>: <caption>"``).
+    (without it the line is ``"1. <tag>: <caption>"``). ``ground_captions`` gives each thing's
+    caption with its relation clause tied to the decoded entities
+    (:func:`pix2cap.bridge.content.grounded_caption`) instead of as the caption head wrote it.
     """
     prompt = stages.prompts[4]
     if include_dense_captions and content is not None:
         parts = []
         for e in content.entities:
-            if not e.caption.strip():
+            caption = grounded_caption(content, e.id) if ground_captions else e.caption.strip()
+            if not caption:
                 continue
             name = e.name
             if region_boxes and e.grid_box is not None:
                 name = f"{name} {format_grid_box(e.grid_box)}"
-            parts.append(f"{e.id}. {name}: {e.caption.strip()}")
+            parts.append(f"{e.id}. {name}: {caption}")
         if parts:
             prompt += "\nRegion captions: " + "; ".join(parts)
     return prompt
@@ -133,12 +144,6 @@ def _boxed(content: PanopticContent, entity_id: int, definite: bool) -> str:
     return f"{phrase} {format_box(entity.box)}" if entity.box is not None else phrase
 
 
-_RELATION_PRIORITY = {
-    "on": 0, "inside": 1, "caption": 2, "overlapping": 3, "next_to": 4,
-    "left_of": 5, "right_of": 5, "above": 6, "below": 6,
-}
-
-
 @CAPTION_WRITER_REGISTRY.register()
 class TemplateWriter(CaptionWriter):
     """Deterministic template prose from the structured content (no language model).
@@ -160,7 +165,7 @@ class TemplateWriter(CaptionWriter):
             subject = _capitalise(_boxed(content, entity.id, definite=False))
             relations = sorted(
                 content.relations_of(entity.id),
-                key=lambda r: (_RELATION_PRIORITY.get(r.type, 9), r.object),
+                key=lambda r: (RELATION_PRIORITY.get(r.type, 9), r.object),
             )[: self.max_relations]
             if relations:
                 clauses = [self._clause(content, r) for r in relations]
@@ -321,48 +326,105 @@ class GridBoxLogitsProcessor:
 
     The LM still chooses which entity a box belongs to (by its scores over the allowed
     tokens), but every box it writes is the box of a decoded entity, never an invented or a
-    malformed one. A ``transformers`` logits processor (``generate(logits_processor=[...])``).
+    malformed one. With ``tags``, the box must also belong to what the text just named: when
+    the tokens right before ``<box>`` end with the tag of one or more entities, only their
+    boxes are allowed, and among several such entities those whose ``attributes`` words occur
+    most often in the ``phrase_tokens`` tokens before the tag ("the purple square" picks the
+    purple one of two squares). A phrase that ends in no listed tag keeps all boxes.
+    A ``transformers`` logits processor (``generate(logits_processor=[...])``).
 
-    Works on token ids: ``"<box>"`` and each ``"<box>[[x1, y1, x2, y2]]</box>"`` are tokenized
-    on their own, which matches their tokens inside a text for tokenizers that split at
-    punctuation (WordPiece). A byte-level BPE that merges across ``>[[`` may tokenize them
-    differently in context; boxes are then left unconstrained, not corrupted.
+    Works on token ids: ``"<box>"``, each ``"<box>[[x1, y1, x2, y2]]</box>"``, each tag and
+    each attribute word are tokenized on their own, which matches their tokens inside a text
+    for tokenizers that split at spaces and punctuation (WordPiece). A byte-level BPE that
+    merges across ``>[[`` or marks word-initial spaces may tokenize them differently in
+    context; boxes are then left unconstrained or constrained to all listed boxes, not
+    corrupted.
 
     Args:
         tokenizer: the LM's tokenizer.
         boxes: the allowed grid boxes ``[x1, y1, x2, y2]``.
+        tags: optional tag of each box's entity (same order as ``boxes``).
+        attributes: optional attribute words of each box's entity (same order).
+        phrase_tokens: how many tokens before the tag are searched for attribute words.
     """
 
-    def __init__(self, tokenizer, boxes: Sequence[Sequence[int]]):
-        self.open_ids = tuple(tokenizer("<box>", add_special_tokens=False)["input_ids"])
-        rests = set()
-        for box in boxes:
-            ids = tuple(tokenizer(format_grid_box(box), add_special_tokens=False)["input_ids"])
-            if ids[: len(self.open_ids)] == self.open_ids:
-                rests.add(ids[len(self.open_ids) :])
-        self.rests = sorted(rests)
+    def __init__(
+        self,
+        tokenizer,
+        boxes: Sequence[Sequence[int]],
+        tags: Sequence[str] | None = None,
+        attributes: Sequence[str] | None = None,
+        phrase_tokens: int = 8,
+    ):
+        if tags is not None and len(tags) != len(boxes):
+            raise ValueError(f"{len(tags)} tags for {len(boxes)} boxes")
+        if attributes is not None and len(attributes) != len(boxes):
+            raise ValueError(f"{len(attributes)} attribute texts for {len(boxes)} boxes")
+
+        def encode(text: str) -> tuple[int, ...]:
+            return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        self.open_ids = encode("<box>")
+        # One entry per entity with a well-formed box: (rest of its box tokens after
+        # "<box>", tag tokens, attribute word tokens).
+        self.entities: list[tuple[tuple[int, ...], tuple[int, ...], set[int]]] = []
+        for k, box in enumerate(boxes):
+            ids = encode(format_grid_box(box))
+            if ids[: len(self.open_ids)] != self.open_ids:
+                continue
+            tag = encode(tags[k]) if tags is not None and tags[k].strip() else ()
+            words = set(encode(attributes[k])) if attributes and attributes[k] else set()
+            self.entities.append((ids[len(self.open_ids) :], tag, words))
+        self.rests = sorted({rest for rest, _, _ in self.entities})
+        self.phrase_tokens = int(phrase_tokens)
+        longest_tag = max((len(t) for _, t, _ in self.entities), default=0)
+        self.context = longest_tag + self.phrase_tokens if tags is not None else 0
         self.window = len(self.open_ids) + max((len(r) for r in self.rests), default=0)
+
+    def _named(self, before: Sequence[int]) -> list[tuple[int, ...]]:
+        """Box rests of the entities the tokens ``before`` "<box>" name (all if none)."""
+        before = tuple(before)
+        named = [
+            (rest, len(tag), words)
+            for rest, tag, words in self.entities
+            if tag and before[-len(tag) :] == tag
+        ]
+        if not named:
+            return self.rests
+        scores = []
+        for rest, tag_len, words in named:
+            phrase = before[-(tag_len + self.phrase_tokens) : -tag_len]
+            scores.append(sum(1 for t in phrase if t in words))
+        best = max(scores)
+        return sorted({rest for (rest, _, _), score in zip(named, scores) if score == best})
 
     def allowed(self, ids: Sequence[int]) -> list[int] | None:
         """Token ids that may follow ``ids`` (a sequence so far), or None when no box is open."""
         if not self.rests or not self.open_ids:
             return None
-        tail = tuple(ids[-self.window :])
+        tail = tuple(ids[-(self.window + self.context) :])
         n = len(self.open_ids)
-        for start in range(len(tail) - n, -1, -1):
+        lowest = max(0, len(tail) - self.window)
+        for start in range(len(tail) - n, lowest - 1, -1):
             if tail[start : start + n] == self.open_ids:
                 done = tail[start + n :]
-                following = {
-                    r[len(done)] for r in self.rests if len(r) > len(done) and r[: len(done)] == done
-                }
-                return sorted(following) or None
+                rests = self._named(tail[:start]) if self.context else self.rests
+                for candidates in (rests, self.rests):
+                    following = {
+                        r[len(done)]
+                        for r in candidates
+                        if len(r) > len(done) and r[: len(done)] == done
+                    }
+                    if following:
+                        return sorted(following)
+                return None
         return None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """input_ids: Long[B, L] (the sequences so far); scores: Float[B, V] next-token scores."""
         out = scores
         for row in range(input_ids.shape[0]):
-            allowed = self.allowed(input_ids[row, -self.window :].tolist())
+            allowed = self.allowed(input_ids[row, -(self.window + self.context) :].tolist())
             if allowed is None:
                 continue
             if out is scores:
@@ -375,6 +437,9 @@ class GridBoxLogitsProcessor:
 
 def _load_causal_lm(path: str, device: str | torch.device, dtype: torch.dtype | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Registers the small LM's pointer-head model with the Auto classes.
+    import pix2cap.bridge.copy_lm  # noqa: F401
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     kwargs: dict[str, Any] = {"local_files_only": True}
@@ -396,11 +461,16 @@ class HFCausalLMWriter(CaptionWriter):
         adapter_path: optional LoRA adapter folder from :func:`finetune_lora` (needs
             ``peft``); a ``visual_projector.safetensors`` there is loaded too.
         max_new_tokens, temperature, top_p: decoding (``temperature <= 0``: greedy).
+        num_beams: beam search width for non-sampled decoding (1: greedy).
         include_dense_captions: add the region captions to the prompt.
         region_boxes: repeat each entity's box beside its region caption
             (:func:`build_lm_prompt`); must match what the LM was trained on.
+        ground_region_captions: give things' region captions with their relation clause
+            tied to the decoded entities (:func:`~pix2cap.bridge.content.grounded_caption`).
         constrain_boxes: decode boxes with :class:`GridBoxLogitsProcessor`, so every box the
             caption states is the box of a listed entity.
+        boxes_follow_names: with ``constrain_boxes``, a box written right after an entity's
+            tag (and attribute words) must be that entity's box.
         use_chat_template: None = when the tokenizer has one.
         device, dtype: where / how to run (dtype None: float32).
         grid: the model-side box grid.
@@ -417,9 +487,12 @@ class HFCausalLMWriter(CaptionWriter):
         max_new_tokens: int = 512,
         temperature: float = 0.0,
         top_p: float | None = None,
+        num_beams: int = 1,
         include_dense_captions: bool = True,
         region_boxes: bool = True,
+        ground_region_captions: bool = False,
         constrain_boxes: bool = True,
+        boxes_follow_names: bool = True,
         use_chat_template: bool | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
@@ -449,9 +522,14 @@ class HFCausalLMWriter(CaptionWriter):
         self.max_new_tokens = int(max_new_tokens)
         self.temperature = float(temperature)
         self.top_p = top_p
+        if int(num_beams) < 1:
+            raise ValueError(f"num_beams must be at least 1, got {num_beams}")
+        self.num_beams = int(num_beams)
         self.include_dense_captions = bool(include_dense_captions)
         self.region_boxes = bool(region_boxes)
+        self.ground_region_captions = bool(ground_region_captions)
         self.constrain_boxes = bool(constrain_boxes)
+        self.boxes_follow_names = bool(boxes_follow_names)
         self.grid = int(grid)
         limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(
             self.model.config, "n_positions", None
@@ -476,9 +554,12 @@ class HFCausalLMWriter(CaptionWriter):
         prompt: str,
         object_features: torch.Tensor | None = None,
         boxes: Sequence[Sequence[int]] | None = None,
+        tags: Sequence[str] | None = None,
+        attributes: Sequence[str] | None = None,
     ) -> str:
         """Raw continuation of ``prompt`` (special tokens removed); with ``boxes`` (grid boxes),
-        every box it writes is one of them (:class:`GridBoxLogitsProcessor`)."""
+        every box it writes is one of them, and with their entities' ``tags`` (and
+        ``attributes``) the one the text just named (:class:`GridBoxLogitsProcessor`)."""
         from transformers import LogitsProcessorList
 
         ids = torch.tensor([self.prompt_ids(prompt)], dtype=torch.long, device=self.device)
@@ -488,7 +569,7 @@ class HFCausalLMWriter(CaptionWriter):
         }
         if boxes:
             kwargs["logits_processor"] = LogitsProcessorList(
-                [GridBoxLogitsProcessor(self.tokenizer, boxes)]
+                [GridBoxLogitsProcessor(self.tokenizer, boxes, tags, attributes)]
             )
         if self.encoding.eos_id is not None:
             kwargs["eos_token_id"] = self.encoding.eos_id
@@ -499,6 +580,8 @@ class HFCausalLMWriter(CaptionWriter):
                 kwargs["top_p"] = float(self.top_p)
         else:
             kwargs["do_sample"] = False
+            if self.num_beams > 1:
+                kwargs["num_beams"] = self.num_beams
         if object_features is not None and self.projector is not None:
             embeds = self.model.get_input_embeddings()(ids)
             prefix = self.projector(object_features.to(self.device, embeds.dtype))[None]
@@ -515,11 +598,21 @@ class HFCausalLMWriter(CaptionWriter):
 
     def __call__(self, content, stages, image_size, *, object_features=None) -> str:
         height, width = int(image_size[0]), int(image_size[1])
-        boxes = None
+        boxes = tags = attributes = None
         if self.constrain_boxes:
-            boxes = [e.grid_box for e in content.entities if e.grid_box is not None]
-        prompt = build_lm_prompt(stages, content, self.include_dense_captions, self.region_boxes)
-        text = self.generate(prompt, object_features, boxes)
+            listed = [e for e in content.entities if e.grid_box is not None]
+            boxes = [e.grid_box for e in listed]
+            if self.boxes_follow_names:
+                tags = [e.name for e in listed]
+                attributes = [" ".join(content.attributes_of(e.id)) for e in listed]
+        prompt = build_lm_prompt(
+            stages,
+            content,
+            self.include_dense_captions,
+            self.region_boxes,
+            self.ground_region_captions,
+        )
+        text = self.generate(prompt, object_features, boxes, tags, attributes)
         return _tidy(grid_text_to_pancap(text, width, height, self.grid))
 
 
@@ -550,6 +643,9 @@ class SmallLMWriter(HFCausalLMWriter):
         kwargs.setdefault("include_dense_captions", bool(info.get("include_dense_captions", True)))
         # Folders written before region boxes were added to the prompt say nothing of them.
         kwargs.setdefault("region_boxes", bool(info.get("region_boxes", False)))
+        kwargs.setdefault(
+            "ground_region_captions", bool(info.get("ground_region_captions", False))
+        )
         kwargs.setdefault("max_new_tokens", int(info.get("max_target_tokens", 512)))
         super().__init__(path, **kwargs)
 
@@ -818,6 +914,8 @@ def train_small_lm(
     save_dtype: torch.dtype = torch.float16,
     include_dense_captions: bool = True,
     region_boxes: bool = True,
+    ground_region_captions: bool = False,
+    copy_head: bool = True,
     device: str | torch.device = "cpu",
     seed: int = 0,
     log_every: int = 50,
@@ -837,14 +935,19 @@ def train_small_lm(
         steps: optimisation steps (AdamW, warm-up 5%, cosine decay, grad clip 1.0).
         n_layer, n_embd, n_head, n_positions, dropout: the ``GPT2Config``.
         max_target_tokens: target budget; the prompt gets ``n_positions - max_target_tokens``.
-        include_dense_captions, region_boxes: the prompt form the pairs were built with
-            (:func:`build_lm_prompt`), recorded so that :class:`SmallLMWriter` builds the same.
+        include_dense_captions, region_boxes, ground_region_captions: the prompt form the
+            pairs were built with (:func:`build_lm_prompt`), recorded so that
+            :class:`SmallLMWriter` builds the same.
+        copy_head: add the pointer head of :class:`~pix2cap.bridge.copy_lm.CopyGPT2LMHeadModel`,
+            so the model can copy tags, boxes and region-caption words from its prompt
+            (without it: a plain ``GPT2LMHeadModel``).
 
     Returns:
         ``{"losses": [...], "seconds": float, "num_parameters": int, "bytes": int}``.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from pix2cap.bridge.copy_lm import CopyGPT2Config, CopyGPT2LMHeadModel
     from pix2cap.modeling.caption_head.tokenizer import build_caption_tokenizer
 
     if not pairs:
@@ -857,7 +960,10 @@ def train_small_lm(
     device = torch.device(device)
     # Shared, cached instance: only read from it here, never modified.
     tokenizer = build_caption_tokenizer(vocab_file)
-    config = GPT2Config(
+    config_class, model_class = (
+        (CopyGPT2Config, CopyGPT2LMHeadModel) if copy_head else (GPT2Config, GPT2LMHeadModel)
+    )
+    config = config_class(
         vocab_size=len(tokenizer),
         n_positions=n_positions,
         n_embd=n_embd,
@@ -871,7 +977,7 @@ def train_small_lm(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    model = GPT2LMHeadModel(config).to(device)
+    model = model_class(config).to(device)
     encoding = _LMEncoding(tokenizer, use_chat_template=False)
     encoded = _encode_pairs(pairs, encoding, n_positions, n_positions - max_target_tokens)
     batches = _batches(encoded, batch_size, encoding.pad_id, random.Random(seed))
@@ -900,6 +1006,8 @@ def train_small_lm(
         "max_target_tokens": max_target_tokens,
         "include_dense_captions": include_dense_captions,
         "region_boxes": region_boxes,
+        "ground_region_captions": ground_region_captions,
+        "copy_head": copy_head,
         "num_parameters": num_parameters,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,

@@ -6,6 +6,7 @@ from pix2cap.bridge.content import (
     build_content,
     caption_attributes,
     geometric_relations,
+    grounded_caption,
 )
 
 H = W = 40
@@ -132,6 +133,80 @@ def test_caption_relation_requires_a_unique_object():
     content = build_content(entities, (H, W))
     caption_rels = [r for r in content.relations if r.source == "caption"]
     assert [(r.subject, r.object, r.text) for r in caption_rels] == [(1, 3, "resting beside")]
+
+
+def scene(circle_caption, square_caption="a blue square", third=None):
+    """Sky over grass; a circle (left) and a square (right), both standing on the grass."""
+    ground = rect(20, 40, 0, 40)
+    circle, square = rect(10, 20, 2, 10), rect(10, 20, 25, 33)
+    masks = [circle, square] + ([third[0]] if third else [])
+    sky = ~(ground | circle | square | (third[0] if third else ground))
+    entities = [
+        DecodedEntity(sky, "sky", isthing=False, caption="light blue sky covering the top"),
+        DecodedEntity(ground, "grass", isthing=False, caption="green grass"),
+        DecodedEntity(circle, "circle", caption=circle_caption),
+        DecodedEntity(square, "square", caption=square_caption),
+    ]
+    if third:
+        entities.append(DecodedEntity(third[0], third[1], caption=third[2]))
+    assert all(m.any() for m in masks)
+    return build_content(entities, (H, W))
+
+
+def test_caption_relation_against_the_centroids_is_refuted():
+    content = scene("a red circle to the right of the blue square")
+    stated = [(r.subject, r.object, r.text) for r in content.relations if r.source == "caption"]
+    assert stated == []
+    refuted = [(r.subject, r.object, r.text) for r in content.refuted_caption_relations]
+    assert refuted == [(3, 4, "to the right of")]
+    assert 3 not in content.caption_relations
+    # Stated the right way round it stands (and is the geometric relation already listed).
+    content = scene("a red circle to the left of the blue square")
+    assert content.refuted_caption_relations == []
+    assert content.caption_relations[3].source == "geometry"
+    assert content.caption_relations[3].text == "to the left of"
+
+
+def test_grounded_caption_keeps_what_the_masks_support():
+    content = scene("a red circle to the left of the blue square", "a blue square")
+    assert grounded_caption(content, 3) == "a red circle to the left of the blue square"
+    # No words after the head noun, and stuff captions: unchanged.
+    assert grounded_caption(content, 4) == "a blue square"
+    assert grounded_caption(content, 1) == "light blue sky covering the top"
+    # Two objects, each named uniquely ("between" is never a relation of its own): unchanged.
+    between = "a red circle on the horizon between the sky and the grass"
+    assert grounded_caption(scene(between), 3) == between
+    # The right object under the wrong colour: restated by its tag (the only square).
+    content = scene("a red circle to the left of the green square", "a small blue square")
+    assert grounded_caption(content, 3) == "a red circle to the left of the square"
+    # With two circles, "the green circle" names neither: the clause is replaced.
+    third = (rect(30, 35, 15, 20), "circle", "a small yellow circle")
+    content = scene("a red circle", "a blue square left of the green circle", third)
+    assert content.refuted_caption_relations == []
+    assert grounded_caption(content, 4) == "a blue square on the grass"
+
+
+def test_grounded_caption_replaces_a_wrong_or_missing_object():
+    # A refuted direction: the clause becomes the strongest geometric relation, "on" the grass.
+    content = scene("a red circle to the right of the blue square")
+    assert grounded_caption(content, 3) == "a red circle on the grass"
+    # An object that was not decoded at all.
+    content = scene("a red circle to the left of the green star")
+    assert grounded_caption(content, 3) == "a red circle on the grass"
+    # The square's direction seen from the square: mirrored, with its attribute words when the
+    # tag is shared.
+    third = (rect(30, 35, 15, 20), "circle", "a small yellow circle")
+    content = scene(
+        "a red circle to the left of the blue square", "a blue square beside a tree", third
+    )
+    relations = [(r.subject, r.object, r.type) for r in content.relations]
+    assert (3, 4, "left_of") in relations and (4, 2, "on") in relations
+    assert grounded_caption(content, 4) == "a blue square on the grass"
+    content.relations = [r for r in content.relations if r.type != "on"]
+    assert grounded_caption(content, 4) == "a blue square to the right of the red circle"
+    # No relation at all: the unsupported clause is dropped.
+    content.relations = []
+    assert grounded_caption(content, 4) == "a blue square"
 
 
 def test_mask_size_mismatch_is_an_error():

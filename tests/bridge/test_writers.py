@@ -94,6 +94,17 @@ def test_lm_prompt_contains_stage4_and_dense_captions():
     assert build_lm_prompt(stages, content, include_dense_captions=False) == stages.prompts[4]
 
 
+def test_lm_prompt_with_grounded_region_captions():
+    stages, content = _prepared()
+    content.entities[1].caption = "a red striped circle to the right of the green star"
+    raw = build_lm_prompt(stages, content)
+    assert ": a red striped circle to the right of the green star;" in raw
+    grounded = build_lm_prompt(stages, content, ground_captions=True)
+    # No star was decoded: the clause becomes the circle's geometric support.
+    assert ": a red striped circle on the grass;" in grounded
+    assert grounded.replace("on the grass", "to the right of the green star") == raw
+
+
 BOXES = [[0, 0, 999, 418], [316, 355, 418, 461], [316, 20, 400, 90]]
 
 
@@ -121,6 +132,29 @@ def test_grid_box_processor_allows_only_listed_boxes():
     assert proc.allowed(_ids(tok, "a square <box>[[5")) is None
 
 
+def test_grid_box_processor_boxes_follow_the_named_entity():
+    from pix2cap.modeling.caption_head.tokenizer import build_caption_tokenizer
+
+    tok = build_caption_tokenizer()
+    proc = GridBoxLogitsProcessor(
+        tok, BOXES, tags=["sky", "square", "square"],
+        attributes=["light blue", "red", "green striped"],
+    )
+    first = lambda text: _ids(tok, text)[:1]  # noqa: E731
+
+    assert proc.allowed(_ids(tok, "above the light blue sky <box>[[")) == first("0")
+    # Both squares start with 316; the attribute words before the tag pick one of them.
+    assert proc.allowed(_ids(tok, "left of the red square <box>[[316, ")) == first("355")
+    assert proc.allowed(_ids(tok, "a large green square <box>[[316, ")) == first("20")
+    # The tag alone: either square, but not the sky.
+    assert proc.allowed(_ids(tok, "the square <box>[[")) == first("316")
+    assert proc.allowed(_ids(tok, "the square <box>[[316, ")) == sorted(first("355") + first("20"))
+    # A name that is no listed tag constrains nothing beyond the listed boxes.
+    assert proc.allowed(_ids(tok, "a circle <box>[[")) == sorted(first("0") + first("316"))
+    with pytest.raises(ValueError, match="2 tags for 3 boxes"):
+        GridBoxLogitsProcessor(tok, BOXES, tags=["sky", "square"])
+
+
 def test_grid_box_processor_masks_scores_of_open_boxes_only():
     from pix2cap.modeling.caption_head.tokenizer import build_caption_tokenizer
 
@@ -140,9 +174,10 @@ def test_grid_box_processor_masks_scores_of_open_boxes_only():
     assert torch.equal(out[1], scores[1])
 
 
-def test_constrained_generation_writes_a_listed_box(tiny_lm):
-    """Through transformers' generate(): a random LM that opens a box can only complete one
-    of the listed boxes, token for token."""
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_constrained_generation_writes_a_listed_box(tiny_lm, num_beams):
+    """Through transformers' generate() (greedy and beam search): a random LM that opens a
+    box can only complete one of the listed boxes, token for token."""
     writer = HFCausalLMWriter(tiny_lm, max_new_tokens=24)
     tok = writer.tokenizer
     rests = {
@@ -157,6 +192,7 @@ def test_constrained_generation_writes_a_listed_box(tiny_lm):
         attention_mask=torch.ones_like(prompt),
         max_new_tokens=longest,
         do_sample=False,
+        num_beams=num_beams,
         pad_token_id=tok.pad_token_id,
         logits_processor=LogitsProcessorList([GridBoxLogitsProcessor(tok, BOXES)]),
     )
@@ -171,6 +207,10 @@ def test_hf_causal_lm_end_to_end(tiny_lm):
     assert isinstance(caption, str)
     sampled = HFCausalLMWriter(tiny_lm, max_new_tokens=8, temperature=0.8, top_p=0.9, seed=1)
     assert isinstance(sampled(content, stages, (H, W)), str)
+    beams = HFCausalLMWriter(tiny_lm, max_new_tokens=8, num_beams=2)
+    assert isinstance(beams(content, stages, (H, W)), str)
+    with pytest.raises(ValueError, match="num_beams"):
+        HFCausalLMWriter(tiny_lm, num_beams=0)
 
 
 def test_hf_causal_lm_missing_folder(tmp_path):
@@ -198,7 +238,10 @@ def test_lora_finetune_two_steps_and_visual_prefix(tiny_lm, tmp_path):
     assert isinstance(writer(content, stages, (H, W), object_features=feats), str)
 
 
-def test_small_lm_trains_and_generates(tmp_path):
+@pytest.mark.parametrize("copy_head", [True, False])
+def test_small_lm_trains_and_generates(tmp_path, copy_head):
+    from pix2cap.bridge.copy_lm import CopyGPT2LMHeadModel
+
     stages, content = _prepared()
     prompt = build_lm_prompt(stages, content)
     target = "A red circle <box>[[83, 250, 250, 625]]</box> is on the grass."
@@ -206,12 +249,16 @@ def test_small_lm_trains_and_generates(tmp_path):
     out = tmp_path / "small_lm"
     result = train_small_lm(
         pairs, str(out), steps=10, n_layer=1, n_embd=32, n_head=2, n_positions=320,
-        max_target_tokens=48, batch_size=2, lr=3e-3, log_every=0,
+        max_target_tokens=48, batch_size=2, lr=3e-3, log_every=0, copy_head=copy_head,
+        ground_region_captions=copy_head,
     )
     assert result["losses"][-1] < result["losses"][0]
     assert os.path.isfile(out / "model.safetensors") and os.path.isfile(out / "tokenizer.json")
     writer = build_caption_writer("small_lm", model_path=str(out), max_new_tokens=24)
     assert isinstance(writer, SmallLMWriter)
+    assert isinstance(writer.model, CopyGPT2LMHeadModel) == copy_head
+    # The prompt form it was trained with is read back from its info file.
+    assert writer.ground_region_captions == copy_head and writer.region_boxes
     caption = writer(content, stages, (H, W))
     assert isinstance(caption, str) and caption
     # Grid boxes the LM writes come back in SA-Pancap form.
@@ -246,7 +293,10 @@ def test_shipped_shapes_lm_writes_only_listed_boxes():
     boxes of the entities it was given."""
     path = os.path.join(os.path.dirname(__file__), "..", "..", "model_zoo", "shapes", "bridge_small_lm")
     writer = build_caption_writer("small_lm", model_path=path, max_new_tokens=160)
-    assert writer.region_boxes and writer.constrain_boxes
+    assert writer.region_boxes and writer.constrain_boxes and writer.ground_region_captions
+    from pix2cap.bridge.copy_lm import CopyGPT2LMHeadModel
+
+    assert isinstance(writer.model, CopyGPT2LMHeadModel)
     stages, content = _prepared()
     caption = writer(content, stages, (H, W))
     stated = {tuple(b["box"]) for b in parse_pancap_boxes(caption)}

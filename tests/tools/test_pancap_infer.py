@@ -130,3 +130,27 @@ def test_lm_writer_needs_a_path_and_unreadable_image_is_reported(tmp_path):
         tool.main(args, predictor=FakePredictor())
     # The readable image was still written.
     assert len(json.loads((tmp_path / "o" / "predictions.json").read_text())) == 1
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ([], {"constrain_boxes": True, "boxes_follow_names": True, "ground_region_captions": True}),
+        (
+            ["--box-constraint", "listed", "--region-captions", "raw", "--num-beams", "2"],
+            {"constrain_boxes": True, "boxes_follow_names": False, "ground_region_captions": False,
+             "num_beams": 2},
+        ),
+        (["--box-constraint", "free"], {"constrain_boxes": False}),
+    ],
+)
+def test_lm_decoding_flags_reach_the_writer(tmp_path, flags, expected):
+    tool = _load_tool()
+    lm = REPO / "model_zoo" / "shapes" / "bridge_small_lm"
+    args = tool.get_parser().parse_args(
+        ["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--writer", "small_lm",
+         "--lm-path", str(lm)] + flags
+    )
+    writer = tool.build_writer(args)
+    for name, value in expected.items():
+        assert getattr(writer, name) == value, name
