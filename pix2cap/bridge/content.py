@@ -81,6 +81,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pix2cap.bridge.stages import GRID, pixel_box_to_grid
+from pix2cap.data.text import COLOUR_WORDS
 from pix2cap.structures.masks import above, left_of, mask_stats
 
 __all__ = [
@@ -498,10 +499,26 @@ def _relations_as_subject(content: PanopticContent, entity_id: int) -> list[Rela
 
 
 def _reference(content: PanopticContent, entity_id: int) -> str:
-    """``"the <tag>"``, with the entity's attribute words when another entity shares the tag."""
+    """How a caption names another entity: ``"the <colour> <tag>"`` when its attribute words
+    hold colour words that no other entity of the tag shares (the way people point at an
+    object), else ``"the <tag>"`` when the tag is the only one of its kind, else the tag with
+    all attribute words. Stuff: ``"the <tag>"``."""
     entity = content.entity(entity_id)
-    shared = sum(1 for e in content.entities if e.name == entity.name) > 1
-    words = content.attributes_of(entity_id)[:1] if shared and entity.isthing else []
+    if not entity.isthing:
+        return f"the {entity.name}"
+    attributes = " ".join(content.attributes_of(entity_id)).split()
+    others = [
+        set(" ".join(content.attributes_of(e.id)).split())
+        for e in content.entities
+        if e.name == entity.name and e.id != entity_id
+    ]
+    colours = [w for w in attributes if w in COLOUR_WORDS]
+    if colours and not any(set(colours) <= words for words in others):
+        words = colours
+    elif not others:
+        words = []
+    else:
+        words = attributes
     return " ".join(["the"] + words + [entity.name])
 
 
@@ -513,11 +530,12 @@ def grounded_caption(content: PanopticContent, entity_id: int) -> str:
     head noun name other entities, each one uniquely, without stating a refuted relation
     (``"on the horizon between the sky and the sand"``), keeps its words, except that an
     object named with attribute words its entity does not have (``"the red star"`` for the
-    blue one) is restated as ``"the <tag>"``, with the entity's own attribute words when
-    another entity shares the tag. Otherwise (the caption names no decoded entity, or an
-    ambiguous or a wrong one) the words after the head noun are replaced by the entity's
-    strongest relation (lowest :data:`RELATION_PRIORITY`, then lowest object id) and a
-    reference of the same form to its object, or dropped when the entity has no relation.
+    blue one) is restated with the entity's own: ``"the <colour> <tag>"`` when its colour
+    words single it out among the entities of its tag, ``"the <tag>"`` when it is the only
+    one, else the tag with all its attribute words. Otherwise (the caption names no decoded
+    entity, or an ambiguous or a wrong one) the words after the head noun are replaced by the
+    entity's strongest relation (lowest :data:`RELATION_PRIORITY`, then lowest object id) and
+    a reference of the same form to its object, or dropped when the entity has no relation.
     """
     entity = content.entity(entity_id)
     caption = entity.caption.strip()

@@ -1,4 +1,5 @@
-"""Caption rewriting that keeps text true to a horizontally flipped image.
+"""Caption text helpers: the colour vocabulary, and rewriting that keeps text true to a
+horizontally flipped image.
 
 After a left-right flip, "the dog on the left" describes the wrong dog. These helpers swap the
 words *left* and *right* (and their compounds) and mirror inline boxes, and keep grounded
@@ -12,7 +13,14 @@ import copy
 import re
 from typing import Any
 
-__all__ = ["swap_left_right", "flip_grounded_caption", "flip_panoptic_caption"]
+__all__ = ["COLOUR_WORDS", "swap_left_right", "flip_grounded_caption", "flip_panoptic_caption"]
+
+# Colour terms that captions use as attribute words (basic colours and common variants).
+COLOUR_WORDS = frozenset(
+    "red green blue yellow purple orange white black grey gray brown pink beige violet cyan "
+    "magenta gold golden silver tan navy teal turquoise maroon cream ivory crimson khaki "
+    "olive lavender".split()
+)
 
 # "left"/"right" as a whole word, optionally fused with a suffix that keeps the direction
 # meaning (leftmost, left-hand(ed), lefthand(ed), leftward(s)). Word boundaries on both sides

@@ -3,6 +3,7 @@ import pytest
 
 from pix2cap.bridge.content import (
     DecodedEntity,
+    PanopticContent,
     build_content,
     caption_attributes,
     geometric_relations,
@@ -176,8 +177,11 @@ def test_grounded_caption_keeps_what_the_masks_support():
     # Two objects, each named uniquely ("between" is never a relation of its own): unchanged.
     between = "a red circle on the horizon between the sky and the grass"
     assert grounded_caption(scene(between), 3) == between
-    # The right object under the wrong colour: restated by its tag (the only square).
+    # The right object under the wrong colour: restated with its own colour ...
     content = scene("a red circle to the left of the green square", "a small blue square")
+    assert grounded_caption(content, 3) == "a red circle to the left of the blue square"
+    # ... or by its tag alone when it has no colour word and is the only one of its kind.
+    content = scene("a red circle to the left of the green square", "a small square")
     assert grounded_caption(content, 3) == "a red circle to the left of the square"
     # With two circles, "the green circle" names neither: the clause is replaced.
     third = (rect(30, 35, 15, 20), "circle", "a small yellow circle")
@@ -212,3 +216,23 @@ def test_grounded_caption_replaces_a_wrong_or_missing_object():
 def test_mask_size_mismatch_is_an_error():
     with pytest.raises(ValueError, match="mask shape"):
         build_content([DecodedEntity(np.ones((3, 3), bool), "x")], (H, W))
+
+
+def test_reference_names_an_object_by_its_distinguishing_colour():
+    from pix2cap.bridge.content import Attribute, Entity, _reference
+
+    def entity(i, name, isthing=True):
+        return Entity(id=i, name=name, box=None, grid_box=None, isthing=isthing, score=None,
+                      caption="", area=1, segment_id=i, source="segment")
+
+    content = PanopticContent(
+        entities=[entity(1, "square"), entity(2, "square"), entity(3, "square"),
+                  entity(4, "star"), entity(5, "sand", isthing=False)],
+        attributes=[Attribute(1, "large red solid"), Attribute(2, "small blue dotted"),
+                    Attribute(3, "large blue solid"), Attribute(4, "small striped")],
+    )
+    assert _reference(content, 1) == "the red square"
+    # Two blue squares: the colour does not single one out, all attribute words do.
+    assert _reference(content, 2) == "the small blue dotted square"
+    assert _reference(content, 4) == "the star"
+    assert _reference(content, 5) == "the sand"

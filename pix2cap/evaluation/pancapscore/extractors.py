@@ -26,6 +26,7 @@ from typing import Optional
 from fvcore.common.registry import Registry
 
 from pix2cap.data.datasets.sapancap import parse_pancap_boxes
+from pix2cap.data.text import COLOUR_WORDS
 
 from .content import Attribute, Entity, GlobalItem, PanopticContent, Relation, parse_extraction
 
@@ -125,11 +126,6 @@ class StructuredExtractor(ContentExtractor):
         return content
 
 
-_COLORS = (
-    "red green blue yellow purple orange white black grey gray brown pink beige violet cyan "
-    "magenta gold golden silver tan navy teal turquoise maroon cream ivory crimson khaki "
-    "olive lavender"
-).split()
 _COLOR_MODIFIERS = {"dark", "light", "pale", "bright", "deep", "vivid", "muted"}
 _SIZES = "small large big tiny huge medium tall short long wide narrow thin thick giant".split()
 _TEXTURES = (
@@ -144,7 +140,7 @@ _STATES = (
     "old new young open closed wet dry empty full clear cloudy sunny transparent round "
     "rectangular circular triangular vintage modern colorful colourful wavy"
 ).split()
-_ADJECTIVES = set(_COLORS) | _COLOR_MODIFIERS | set(_SIZES) | set(_TEXTURES) | set(_MATERIALS)
+_ADJECTIVES = COLOUR_WORDS | _COLOR_MODIFIERS | set(_SIZES) | set(_TEXTURES) | set(_MATERIALS)
 _ADJECTIVES |= set(_STATES)
 _DETERMINERS = {
     "a", "an", "the", "this", "that", "these", "those", "its", "their", "his", "her", "our",
@@ -197,7 +193,7 @@ def _adjectives(modifiers: list[str]) -> list[str]:
     lower = [w.lower() for w in modifiers]
     while k < len(lower):
         w = lower[k]
-        if w in _COLOR_MODIFIERS and k + 1 < len(lower) and lower[k + 1] in _COLORS:
+        if w in _COLOR_MODIFIERS and k + 1 < len(lower) and lower[k + 1] in COLOUR_WORDS:
             out.append(f"{w} {lower[k + 1]}")
             k += 2
             continue
