@@ -600,6 +600,7 @@ def build_content(
     height, width = int(image_size[0]), int(image_size[1])
     content = PanopticContent(image_size=(height, width))
     kept: list[DecodedEntity] = []
+    kept_stats: list[dict] = []  # mask_stats of each kept region
     for region in decoded:
         mask = np.asarray(region.mask, dtype=bool)
         if mask.shape != (height, width):
@@ -611,6 +612,7 @@ def build_content(
         if stats is None:
             continue
         kept.append(region)
+        kept_stats.append(stats)
         pixel_box = [stats["x0"], stats["y0"], stats["x1"] + 1, stats["y1"] + 1]
         box = [
             round(min(1.0, max(0.0, pixel_box[0] / width)), 3),
@@ -644,13 +646,12 @@ def build_content(
         content.relations.append(
             Relation(i + 1, j + 1, rel, RELATION_TEXT[rel], "geometry")
         )
-    centroids = [mask_stats(np.asarray(r.mask, dtype=bool)) for r in kept]
     for k in range(len(content.entities)):
         found = _caption_relation(k, content.entities, attribute_text)
         if found is None:
             continue
         j, predicate = found
-        if _centroids_contradict(predicate, centroids[k], centroids[j]):
+        if _centroids_contradict(predicate, kept_stats[k], kept_stats[j]):
             content.refuted_caption_relations.append(
                 Relation(k + 1, j + 1, "caption", predicate, "caption")
             )

@@ -207,10 +207,34 @@ def test_hf_causal_lm_end_to_end(tiny_lm):
     assert isinstance(caption, str)
     sampled = HFCausalLMWriter(tiny_lm, max_new_tokens=8, temperature=0.8, top_p=0.9, seed=1)
     assert isinstance(sampled(content, stages, (H, W)), str)
-    beams = HFCausalLMWriter(tiny_lm, max_new_tokens=8, num_beams=2)
-    assert isinstance(beams(content, stages, (H, W)), str)
     with pytest.raises(ValueError, match="num_beams"):
         HFCausalLMWriter(tiny_lm, num_beams=0)
+
+
+@pytest.mark.parametrize("follow_names", [True, False])
+def test_writer_hands_its_decoding_settings_to_generate(tiny_lm, monkeypatch, follow_names):
+    stages, content = _prepared()
+    writer = HFCausalLMWriter(
+        tiny_lm, max_new_tokens=8, num_beams=2, boxes_follow_names=follow_names
+    )
+    seen = {}
+    real_generate = writer.model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(writer.model, "generate", spy)
+    assert isinstance(writer(content, stages, (H, W)), str)
+    assert seen["num_beams"] == 2 and seen["do_sample"] is False
+    (processor,) = seen["logits_processor"]
+    assert isinstance(processor, GridBoxLogitsProcessor)
+    tok = writer.tokenizer
+    listed = {tuple(_ids(tok, e.name)) for e in content.entities}
+    named = {tag for _, tag, _ in processor.entities}
+    # With names followed, each listed box carries its entity's tag; without, none does.
+    assert named == (listed if follow_names else {()})
+    assert (processor.context > 0) == follow_names
 
 
 def test_hf_causal_lm_missing_folder(tmp_path):
