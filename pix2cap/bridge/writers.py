@@ -144,7 +144,7 @@ def _boxed(content: PanopticContent, entity_id: int, definite: bool) -> str:
     return f"{phrase} {format_box(entity.box)}" if entity.box is not None else phrase
 
 
-@CAPTION_WRITER_REGISTRY.register()
+@CAPTION_WRITER_REGISTRY.register(aliases=("template",))
 class TemplateWriter(CaptionWriter):
     """Deterministic template prose from the structured content (no language model).
 
@@ -182,7 +182,7 @@ class TemplateWriter(CaptionWriter):
         return f"{relation.text} {_boxed(content, relation.object, definite=True)}"
 
 
-@CAPTION_WRITER_REGISTRY.register()
+@CAPTION_WRITER_REGISTRY.register(aliases=("concat",))
 class DenseCaptionConcatWriter(CaptionWriter):
     """The entities' dense captions joined into one text, in entity order: a baseline showing
     what the segment captions say on their own (no global sentence, no language model; boxes
@@ -203,7 +203,7 @@ class DenseCaptionConcatWriter(CaptionWriter):
         return " ".join(sentences)
 
 
-@CAPTION_WRITER_REGISTRY.register()
+@CAPTION_WRITER_REGISTRY.register(aliases=("concat_boxes",))
 class BoxedDenseCaptionConcatWriter(DenseCaptionConcatWriter):
     """:class:`DenseCaptionConcatWriter` with each caption followed by its segment's box."""
 
@@ -451,7 +451,7 @@ def _load_causal_lm(path: str, device: str | torch.device, dtype: torch.dtype | 
     return tokenizer, model
 
 
-@CAPTION_WRITER_REGISTRY.register()
+@CAPTION_WRITER_REGISTRY.register(aliases=("hf_causal_lm",))
 class HFCausalLMWriter(CaptionWriter):
     """A local Hugging Face causal LM writes the caption from :func:`build_lm_prompt`.
 
@@ -624,7 +624,7 @@ def _tidy(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-@CAPTION_WRITER_REGISTRY.register()
+@CAPTION_WRITER_REGISTRY.register(aliases=("small_lm",))
 class SmallLMWriter(HFCausalLMWriter):
     """The small LM of :func:`train_small_lm` (same decoding as :class:`HFCausalLMWriter`;
     no chat template: ``[CLS] prompt [SEP]`` then the caption up to ``[SEP]``). The prompt

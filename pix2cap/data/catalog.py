@@ -93,6 +93,28 @@ class Metadata:
     def get(self, key: str, default: Any = None) -> Any:
         return self.__dict__.get(key, default)
 
+    # -- class facts by contiguous id (detectron2's panoptic conventions) ------------------------
+
+    def class_name(self, category_id: int) -> str:
+        """Name of a contiguous class id: ``stuff_classes`` lists every class (detectron2's
+        panoptic convention), ``thing_classes`` the things; ``"class <id>"`` when neither
+        names it."""
+        category_id = int(category_id)
+        for key in ("stuff_classes", "thing_classes"):
+            names = self.get(key)
+            if names is not None and 0 <= category_id < len(names):
+                return str(names[category_id])
+        return f"class {category_id}"
+
+    def is_thing(self, category_id: int) -> bool:
+        """Whether a contiguous class id is a thing: one of the values of
+        ``thing_dataset_id_to_contiguous_id``, else (metadata without that map) one of the
+        first ``len(thing_classes)`` ids."""
+        mapping = self.get("thing_dataset_id_to_contiguous_id")
+        if mapping:
+            return int(category_id) in {int(v) for v in mapping.values()}
+        return 0 <= int(category_id) < len(self.get("thing_classes") or [])
+
     def __repr__(self) -> str:
         return f"Metadata({self.__dict__!r})"
 

@@ -13,7 +13,17 @@ import copy
 import re
 from typing import Any
 
-__all__ = ["COLOUR_WORDS", "swap_left_right", "flip_grounded_caption", "flip_panoptic_caption"]
+__all__ = [
+    "COLOUR_WORDS",
+    "NUMBER_WORDS",
+    "ARTICLES",
+    "number_word",
+    "plural",
+    "capitalise",
+    "swap_left_right",
+    "flip_grounded_caption",
+    "flip_panoptic_caption",
+]
 
 # Colour terms that captions use as attribute words (basic colours and common variants).
 COLOUR_WORDS = frozenset(
@@ -21,6 +31,36 @@ COLOUR_WORDS = frozenset(
     "magenta gold golden silver tan navy teal turquoise maroon cream ivory crimson khaki "
     "olive lavender".split()
 )
+
+# Cardinal numbers as words, by value ("zero" .. "twenty").
+NUMBER_WORDS = tuple(
+    (
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+        "fifteen sixteen seventeen eighteen nineteen twenty"
+    ).split()
+)
+
+ARTICLES = frozenset({"a", "an", "the"})
+
+
+def number_word(n: int) -> str:
+    """``n`` as a word up to twenty ("three"), as digits beyond."""
+    return NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)
+
+
+def plural(noun: str) -> str:
+    """English plural of a regular noun ("circle" -> "circles", "box" -> "boxes",
+    "strawberry" -> "strawberries")."""
+    if noun.endswith(("s", "x", "ch", "sh")):
+        return noun + "es"
+    if noun.endswith("y") and noun[-2:-1] not in "aeiou":
+        return noun[:-1] + "ies"
+    return noun + "s"
+
+
+def capitalise(text: str) -> str:
+    """``text`` with its first character upper-cased (the rest untouched)."""
+    return text[:1].upper() + text[1:]
 
 # "left"/"right" as a whole word, optionally fused with a suffix that keeps the direction
 # meaning (leftmost, left-hand(ed), lefthand(ed), leftward(s)). Word boundaries on both sides

@@ -1,4 +1,4 @@
-from fvcore.common.registry import Registry
+from pix2cap.utils.registry import Registry
 
 EVALUATOR_REGISTRY = Registry("EVALUATOR")
 EVALUATOR_REGISTRY.__doc__ = """

@@ -40,7 +40,6 @@ import torch
 from pix2cap.utils import comm
 
 from pix2cap.utils.file_io import atomic_write_bytes
-from pix2cap.utils.registry import register_as
 
 from .build import EVALUATOR_REGISTRY
 from .evaluator import DatasetEvaluator
@@ -720,4 +719,4 @@ class COCOPanopticEvaluator(DatasetEvaluator):
 
 # COCO panoptic datasets report PQ; "pix2cap" datasets combine it with dense-caption metrics
 # (see pix2cap_evaluation.py).
-register_as(EVALUATOR_REGISTRY, "coco_panoptic_seg")(COCOPanopticEvaluator)
+EVALUATOR_REGISTRY.register(COCOPanopticEvaluator, aliases=("coco_panoptic_seg",))

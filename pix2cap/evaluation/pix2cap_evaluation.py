@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pix2cap.utils.registry import register_as
-
 from .build import EVALUATOR_REGISTRY
 from .densecap_evaluation import DenseCaptionEvaluator
 from .evaluator import DatasetEvaluators
@@ -15,7 +13,7 @@ from .panoptic_evaluation import COCOPanopticEvaluator
 __all__ = ["Pix2CapEvaluator"]
 
 
-@register_as(EVALUATOR_REGISTRY, "pix2cap")
+@EVALUATOR_REGISTRY.register(aliases=("pix2cap",))
 class Pix2CapEvaluator(DatasetEvaluators):
     """PQ (``"panoptic_seg"``) and dense-caption mAP + caption metrics (``"dense_caption"``).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["masks_to_boxes_xyxy", "mask_stats", "left_of", "above", "EXTENT_OVERLAP"]
+__all__ = ["masks_to_boxes_xyxy", "mask_stats", "ring", "left_of", "above", "EXTENT_OVERLAP"]
 
 # left_of / above: how much the two extents may overlap, as a fraction of the narrower one.
 EXTENT_OVERLAP = 0.25
@@ -60,6 +60,17 @@ def mask_stats(mask: np.ndarray) -> dict | None:
         "cy": float(ys.mean()),
         "area": int(xs.size),
     }
+
+
+def ring(mask: np.ndarray) -> np.ndarray:
+    """Bool [H, W]: the pixels outside ``mask`` that are 4-neighbours of it (inside the
+    image)."""
+    grown = mask.copy()
+    grown[1:, :] |= mask[:-1, :]
+    grown[:-1, :] |= mask[1:, :]
+    grown[:, 1:] |= mask[:, :-1]
+    grown[:, :-1] |= mask[:, 1:]
+    return grown & ~mask
 
 
 def left_of(a: dict, b: dict) -> bool:

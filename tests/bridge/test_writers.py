@@ -77,7 +77,7 @@ def test_template_writer_mentions_every_entity_with_its_box():
 
 
 def test_unknown_writer_name():
-    with pytest.raises(KeyError, match="unknown caption writer"):
+    with pytest.raises(KeyError, match="no CAPTION_WRITER named"):
         build_caption_writer("nope")
 
 

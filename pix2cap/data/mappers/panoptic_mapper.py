@@ -21,7 +21,6 @@ import torch
 
 from pix2cap.config.config import configurable
 from pix2cap.structures import Instances, masks_to_boxes_xyxy
-from pix2cap.utils.registry import register_as
 
 from ..detection_utils import check_image_size, read_image, read_panoptic_png
 from ..errors import DatasetError
@@ -326,5 +325,5 @@ class PanopticTestDatasetMapper(PanopticDatasetMapper):
 
 # The registry keys are the names configs use (INPUT.DATASET_MAPPER_NAME and
 # INPUT.TEST_DATASET_MAPPER_NAME), not the class names.
-register_as(DATASET_MAPPER_REGISTRY, "panoptic_lsj")(PanopticLSJDatasetMapper)
-register_as(DATASET_MAPPER_REGISTRY, "panoptic_test")(PanopticTestDatasetMapper)
+DATASET_MAPPER_REGISTRY.register(PanopticLSJDatasetMapper, aliases=("panoptic_lsj",))
+DATASET_MAPPER_REGISTRY.register(PanopticTestDatasetMapper, aliases=("panoptic_test",))

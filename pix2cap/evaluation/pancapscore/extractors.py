@@ -23,7 +23,7 @@ import re
 from collections.abc import Mapping
 from typing import Optional
 
-from fvcore.common.registry import Registry
+from pix2cap.utils.registry import Registry
 
 from pix2cap.data.datasets.sapancap import parse_pancap_boxes
 from pix2cap.data.text import COLOUR_WORDS
@@ -84,7 +84,7 @@ def extraction_prompt(caption: str) -> str:
     )
 
 
-@PANCAP_EXTRACTOR_REGISTRY.register()
+@PANCAP_EXTRACTOR_REGISTRY.register(aliases=("llm",))
 class LLMExtractor(ContentExtractor):
     """Extraction by a language-model judge (the official route).
 
@@ -110,7 +110,7 @@ class LLMExtractor(ContentExtractor):
         return parse_extraction(reply)
 
 
-@PANCAP_EXTRACTOR_REGISTRY.register()
+@PANCAP_EXTRACTOR_REGISTRY.register(aliases=("structured",))
 class StructuredExtractor(ContentExtractor):
     """Content handed over as a dict (:meth:`PanopticContent.from_dict`); ``text`` unused."""
 
@@ -203,7 +203,7 @@ def _adjectives(modifiers: list[str]) -> list[str]:
     return out
 
 
-@PANCAP_EXTRACTOR_REGISTRY.register()
+@PANCAP_EXTRACTOR_REGISTRY.register(aliases=("heuristic",))
 class HeuristicExtractor(ContentExtractor):
     """Rule-based extraction from free text (an APPROXIMATION; see the module docstring)."""
 
@@ -285,12 +285,6 @@ class HeuristicExtractor(ContentExtractor):
 def build_extractor(name: str, judge=None, **kwargs) -> ContentExtractor:
     """An extractor by short name (``llm``, ``structured``, ``heuristic``) or class name;
     ``llm`` takes the judge that will write the extraction lines."""
-    aliases = {"llm": "LLMExtractor", "structured": "StructuredExtractor",
-               "heuristic": "HeuristicExtractor"}
-    from pix2cap.utils.registry import build_by_name
-
-    if aliases.get(name, name) == "LLMExtractor":
+    if PANCAP_EXTRACTOR_REGISTRY.canonical_name(name) == "LLMExtractor":
         kwargs["judge"] = judge
-    return build_by_name(
-        PANCAP_EXTRACTOR_REGISTRY, name, aliases, "PancapScore extractor", **kwargs
-    )
+    return PANCAP_EXTRACTOR_REGISTRY.build(name, **kwargs)

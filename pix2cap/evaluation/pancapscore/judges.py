@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
-from fvcore.common.registry import Registry
+from pix2cap.utils.registry import Registry
 
 from .content import ENTITY_REF_RE, PanopticContent
 from .matching import Embedder, cosine_matrix
@@ -140,7 +140,7 @@ class LLMJudge(PancapJudge):
         return answers, malformed
 
 
-@PANCAP_JUDGE_REGISTRY.register()
+@PANCAP_JUDGE_REGISTRY.register(aliases=("hf_local",))
 class HFLocalJudge(LLMJudge):
     """A local Hugging Face causal LM as judge.
 
@@ -228,7 +228,7 @@ class HFLocalJudge(LLMJudge):
         return self.tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
-@PANCAP_JUDGE_REGISTRY.register()
+@PANCAP_JUDGE_REGISTRY.register(aliases=("openai_http",))
 class OpenAIHTTPJudge(LLMJudge):
     """A judge behind an OpenAI-compatible chat-completions endpoint.
 
@@ -352,7 +352,7 @@ def _relation_keyword(text: str) -> Optional[str]:
     return None
 
 
-@PANCAP_JUDGE_REGISTRY.register()
+@PANCAP_JUDGE_REGISTRY.register(aliases=("structured",))
 class StructuredJudge(PancapJudge):
     """Answers without a language model, from the candidate's items (an approximation).
 
@@ -462,8 +462,4 @@ class StructuredJudge(PancapJudge):
 def build_judge(name: str, **kwargs) -> PancapJudge:
     """A judge from :data:`PANCAP_JUDGE_REGISTRY` by short name (``hf_local``,
     ``openai_http``, ``structured``) or class name."""
-    aliases = {"hf_local": "HFLocalJudge", "openai_http": "OpenAIHTTPJudge",
-               "structured": "StructuredJudge"}
-    from pix2cap.utils.registry import build_by_name
-
-    return build_by_name(PANCAP_JUDGE_REGISTRY, name, aliases, "PancapScore judge", **kwargs)
+    return PANCAP_JUDGE_REGISTRY.build(name, **kwargs)

@@ -1,4 +1,4 @@
-from fvcore.common.registry import Registry
+from pix2cap.utils.registry import Registry
 
 BACKBONE_REGISTRY = Registry("BACKBONE")
 BACKBONE_REGISTRY.__doc__ = """

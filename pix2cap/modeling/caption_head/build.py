@@ -1,4 +1,4 @@
-from fvcore.common.registry import Registry
+from pix2cap.utils.registry import Registry
 
 CAPTION_HEAD_REGISTRY = Registry("CAPTION_HEAD")
 CAPTION_HEAD_REGISTRY.__doc__ = """

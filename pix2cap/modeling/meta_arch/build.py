@@ -1,5 +1,5 @@
 import torch
-from fvcore.common.registry import Registry
+from pix2cap.utils.registry import Registry
 
 META_ARCH_REGISTRY = Registry("META_ARCH")
 META_ARCH_REGISTRY.__doc__ = """

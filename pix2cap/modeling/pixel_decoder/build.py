@@ -1,4 +1,4 @@
-from fvcore.common.registry import Registry
+from pix2cap.utils.registry import Registry
 
 PIXEL_DECODER_REGISTRY = Registry("PIXEL_DECODER")
 PIXEL_DECODER_REGISTRY.__doc__ = """

@@ -1,4 +1,4 @@
-from fvcore.common.registry import Registry
+from pix2cap.utils.registry import Registry
 
 TRANSFORMER_DECODER_REGISTRY = Registry("TRANSFORMER_DECODER")
 TRANSFORMER_DECODER_REGISTRY.__doc__ = """
