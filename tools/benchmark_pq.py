@@ -38,11 +38,11 @@ import torch
 
 from pix2cap.data.datasets.coco_categories import COCO_PANOPTIC_CATEGORIES
 from pix2cap.data.datasets.coco_panoptic import build_panoptic_metadata
+from pix2cap.data.detection_utils import read_panoptic_png
 from pix2cap.evaluation.panoptic_evaluation import (
     COCOPanopticEvaluator,
     PQStat,
     pq_compute_single,
-    read_panoptic_ids,
 )
 
 
@@ -204,9 +204,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             total = PQStat()
             for inp, out in zip(inputs, outputs):
                 name = os.path.basename(inp["pan_seg_file_name"])
-                pred = read_panoptic_ids(os.path.join(root, "pred", name))
+                pred = read_panoptic_png(os.path.join(root, "pred", name))
                 total += pq_compute_single(
-                    read_panoptic_ids(inp["pan_seg_file_name"]), inp["segments_info"],
+                    read_panoptic_png(inp["pan_seg_file_name"]), inp["segments_info"],
                     pred, out["panoptic_seg"][1], categories, image_id=inp["image_id"],
                 )
             return total
@@ -220,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         def run_decode_only():
             for inp in inputs:
-                read_panoptic_ids(inp["pan_seg_file_name"])
+                read_panoptic_png(inp["pan_seg_file_name"])
 
         times = {"evaluator": [], "file-to-file": [], "panopticapi": [], "gt decode only": []}
         for _ in range(args.repeat):

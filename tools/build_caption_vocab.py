@@ -5,8 +5,8 @@
 
 The result keeps BERT uncased WordPiece tokenization of those captions (see
 ``pix2cap.modeling.caption_head.tokenizer.build_subset_vocab``); set
-``MODEL.CAPTION_HEAD.VOCAB_FILE`` to it, ``VOCAB_SIZE`` to its line count, and the special
-token ids to their lines (``[PAD]`` 0, ``[CLS]`` 2, ``[SEP]`` 3).
+``MODEL.CAPTION_HEAD.VOCAB_FILE`` to it. The caption head takes its vocabulary size (the line
+count) and the ``[PAD]`` / ``[CLS]`` / ``[SEP]`` ids (0, 2, 3) from that file's tokenizer.
 """
 
 from __future__ import annotations

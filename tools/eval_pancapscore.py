@@ -80,10 +80,6 @@ def _load_entries(path: str, text_key: str, what: str) -> dict[str, dict]:
     return entries
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    atomic_write_json(path, obj, indent=2)
-
-
 class _AutoExtractor(ContentExtractor):
     """Per image: ``structured`` when the prediction carries it, else the fallback."""
 
@@ -218,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "missing_predictions": missing,
         "unmatched_predictions": unmatched,
     }
-    _write_json_atomic(args.output, result)
+    atomic_write_json(args.output, result, indent=2)
     print(format_table(result["mean"]))
     if not result["setup"]["official"]:
         print(result["setup"]["approximation_note"])

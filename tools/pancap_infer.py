@@ -32,12 +32,12 @@ from pix2cap.bridge import PanopticCaptionBridge, build_caption_writer
 from pix2cap.data.catalog import DatasetCatalog, MetadataCatalog
 from pix2cap.data.detection_utils import read_image
 from pix2cap.data.errors import DatasetError
-from pix2cap.utils.logger import setup_logger
+from pix2cap.engine.defaults import collect_image_files, setup_cfg
+from pix2cap.engine.predictor import DefaultPredictor
 from pix2cap.utils.file_io import atomic_write_json
+from pix2cap.utils.logger import setup_logger
 
 logger = logging.getLogger("pix2cap.pancap_infer")
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,9 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config-file", default="", metavar="FILE", help="path to a YAML config")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", nargs="+", help="image files and/or folders of images")
+    source.add_argument(
+        "--input", nargs="+", help="image files, folders of images and/or quoted glob patterns"
+    )
     source.add_argument("--dataset", help="a registered dataset name, e.g. sapancap_val")
     parser.add_argument(
         "--writer", default="template", choices=["template", "concat", "concat_boxes", "small_lm", "hf_causal_lm"]
@@ -67,8 +69,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--region-captions", default=None, choices=["raw", "grounded"],
         help="LM writers: region captions as the caption head wrote them, or with relation "
-        "clauses tied to the decoded entities (default: what the small LM was trained with; "
-        "raw for hf_causal_lm)",
+        "clauses tied to the decoded entities (default: the prompt format saved with the LM; "
+        "raw for an LM without one)",
     )
     parser.add_argument("--extra-instance-threshold", type=float, default=0.5)
     parser.add_argument("--min-segment-score", type=float, default=0.0)
@@ -77,12 +79,6 @@ def get_parser() -> argparse.ArgumentParser:
         "opts", default=None, nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs"
     )
     return parser
-
-
-def setup_cfg(args):
-    from pix2cap.config import load_cfg
-
-    return load_cfg(args.config_file, args.opts)
 
 
 def collect_inputs(args) -> list[tuple[str, str]]:
@@ -95,20 +91,7 @@ def collect_inputs(args) -> list[tuple[str, str]]:
             (d["file_name"], str(d.get("image_path", d.get("image_id", d["file_name"]))))
             for d in dicts
         ]
-    out: list[tuple[str, str]] = []
-    for item in args.input:
-        if os.path.isdir(item):
-            found = sorted(
-                n for n in os.listdir(item) if n.lower().endswith(IMAGE_EXTENSIONS)
-            )
-            if not found:
-                raise FileNotFoundError(f"{item}: folder holds no {'/'.join(IMAGE_EXTENSIONS)} image")
-            out.extend((os.path.join(item, n), os.path.join(item, n)) for n in found)
-        elif os.path.isfile(item):
-            out.append((item, item))
-        else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
-    return list(dict.fromkeys(out))
+    return [(path, path) for path in collect_image_files(args.input)]
 
 
 def class_metadata(cfg, predictor) -> Any:
@@ -146,10 +129,6 @@ def build_writer(args):
     return build_caption_writer(args.writer, **kwargs)
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_json(path, obj, indent=2)
-
-
 def main(args, predictor=None, cfg=None) -> tuple[list[dict], list[dict]]:
     """Run the tool; ``predictor`` (``predictor(image_rgb_uint8) -> outputs``, with a
     ``metadata`` attribute) replaces ``DefaultPredictor(cfg)`` when given.
@@ -159,8 +138,6 @@ def main(args, predictor=None, cfg=None) -> tuple[list[dict], list[dict]]:
     """
     setup_logger(name="pix2cap")
     if predictor is None:
-        from pix2cap.engine.predictor import DefaultPredictor
-
         cfg = setup_cfg(args)
         predictor = DefaultPredictor(cfg)
     inputs = collect_inputs(args)
@@ -196,8 +173,8 @@ def main(args, predictor=None, cfg=None) -> tuple[list[dict], list[dict]]:
             }
         )
         logger.info("%s: %d entities", image_path, len(out["structured"]["entities"]))
-    _atomic_write_json(os.path.join(args.output, "predictions.json"), predictions)
-    _atomic_write_json(os.path.join(args.output, "structured.json"), records)
+    atomic_write_json(os.path.join(args.output, "predictions.json"), predictions, indent=2)
+    atomic_write_json(os.path.join(args.output, "structured.json"), records, indent=2)
     if failed:
         raise DatasetError(
             f"{len(failed)} of {len(inputs)} image(s) could not be read: " + "; ".join(failed)

@@ -6,7 +6,8 @@
 Pairs are built from the ground-truth segments exactly as inference builds the prompt from
 decoded ones (``pix2cap.bridge.bridge.make_training_pairs``): the stage-4 prompt with boxes
 and tags, plus the region captions (relation clauses tied to the listed entities, see
-``pix2cap.bridge.content.grounded_caption``) -> the ground-truth panoptic caption. The
+``pix2cap.bridge.grounding.grounded_caption``) -> the ground-truth panoptic caption. The
+prompt form (``pix2cap.bridge.prompt.PromptFormat``) is saved with the model. The
 vocabulary is the WordPiece subset those texts use, plus every grid number (0-1000), so
 tokenization is BERT uncased WordPiece with a much smaller output layer (see
 ``build_subset_vocab``).
@@ -21,7 +22,8 @@ import tempfile
 
 import pix2cap.data  # noqa: F401  (registers the built-in datasets)
 from pix2cap.bridge.bridge import make_training_pairs
-from pix2cap.bridge.writers import train_small_lm
+from pix2cap.bridge.lm_training import train_small_lm
+from pix2cap.bridge.prompt import PromptFormat
 from pix2cap.data.catalog import DatasetCatalog, MetadataCatalog
 from pix2cap.modeling.caption_head.tokenizer import build_subset_vocab
 from pix2cap.utils.file_io import atomic_write_text
@@ -45,7 +47,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--raw-region-captions", dest="ground_region_captions", action="store_false",
         help="give region captions as written, without tying their relation clauses to the "
-        "listed entities (pix2cap.bridge.content.grounded_caption)",
+        "listed entities (pix2cap.bridge.grounding.grounded_caption)",
     )
     parser.add_argument(
         "--no-copy-head", dest="copy_head", action="store_false",
@@ -54,10 +56,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     setup_logger(name="pix2cap")
 
+    # One prompt form for the pairs and for the saved LM, which its writer reads back.
+    prompt_format = PromptFormat(ground_region_captions=args.ground_region_captions)
     pairs = make_training_pairs(
         DatasetCatalog.get(args.dataset),
         metadata=MetadataCatalog.get(args.dataset),
-        ground_captions=args.ground_region_captions,
+        prompt_format=prompt_format,
     )
     texts = [p["prompt"] for p in pairs] + [p["target"] for p in pairs]
     texts.append(" ".join(str(i) for i in range(1001)))  # every grid coordinate
@@ -73,8 +77,8 @@ def main(argv=None) -> dict:
             n_head=args.n_head,
             max_target_tokens=args.max_target_tokens,
             batch_size=args.batch_size,
+            prompt_format=prompt_format,
             copy_head=args.copy_head,
-            ground_region_captions=args.ground_region_captions,
             lr=args.lr,
             vocab_file=vocab_file,
         )

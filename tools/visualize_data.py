@@ -5,8 +5,10 @@
     python tools/visualize_data.py --dataset pix2cap_coco_val --output vis/ --num 20 --scale 0.5
 
 Writes ``<output>/<stem>.png`` for the first ``--num`` images of the dataset (in the order the
-loader returns them), each drawn by :func:`pix2cap.utils.visualizer.draw_dataset_dict` with
-the dataset's class names and colours. Only datasets with panoptic PNGs can be drawn.
+loader returns them): the ground truth read by
+:func:`pix2cap.data.detection_utils.read_panoptic_result` (segment ``description`` as the
+caption), drawn by :class:`pix2cap.utils.visualizer.Visualizer` with the dataset's class names
+and colours. Only datasets with panoptic PNGs can be drawn.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import logging
 import os
 import sys
 
+import numpy as np
+
 import pix2cap.data  # noqa: F401  (registers the built-in datasets)
 from pix2cap.data.catalog import DatasetCatalog, MetadataCatalog
+from pix2cap.data.detection_utils import read_image, read_panoptic_result
 from pix2cap.data.errors import DatasetError
 from pix2cap.utils.logger import setup_logger
-from pix2cap.utils.visualizer import draw_dataset_dict, save_rgb_png
+from pix2cap.utils.visualizer import Visualizer, save_rgb_png
 
 logger = logging.getLogger("pix2cap.visualize_data")
 
@@ -34,6 +39,18 @@ def get_parser() -> argparse.ArgumentParser:
         "--scale", type=float, default=1.0, help="resize factor of the drawn images"
     )
     return parser
+
+
+def draw_record(record: dict, metadata, **kwargs) -> np.ndarray:
+    """The picture of one dataset dict's ground truth (RGB uint8); ``kwargs`` go to the
+    :class:`Visualizer`.
+
+    Raises:
+        DatasetError: the image or the panoptic PNG cannot be read, or they differ in size.
+    """
+    image = read_image(record["file_name"], format="RGB")
+    result = read_panoptic_result(record, metadata, image_size=image.shape[:2])
+    return Visualizer(image, metadata, **kwargs).draw_panoptic_result(result)
 
 
 def main(args) -> list[str]:
@@ -50,7 +67,7 @@ def main(args) -> list[str]:
         path = os.path.join(args.output, f"{stem}.png")
         if path in written:  # same file name in two sub-folders: tell them apart by id
             path = os.path.join(args.output, f"{stem}_{record.get('image_id', len(written))}.png")
-        save_rgb_png(draw_dataset_dict(None, record, metadata, scale=args.scale), path)
+        save_rgb_png(draw_record(record, metadata, scale=args.scale), path)
         written.append(path)
     logger.info("Wrote %d pictures of %s to %s", len(written), args.dataset, args.output)
     return written

@@ -1,14 +1,23 @@
 """The language-model bridge: decoded instances -> PancapChain stages -> panoptic caption.
 
-* :mod:`pix2cap.bridge.stages` -- protocol strings (prompts, ``<box>`` grid boxes, merges).
-* :mod:`pix2cap.bridge.content` -- structured content (entities, attributes, relations from
-  mask geometry and dense captions, global items), its exchange dict, and region captions
-  grounded in the decoded entities.
-* :mod:`pix2cap.bridge.writers` -- caption writers (``template``, ``hf_causal_lm``,
-  ``small_lm``) and their training functions; registry in :mod:`pix2cap.bridge.build`.
+* :mod:`pix2cap.bridge.bridge` -- :class:`PanopticCaptionBridge` (decode, order, stages,
+  content, writer) and the LM writers' training pairs.
+* :mod:`pix2cap.bridge.stages` -- protocol strings (the four prompts, stage lists, merges).
+* :mod:`pix2cap.bridge.content` -- structured content (entities, attributes, relations,
+  global items) and its exchange dict; built from
+* :mod:`pix2cap.bridge.geometry` -- relations read from the masks, and
+* :mod:`pix2cap.bridge.phrases` -- attribute words and named objects read from the dense
+  captions;
+* :mod:`pix2cap.bridge.grounding` -- region captions restated to name decoded entities.
+* :mod:`pix2cap.bridge.prompt` -- :class:`PromptFormat`, the LM prompt form, saved beside a
+  trained LM.
+* :mod:`pix2cap.bridge.writers` -- the writer interface and the writers without an LM
+  (``template``, ``concat``, ``concat_boxes``); registry in :mod:`pix2cap.bridge.build`.
+* :mod:`pix2cap.bridge.lm_writers` -- the LM writers (``hf_causal_lm``, ``small_lm``) and
+  constrained box decoding.
+* :mod:`pix2cap.bridge.lm_training` -- training the small LM and LoRA adapters.
 * :mod:`pix2cap.bridge.copy_lm` -- the small LM's model: GPT-2 with a pointer head that copies
   from the prompt (imported on use, as it imports transformers).
-* :mod:`pix2cap.bridge.bridge` -- :class:`PanopticCaptionBridge` and training pairs.
 """
 
 from .bridge import (
@@ -22,11 +31,14 @@ from .content import (
     DecodedEntity,
     PanopticContent,
     build_content,
-    geometric_relations,
-    grounded_caption,
 )
+from .geometry import geometric_relations
+from .grounding import grounded_caption
+from .lm_training import finetune_lora, train_small_lm
+from .lm_writers import GridBoxLogitsProcessor, HFCausalLMWriter, SmallLMWriter
+from .phrases import caption_attributes
+from .prompt import PromptFormat
 from .stages import (
-    GRID,
     STAGE1_PROMPT,
     STAGE2_PROMPT,
     STAGE3_PROMPT,
@@ -34,21 +46,12 @@ from .stages import (
     PancapStages,
     StageItem,
     build_stages,
-    find_grid_boxes,
-    grid_text_to_pancap,
-    normalized_box_to_grid,
-    pancap_text_to_grid,
-    pixel_box_to_grid,
 )
 from .writers import (
-    GridBoxLogitsProcessor,
-    HFCausalLMWriter,
-    SmallLMWriter,
+    BoxedDenseCaptionConcatWriter,
+    CaptionWriter,
+    DenseCaptionConcatWriter,
     TemplateWriter,
-    VisualPrefixProjector,
-    build_lm_prompt,
-    finetune_lora,
-    train_small_lm,
 )
 
 __all__ = [k for k in globals() if not k.startswith("_")]

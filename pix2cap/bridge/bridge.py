@@ -7,12 +7,11 @@
     out["stages"]        # {1: boxes, 2: tags + boxes, 3: merged list, 4: stage-4 prompt}
 
 Input (one image of the model's inference output): ``{"panoptic_seg": (Int[H, W] segment
-ids, segments_info)}`` where each segment dict has ``id``, ``category_id`` (contiguous),
-optionally ``isthing``, ``score``, ``caption`` (``bbox`` is not needed: boxes come from the
-masks); optionally ``"instances"`` (``Instances`` with ``pred_masks`` Bool[N, H, W],
-``scores``, ``pred_classes``, optionally ``pred_captions``) whose lower-score candidates
-become the stage-3 extra entities; optionally ``"object_features"`` Float[S, D] (one row per
-segment) for a writer with a visual prefix.
+ids, segments_info)}``, read through :class:`pix2cap.structures.PanopticResult` (each segment
+dict has ``id``, ``category_id`` (contiguous), optionally ``isthing``, ``score``,
+``caption``; boxes come from the masks); optionally ``"instances"`` (``Instances`` with
+``pred_masks`` Bool[N, H, W], ``scores``, ``pred_classes``) whose lower-score candidates
+become the stage-3 extra entities (without a dense caption).
 
 Entity order: stuff segments, then thing segments, each in reading order of their boxes
 (top, then left) -- the background a panoptic caption opens with, then the objects -- and
@@ -20,6 +19,9 @@ last the extra instances by descending score. An extra instance is kept when its
 at least ``extra_instance_threshold``, its mask is not empty, and its mask IoU with every
 segment or earlier extra of the same tag is below ``duplicate_iou`` (the same object found
 twice).
+
+:func:`make_training_pairs` builds the LM writers' training pairs from ground-truth segments
+the same way.
 """
 
 from __future__ import annotations
@@ -33,18 +35,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from pix2cap.bridge.content import DecodedEntity, PanopticContent, build_content, mask_stats
-from pix2cap.bridge.stages import (
+from pix2cap.bridge.content import DecodedEntity, PanopticContent, build_content
+from pix2cap.bridge.prompt import PromptFormat
+from pix2cap.bridge.stages import PancapStages, StageItem, build_stages, clean_tag
+from pix2cap.data.caption_formats import (
     GRID,
-    PancapStages,
-    StageItem,
-    build_stages,
-    clean_tag,
     find_grid_boxes,
     format_grid_box,
     pancap_text_to_grid,
     pixel_box_to_grid,
 )
+from pix2cap.data.catalog import Metadata
+from pix2cap.data.detection_utils import read_panoptic_png
+from pix2cap.structures.panoptic import PanopticResult
 
 __all__ = [
     "PanopticCaptionBridge",
@@ -62,22 +65,6 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _scalar(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().item()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _metadata_get(metadata: Any, key: str) -> Any:
-    if metadata is None:
-        return None
-    if isinstance(metadata, Mapping):
-        return metadata.get(key)
-    return getattr(metadata, "get", lambda k, d=None: getattr(metadata, k, d))(key, None)
-
-
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     inter = int(np.logical_and(a, b).sum())
     if inter == 0:
@@ -85,15 +72,60 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return inter / float(np.logical_or(a, b).sum())
 
 
+def _class_metadata(metadata: Any, class_names: Sequence[str] | None) -> Metadata:
+    """The class facts the bridge reads (``class_name`` / ``is_thing`` of
+    :class:`~pix2cap.data.catalog.Metadata`): ``metadata`` (a Metadata, a plain dict or
+    None), with ``class_names`` in place of its ``stuff_classes``."""
+    if isinstance(metadata, Metadata) and class_names is None:
+        return metadata
+    if isinstance(metadata, Metadata):
+        fields = metadata.as_dict()
+    elif isinstance(metadata, Mapping):
+        fields = dict(metadata)
+    elif metadata is None:
+        fields = {}
+    else:
+        raise TypeError(f"metadata must be a Metadata, a dict or None, got {type(metadata).__name__}")
+    name = fields.pop("name", "bridge")
+    if class_names is not None:
+        fields["stuff_classes"] = [str(n) for n in class_names]
+    return Metadata(name=name, **fields)
+
+
+def _entities(result: PanopticResult, tag_of, min_score: float | None = None) -> list[DecodedEntity]:
+    """The non-empty, non-crowd segments of ``result`` scoring at least ``min_score``, as
+    decoded entities (in the result's order)."""
+    entities = []
+    for s in result.segments:
+        if s.iscrowd or s.area == 0:
+            continue
+        if min_score is not None and s.score is not None and s.score < min_score:
+            continue
+        entities.append(
+            DecodedEntity(
+                mask=result.mask(s.id),
+                tag=tag_of(s.category_id),
+                isthing=s.isthing,
+                score=s.score,
+                caption=s.caption,
+                segment_id=s.id,
+                category_id=s.category_id,
+                source="segment",
+            )
+        )
+    return entities
+
+
 class PanopticCaptionBridge:
     """Decoded segments of one image -> PancapChain stage texts, structured content, caption.
 
     Args:
         writer: a caption writer (``writer(content, stages, image_size) -> str``).
-        metadata: dataset metadata; ``stuff_classes`` (all class names by contiguous id) gives
-            the tags and ``thing_classes`` which ids are things when a segment has no
-            ``isthing``.
-        class_names: overrides ``metadata``'s ``stuff_classes``.
+        metadata: dataset metadata (:class:`~pix2cap.data.catalog.Metadata` or a dict): its
+            ``class_name`` gives the tags and ``is_thing`` which ids are things when a
+            segment has no ``isthing``.
+        class_names: overrides ``metadata``'s ``stuff_classes`` (all class names by
+            contiguous id).
         extra_instance_threshold: lowest score of a candidate instance to enter stage 3.
         max_extra_instances: at most this many extra entities.
         duplicate_iou: mask IoU at which a candidate repeats an entity of the same tag.
@@ -114,9 +146,7 @@ class PanopticCaptionBridge:
         grid: int = GRID,
     ):
         self.writer = writer
-        names = class_names if class_names is not None else _metadata_get(metadata, "stuff_classes")
-        self.class_names = [str(n) for n in names] if names else []
-        self.num_thing_classes = len(_metadata_get(metadata, "thing_classes") or [])
+        self.metadata = _class_metadata(metadata, class_names)
         self.extra_instance_threshold = float(extra_instance_threshold)
         self.max_extra_instances = int(max_extra_instances)
         self.duplicate_iou = float(duplicate_iou)
@@ -125,9 +155,11 @@ class PanopticCaptionBridge:
 
     def tag_of(self, category_id: int) -> str:
         """Tag of a contiguous class id (``"class <id>"`` when no name is known)."""
-        if 0 <= category_id < len(self.class_names):
-            return clean_tag(self.class_names[category_id]) or f"class {category_id}"
-        return f"class {category_id}"
+        return clean_tag(self.metadata.class_name(category_id)) or f"class {category_id}"
+
+    def grid_box(self, entity: DecodedEntity, width: int, height: int) -> tuple[int, ...]:
+        """The entity's box on the model-side grid."""
+        return tuple(pixel_box_to_grid(entity.pixel_box, width, height, self.grid))
 
     # -- decoding ---------------------------------------------------------------------------
 
@@ -136,54 +168,21 @@ class PanopticCaptionBridge:
     ) -> tuple[list[DecodedEntity], list[DecodedEntity]]:
         """(segments, extra instances) of one image result, each in entity order."""
         height, width = int(image_size[0]), int(image_size[1])
-        if "panoptic_seg" not in image_result:
-            raise KeyError(
-                f"the image result has no 'panoptic_seg' (keys: {sorted(image_result)}); "
-                "the bridge needs a panoptic model output"
-            )
-        seg, segments_info = image_result["panoptic_seg"]
-        seg = _to_numpy(seg)
-        if seg.shape != (height, width):
+        result = PanopticResult.from_model_output(image_result, self.metadata)
+        if result.image_size != (height, width):
             raise ValueError(
-                f"panoptic_seg has shape {tuple(seg.shape)}, expected the image size {(height, width)}"
+                f"panoptic_seg has shape {result.image_size}, expected the image size {(height, width)}"
             )
-        segments: list[DecodedEntity] = []
-        for k, info in enumerate(segments_info):
-            for key in ("id", "category_id"):
-                if key not in info:
-                    raise KeyError(f"segments_info[{k}] has no {key!r} (keys: {sorted(info)})")
-            score = info.get("score")
-            score = None if score is None else float(_scalar(score))
-            if score is not None and score < self.min_segment_score:
-                continue
-            category_id = int(_scalar(info["category_id"]))
-            isthing = info.get("isthing")
-            isthing = (
-                category_id < self.num_thing_classes if isthing is None else bool(_scalar(isthing))
-            )
-            mask = seg == int(_scalar(info["id"]))
-            if not mask.any():
-                continue
-            segments.append(
-                DecodedEntity(
-                    mask=mask,
-                    tag=self.tag_of(category_id),
-                    isthing=isthing,
-                    score=score,
-                    caption=str(info.get("caption") or ""),
-                    segment_id=int(_scalar(info["id"])),
-                    category_id=category_id,
-                    source="segment",
-                )
-            )
-        segments = self._layout_order(segments)
+        segments = self.layout_order(_entities(result, self.tag_of, self.min_segment_score))
         extras = self._extra_instances(image_result.get("instances"), segments, (height, width))
         return segments, extras
 
     @staticmethod
-    def _layout_order(entities: list[DecodedEntity]) -> list[DecodedEntity]:
+    def layout_order(entities: list[DecodedEntity]) -> list[DecodedEntity]:
+        """Stuff before things, each top to bottom, then left to right (larger first)."""
+
         def key(e: DecodedEntity):
-            s = mask_stats(e.mask)
+            s = e.stats
             return (e.isthing, s["y0"], s["x0"], -s["area"], e.segment_id or 0)
 
         return sorted(entities, key=key)
@@ -203,7 +202,6 @@ class PanopticCaptionBridge:
             )
         scores = _to_numpy(instances.scores).astype(float)
         classes = _to_numpy(instances.pred_classes).astype(int)
-        captions = list(instances.pred_captions) if instances.has("pred_captions") else None
         kept: list[DecodedEntity] = []
         for k in np.argsort(-scores, kind="stable"):
             if len(kept) >= self.max_extra_instances or scores[k] < self.extra_instance_threshold:
@@ -223,7 +221,6 @@ class PanopticCaptionBridge:
                     tag=tag,
                     isthing=True,
                     score=float(scores[k]),
-                    caption=str(captions[k]) if captions is not None else "",
                     segment_id=None,
                     category_id=int(classes[k]),
                     source="extra",
@@ -233,11 +230,6 @@ class PanopticCaptionBridge:
 
     # -- stages and content -----------------------------------------------------------------
 
-    def _item(self, entity: DecodedEntity, width: int, height: int) -> StageItem:
-        s = mask_stats(entity.mask)
-        box = [s["x0"], s["y0"], s["x1"] + 1, s["y1"] + 1]
-        return StageItem(entity.tag, tuple(pixel_box_to_grid(box, width, height, self.grid)))
-
     def prepare(
         self,
         segments: Sequence[DecodedEntity],
@@ -246,14 +238,24 @@ class PanopticCaptionBridge:
     ) -> tuple[PancapStages, PanopticContent]:
         """Stage texts and structured content of decoded entities (no writer involved)."""
         height, width = int(image_size[0]), int(image_size[1])
-        items = [self._item(e, width, height) for e in segments]
+        boxes = [self.grid_box(e, width, height) for e in segments]
+        items = [StageItem(e.tag, box) for e, box in zip(segments, boxes)]
         base = set(items)
         # An extra whose tag and grid box equal a listed item is the protocol's duplicate;
         # drop it here too so that content and stage 3 list the same entities.
-        extras = [e for e in extras if self._item(e, width, height) not in base]
-        extra_items = [self._item(e, width, height) for e in extras]
+        kept_extras, extra_items = [], []
+        for e in extras:
+            item = StageItem(e.tag, self.grid_box(e, width, height))
+            if item not in base:
+                kept_extras.append(e)
+                extra_items.append(item)
         stages = build_stages(items, extra_items)
-        content = build_content(list(segments) + list(extras), (height, width), self.grid)
+        content = build_content(
+            list(segments) + kept_extras,
+            (height, width),
+            self.grid,
+            grid_boxes=boxes + [item.box for item in extra_items],
+        )
         return stages, content
 
     def __call__(self, image_result: Mapping, image_size: tuple[int, int]) -> dict:
@@ -270,10 +272,7 @@ class PanopticCaptionBridge:
         """
         segments, extras = self.decode(image_result, image_size)
         stages, content = self.prepare(segments, extras, image_size)
-        features = image_result.get("object_features")
-        if features is not None and not isinstance(features, torch.Tensor):
-            features = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-        caption = self.writer(content, stages, tuple(image_size), object_features=features)
+        caption = self.writer(content, stages, tuple(image_size))
         return {
             "caption": caption,
             "structured": content.to_dict(),
@@ -290,34 +289,16 @@ def ground_truth_entities(record: Mapping, bridge: PanopticCaptionBridge) -> lis
     Uses ``pan_seg_file_name`` and ``segments_info`` (contiguous ``category_id``, ``isthing``,
     ``description`` as the dense caption); crowd segments are left out.
     """
-    from pix2cap.data.detection_utils import read_panoptic_png
-
     for key in ("pan_seg_file_name", "segments_info"):
         if key not in record:
             raise KeyError(f"dataset dict of {record.get('file_name', '?')} has no {key!r}")
-    ids = read_panoptic_png(record["pan_seg_file_name"])
-    entities = []
-    for info in record["segments_info"]:
-        if info.get("iscrowd", 0):
-            continue
-        mask = ids == int(info["id"])
-        if not mask.any():
-            continue
-        category_id = int(info["category_id"])
-        isthing = info.get("isthing")
-        entities.append(
-            DecodedEntity(
-                mask=mask,
-                tag=bridge.tag_of(category_id),
-                isthing=(category_id < bridge.num_thing_classes) if isthing is None else bool(isthing),
-                score=None,
-                caption=str(info.get("description") or ""),
-                segment_id=int(info["id"]),
-                category_id=category_id,
-                source="segment",
-            )
-        )
-    return bridge._layout_order(entities)
+    result = PanopticResult.from_panoptic(
+        read_panoptic_png(record["pan_seg_file_name"]),
+        record["segments_info"],
+        bridge.metadata,
+        caption_key="description",
+    )
+    return bridge.layout_order(_entities(result, bridge.tag_of))
 
 
 def align_to_mentions(
@@ -375,19 +356,18 @@ def make_training_pairs(
     *,
     metadata: Any = None,
     class_names: Sequence[str] | None = None,
-    include_dense_captions: bool = True,
-    region_boxes: bool = True,
-    ground_captions: bool = False,
+    prompt_format: PromptFormat = PromptFormat(),
     mention_order: bool = True,
     grid: int = GRID,
 ) -> list[dict]:
     """(prompt -> ground-truth panoptic caption) pairs for the LM writers.
 
-    The prompt is built from the ground-truth segments exactly as inference builds it from
-    predicted ones (boxes from masks, tags from class names, dense captions = segment
-    descriptions; no extra instances); the target is ``panoptic_caption`` with its boxes
-    rewritten on the model-side grid (PancapChain's training form). Images without a
-    ``panoptic_caption`` are skipped with a warning.
+    The prompt is ``prompt_format``'s, built from the ground-truth segments exactly as
+    inference builds it from predicted ones (boxes from masks, tags from class names, dense
+    captions = segment descriptions; no extra instances); the target is ``panoptic_caption``
+    with its boxes rewritten on the model-side grid (PancapChain's training form). Images
+    without a ``panoptic_caption`` are skipped with a warning. Train on them with the same
+    ``prompt_format`` (:mod:`pix2cap.bridge.lm_training`), which saves it beside the LM.
 
     With ``mention_order`` the prompt lists the entities in the order the caption first
     mentions them, and the caption's boxes are snapped to the listed ones
@@ -398,8 +378,6 @@ def make_training_pairs(
     Returns:
         ``[{"prompt", "target", "image_id"}]``.
     """
-    from pix2cap.bridge.writers import build_lm_prompt
-
     bridge = PanopticCaptionBridge(None, metadata=metadata, class_names=class_names, grid=grid)
     pairs = []
     skipped = 0
@@ -411,15 +389,13 @@ def make_training_pairs(
         entities = ground_truth_entities(record, bridge)
         target = pancap_text_to_grid(record["panoptic_caption"], width, height, grid)
         if mention_order:
-            boxes = [bridge._item(e, width, height).box for e in entities]
+            boxes = [bridge.grid_box(e, width, height) for e in entities]
             order, target = align_to_mentions(boxes, target)
             entities = [entities[k] for k in order]
         stages, content = bridge.prepare(entities, [], (height, width))
         pairs.append(
             {
-                "prompt": build_lm_prompt(
-                    stages, content, include_dense_captions, region_boxes, ground_captions
-                ),
+                "prompt": prompt_format.build(stages, content),
                 "target": target,
                 "image_id": record.get("image_id"),
             }

@@ -14,68 +14,32 @@ the first of several identical (tag, box) pairs. In pix2cap, stages 1-3 are not 
 they are written from the model's decoded segments (boxes from masks, tags from class names,
 extra instances from lower-score queries) and only stage 4 goes to a language model.
 
-Box grid. A model-side box is four integers on a ``grid`` x ``grid`` canvas (``grid`` = 1000)
-that holds the image padded to a square. What the public code and text say:
-
-* PancapChain's paper: boxes are "normalized to integer values within [0, 1000)", following
-  ASMv2; its inference script feeds images through LLaVA's ``process_images`` with the
-  ASMv2 checkpoint's ``image_aspect_ratio = "pad"``.
-* ASMv2 / LLaVA ``"pad"``: ``expand2square`` pastes the image in the middle of a square of
-  side ``max(W, H)``, i.e. the padding is split between both ends of the short axis (the
-  paste offset is ``(side - short) // 2``); ASMv2's grounding evaluation maps a predicted box
-  back by ``v / scale * max(W, H)`` and subtracting that offset from the short axis.
-
-So pix2cap uses centred padding and the 0-1000 grid: with ``side = max(W, H)``,
-``pad_x = (side - W) / 2``, ``pad_y = (side - H) / 2``, a pixel coordinate ``x`` maps to
-``round((x + pad_x) / side * 1000)`` clamped to ``[0, 999]`` (the paper's half-open range), and
-back with :func:`pix2cap.data.datasets.sapancap.grid_box_to_normalized`. The offset is kept
-fractional (``/ 2``, not ``// 2``) so both directions are exact inverses up to the grid
-quantisation; the half pixel that separates it from ``expand2square``'s integer paste offset
-is below one grid step for any image side above 500 pixels. Grid -> normalised -> grid is
-exact for boxes inside the image; normalised -> grid -> normalised is exact on the long axis
-(3 decimals) and within half a grid step on the short axis, except that a coordinate of
-exactly 1.0 on the long axis comes back as 0.999 (the grid stops at 999).
+Boxes are written on the model-side 0-1000 grid of :mod:`pix2cap.data.caption_formats`,
+which also converts them to and from pixels and the SA-Pancap form.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from pix2cap.data.datasets.sapancap import (
-    format_box,
-    grid_box_to_normalized,
-    parse_pancap_boxes,
-    parse_tagged_boxes,
-)
+from pix2cap.data.caption_formats import format_grid_box, parse_tagged_boxes
 
 __all__ = [
-    "GRID",
     "STAGE1_PROMPT",
     "STAGE2_PROMPT",
     "STAGE3_PROMPT",
     "STAGE4_PROMPT",
     "StageItem",
     "PancapStages",
-    "pixel_box_to_grid",
-    "normalized_box_to_grid",
-    "grid_box_to_pixel",
-    "grid_box_to_normalized",
-    "format_grid_box",
     "clean_tag",
     "stage1_text",
     "stage2_text",
     "merge_stage_items",
     "parse_stage_items",
     "build_stages",
-    "grid_text_to_pancap",
-    "pancap_text_to_grid",
-    "find_grid_boxes",
 ]
-
-GRID = 1000
 
 # The four prompts, verbatim (DESIGN 4.4, the same strings as PancapChain's inference script).
 STAGE1_PROMPT = "Please localize all entities in this image."
@@ -92,76 +56,6 @@ STAGE4_PROMPT = (
     "based on boxes and tags: {}"
 )
 NONE_TEXT = "None"
-
-
-def _check_size(width: int, height: int) -> None:
-    if int(width) <= 0 or int(height) <= 0:
-        raise ValueError(f"image size must be positive, got width={width}, height={height}")
-
-
-def _check_box(box: Sequence[float]) -> list[float]:
-    if len(box) != 4:
-        raise ValueError(f"a box has 4 numbers (x1, y1, x2, y2), got {len(box)}: {box!r}")
-    values = [float(v) for v in box]
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"box has a non-finite coordinate: {box!r}")
-    return values
-
-
-def _round_half_up(value: float) -> int:
-    # Python's round() goes to the even neighbour; the grid wants the plain nearest integer.
-    return int(math.floor(value + 0.5))
-
-
-def pixel_box_to_grid(
-    box: Sequence[float], width: int, height: int, grid: int = GRID
-) -> list[int]:
-    """``[x1, y1, x2, y2]`` in pixels of a ``width`` x ``height`` image -> integers on the
-    ``grid`` of the image padded (centred) to a square, clamped to ``[0, grid - 1]``."""
-    _check_size(width, height)
-    x1, y1, x2, y2 = _check_box(box)
-    side = max(width, height)
-    pad_x = (side - width) / 2
-    pad_y = (side - height) / 2
-    out = [
-        (x1 + pad_x) / side,
-        (y1 + pad_y) / side,
-        (x2 + pad_x) / side,
-        (y2 + pad_y) / side,
-    ]
-    return [min(grid - 1, max(0, _round_half_up(v * grid))) for v in out]
-
-
-def normalized_box_to_grid(
-    box: Sequence[float], width: int, height: int, grid: int = GRID
-) -> list[int]:
-    """SA-Pancap form (``[0, 1]`` of width and height) -> the model-side grid; the inverse of
-    :func:`grid_box_to_normalized` up to the grid quantisation."""
-    x1, y1, x2, y2 = _check_box(box)
-    return pixel_box_to_grid([x1 * width, y1 * height, x2 * width, y2 * height], width, height, grid)
-
-
-def grid_box_to_pixel(
-    box: Sequence[float], width: int, height: int, grid: int = GRID
-) -> list[float]:
-    """Model-side grid box -> ``[x1, y1, x2, y2]`` in pixels, clamped to the image."""
-    _check_size(width, height)
-    side = max(width, height)
-    pad_x = (side - width) / 2
-    pad_y = (side - height) / 2
-    x1, y1, x2, y2 = (v * side / grid for v in _check_box(box))
-    return [
-        min(float(width), max(0.0, x1 - pad_x)),
-        min(float(height), max(0.0, y1 - pad_y)),
-        min(float(width), max(0.0, x2 - pad_x)),
-        min(float(height), max(0.0, y2 - pad_y)),
-    ]
-
-
-def format_grid_box(box: Sequence[int]) -> str:
-    """``<box>[[x1, y1, x2, y2]]</box>`` with integer coordinates."""
-    values = _check_box(box)
-    return "<box>[[" + ", ".join(str(int(round(v))) for v in values) + "]]</box>"
 
 
 _TAG_SUFFIXES = ("-merged", "-other", "-stuff")
@@ -309,67 +203,3 @@ def build_stages(items: Sequence[StageItem], extra_items: Sequence[StageItem] = 
         prompts=prompts,
     )
 
-
-_INT = r"[-+]?\d+"
-# Tolerant of the spaces a WordPiece decode puts around punctuation ("< box > [ [ 1, 2 ...").
-_GRID_BOX_RE = re.compile(
-    r"<\s*box\s*>\s*\[\s*\[\s*("
-    + _INT
-    + r")\s*,\s*("
-    + _INT
-    + r")\s*,\s*("
-    + _INT
-    + r")\s*,\s*("
-    + _INT
-    + r")\s*\]\s*\]\s*<\s*/\s*box\s*>",
-    re.IGNORECASE,
-)
-_BARE_INT_BOX_RE = re.compile(
-    r"\[\s*\[\s*(" + _INT + r")\s*,\s*(" + _INT + r")\s*,\s*(" + _INT + r")\s*,\s*(" + _INT + r")\s*\]\s*\]"
-)
-
-
-def find_grid_boxes(text: str) -> list[tuple[int, int, tuple[int, int, int, int]]]:
-    """Every model-side ``<box>[[x1, y1, x2, y2]]</box>`` of ``text`` (any spacing) as
-    ``(start, end, box)`` character spans, in order."""
-    return [
-        (m.start(), m.end(), tuple(int(v) for v in m.groups())) for m in _GRID_BOX_RE.finditer(text)
-    ]
-
-
-def grid_text_to_pancap(text: str, width: int, height: int, grid: int = GRID) -> str:
-    """Rewrite every model-side box of ``text`` into SA-Pancap form.
-
-    ``<box>[[x1, y1, x2, y2]]</box>`` (integers, any spacing) becomes ``[[0.123, ...]]``
-    normalised to the unpadded image; a bare ``[[a, b, c, d]]`` of integers with one of them
-    above 1 is read as a grid box too. Boxes already in ``[0, 1]`` form are left unchanged.
-    """
-    _check_size(width, height)
-
-    def convert(match: re.Match) -> str:
-        box = [int(v) for v in match.groups()]
-        return format_box(grid_box_to_normalized(box, width, height, grid))
-
-    text = _GRID_BOX_RE.sub(convert, text)
-
-    def convert_bare(match: re.Match) -> str:
-        box = [int(v) for v in match.groups()]
-        if max(box) <= 1:
-            return match.group(0)
-        return convert(match)
-
-    return _BARE_INT_BOX_RE.sub(convert_bare, text)
-
-
-def pancap_text_to_grid(text: str, width: int, height: int, grid: int = GRID) -> str:
-    """Rewrite every SA-Pancap box ``[[0.1, 0.2, 0.3, 0.4]]`` of ``text`` into the model-side
-    ``<box>[[x1, y1, x2, y2]]</box>`` form (as PancapChain trains its caption stage)."""
-    _check_size(width, height)
-    pieces: list[str] = []
-    cursor = 0
-    for item in parse_pancap_boxes(text):
-        pieces.append(text[cursor : item["box_start"]])
-        pieces.append(format_grid_box(normalized_box_to_grid(item["box"], width, height, grid)))
-        cursor = item["box_end"]
-    pieces.append(text[cursor:])
-    return "".join(pieces)

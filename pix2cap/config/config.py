@@ -6,12 +6,16 @@ predictable:
 * YAML is read with ``yaml.safe_load`` only; ``allow_unsafe`` is never honoured and Python
   config files are refused, so loading a config never executes code.
 * ``_BASE_`` chains are resolved relative to the file that names them (fvcore's behaviour).
+
+Keys that were removed are registered with :meth:`CfgNode.register_deprecated_key`: a file or
+override that still sets one loads, with a warning saying where the value comes from now.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 from typing import Any, Callable, Optional
 
@@ -20,6 +24,11 @@ from fvcore.common.config import CfgNode as _FvcoreCfgNode
 __all__ = ["CfgNode", "get_cfg", "load_cfg", "configurable", "ConfigError"]
 
 _YAML_SUFFIXES = (".yaml", ".yml")
+# Instance attribute (kept by clone(), like yacs' own set of deprecated keys) mapping each
+# deprecated key to why it is gone.
+_DEPRECATION_REASONS = "__deprecation_reasons__"
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -27,7 +36,27 @@ class ConfigError(ValueError):
 
 
 class CfgNode(_FvcoreCfgNode):
-    """fvcore ``CfgNode`` that only ever reads YAML, safely."""
+    """fvcore ``CfgNode`` that only ever reads YAML, safely, and explains removed keys."""
+
+    def register_deprecated_key(self, key: str, reason: str = "") -> None:
+        """Ignore ``key`` (e.g. ``"MODEL.HEAD.DIM"``) when a file or override sets it.
+
+        Register on the root node. ``reason`` is added to the warning logged on each use.
+        """
+        super().register_deprecated_key(key)
+        self.__dict__.setdefault(_DEPRECATION_REASONS, {})[key] = reason
+
+    def key_is_deprecated(self, full_key: str) -> bool:
+        """True (and a warning naming the key and its reason) for a registered removed key."""
+        if full_key not in self.__dict__[_FvcoreCfgNode.DEPRECATED_KEYS]:
+            return False
+        reason = self.__dict__.get(_DEPRECATION_REASONS, {}).get(full_key, "")
+        logger.warning(
+            "Config key %s was removed and is ignored%s; delete it from the config",
+            full_key,
+            f": {reason}" if reason else "",
+        )
+        return True
 
     @classmethod
     def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False):
@@ -67,7 +96,7 @@ class CfgNode(_FvcoreCfgNode):
 
 def get_cfg() -> CfgNode:
     """A fresh copy of the default config, with every key pix2cap knows about."""
-    from .defaults import _C
+    from .defaults import _C  # defaults builds _C with this module's CfgNode: a cycle at load
 
     return _C.clone()
 

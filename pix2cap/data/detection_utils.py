@@ -1,4 +1,5 @@
-"""Reading images and panoptic PNGs, with errors that name the file and say what is wrong.
+"""Reading images, and reading and writing panoptic PNGs, with errors that name the file and
+say what is wrong.
 
 Real datasets contain grayscale and RGBA images among RGB ones (COCO has grayscale JPEGs);
 they are converted to RGB with a warning instead of crashing a long training run. Files that
@@ -12,14 +13,19 @@ import os
 import threading
 from typing import Any, Union
 
+import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from pix2cap.structures.panoptic import PanopticResult, id2rgb, rgb2id
 
 from .errors import DatasetError
 
 __all__ = [
     "read_image",
     "read_panoptic_png",
+    "encode_panoptic_png",
+    "read_panoptic_result",
     "check_image_size",
     "num_converted_images",
     "reset_converted_image_count",
@@ -138,6 +144,28 @@ def read_image(path: PathLike, format: str = "RGB") -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_8bit_rgb_png(path: str) -> bool:
+    """Whether the file's PNG header says 8-bit truecolour (IHDR bit depth 8, colour type 2).
+
+    OpenCV silently expands palette PNGs to BGR, which would turn palette indices into wrong
+    ids; the header tells those apart before decoding."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return False
+    # Signature (8 bytes), IHDR length and type (8), width and height (8), bit depth, colour type.
+    return (
+        len(head) == 26
+        and head[:8] == _PNG_SIGNATURE
+        and head[12:16] == b"IHDR"
+        and (head[24], head[25]) == (8, 2)
+    )
+
+
 def read_panoptic_png(path: PathLike) -> np.ndarray:
     """Read a COCO-style panoptic PNG as segment ids.
 
@@ -147,14 +175,43 @@ def read_panoptic_png(path: PathLike) -> np.ndarray:
         DatasetError: the file is missing, corrupt/truncated, or not an 8-bit RGB PNG (a
         palette or grayscale PNG cannot hold the id encoding, so guessing would mislabel).
     """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DatasetError(path, "file not found")
+    # OpenCV decodes several times faster than PIL; evaluators read one PNG per image.
+    bgr = cv2.imread(path, cv2.IMREAD_UNCHANGED) if _is_8bit_rgb_png(path) else None
+    if bgr is not None and bgr.dtype == np.uint8 and bgr.ndim == 3 and bgr.shape[2] == 3:
+        return rgb2id(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    # OpenCV gives no reason for a failure: PIL names it (corrupt, truncated, wrong mode), and
+    # decodes the valid 8-bit RGB files OpenCV reads otherwise (a transparency chunk: BGRA).
     image = _open_and_load(path)
     if image.mode != "RGB":
         raise DatasetError(
             path,
             f"panoptic PNG must be 8-bit RGB (id = R + 256*G + 256^2*B), got mode {image.mode}",
         )
-    rgb = np.asarray(image, dtype=np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    return rgb2id(np.asarray(image, dtype=np.uint8))
+
+
+def encode_panoptic_png(ids: np.ndarray, compress_level: int = 1) -> bytes:
+    """Segment ids as the bytes of a COCO panoptic PNG.
+
+    Args:
+        ids: integer ndarray [H, W] of ids in ``[0, 256^3)``.
+        compress_level: zlib level 0-9 (1: fast, larger files).
+    Returns:
+        The PNG file (8-bit RGB, id = R + 256 * G + 256^2 * B), which :func:`read_panoptic_png`
+        reads back to ``ids``.
+    Raises:
+        ValueError: ``ids`` is not 2-D or holds ids outside ``[0, 256^3)``.
+    """
+    rgb = id2rgb(ids)
+    ok, png = cv2.imencode(
+        ".png", rgb[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, int(compress_level)]
+    )
+    if not ok:
+        raise RuntimeError(f"could not encode a {rgb.shape[0]}x{rgb.shape[1]} panoptic PNG")
+    return png.tobytes()
 
 
 def check_image_size(dataset_dict: dict[str, Any], image: np.ndarray) -> None:
@@ -182,3 +239,47 @@ def check_image_size(dataset_dict: dict[str, Any], image: np.ndarray) -> None:
         dataset_dict["height"] = actual_h
     if expected_w is None:
         dataset_dict["width"] = actual_w
+
+
+def read_panoptic_result(
+    dataset_dict: dict[str, Any],
+    metadata: Any = None,
+    *,
+    image_size: tuple[int, int] | None = None,
+) -> PanopticResult:
+    """The ground truth of a dataset dict as a :class:`PanopticResult`: its panoptic PNG
+    (``pan_seg_file_name``) and ``segments_info`` (contiguous ``category_id``; the
+    ``description`` of a segment is its caption).
+
+    Args:
+        dataset_dict: a dataset dict (see ``pix2cap.data.datasets``).
+        metadata: the dataset's :class:`~pix2cap.data.catalog.Metadata` (class names,
+            thing/stuff); None names classes ``class <id>``.
+        image_size: ``(height, width)`` the PNG must have; default: the dict's ``height`` /
+            ``width`` when both are present.
+    Raises:
+        DatasetError: the dict has no PNG or segments, the PNG cannot be read, its size is
+            not the image's, or its segments are inconsistent (a repeated or VOID id).
+    """
+    file_name = dataset_dict.get("file_name", "<dataset dict without file_name>")
+    png = dataset_dict.get("pan_seg_file_name")
+    if not png:
+        raise DatasetError(file_name, "dataset dict has no 'pan_seg_file_name' to read")
+    if "segments_info" not in dataset_dict:
+        raise DatasetError(file_name, "dataset dict has no 'segments_info' to read")
+    ids = read_panoptic_png(png)
+    if image_size is None and dataset_dict.get("height") is not None:
+        if dataset_dict.get("width") is not None:
+            image_size = (int(dataset_dict["height"]), int(dataset_dict["width"]))
+    if image_size is not None and tuple(ids.shape) != tuple(image_size):
+        raise DatasetError(
+            png,
+            f"panoptic PNG is {ids.shape[0]}x{ids.shape[1]} (HxW) but the image "
+            f"{file_name} is {image_size[0]}x{image_size[1]}",
+        )
+    try:
+        return PanopticResult.from_panoptic(
+            ids, dataset_dict["segments_info"], metadata, caption_key="description"
+        )
+    except (KeyError, ValueError, TypeError) as e:
+        raise DatasetError(png, f"segments_info does not fit the PNG: {e}") from None

@@ -13,10 +13,18 @@ import copy
 import re
 from typing import Any
 
+from pix2cap.data.caption_formats import format_box, parse_pancap_boxes
+
 __all__ = [
+    "BASIC_COLOUR_WORDS",
     "COLOUR_WORDS",
     "NUMBER_WORDS",
     "ARTICLES",
+    "DEMONSTRATIVES",
+    "POSSESSIVE_DETERMINERS",
+    "QUANTIFIERS",
+    "WORD_RE",
+    "LOWERCASE_LETTERS_RE",
     "number_word",
     "plural",
     "capitalise",
@@ -25,11 +33,14 @@ __all__ = [
     "flip_panoptic_caption",
 ]
 
-# Colour terms that captions use as attribute words (basic colours and common variants).
-COLOUR_WORDS = frozenset(
+# Basic colour terms, both spellings of grey.
+BASIC_COLOUR_WORDS = frozenset(
     "red green blue yellow purple orange white black grey gray brown pink beige violet cyan "
-    "magenta gold golden silver tan navy teal turquoise maroon cream ivory crimson khaki "
-    "olive lavender".split()
+    "magenta gold silver".split()
+)
+# Colour terms that captions use as attribute words: the basic ones and common finer shades.
+COLOUR_WORDS = BASIC_COLOUR_WORDS | frozenset(
+    "golden tan navy teal turquoise maroon cream ivory crimson khaki olive lavender".split()
 )
 
 # Cardinal numbers as words, by value ("zero" .. "twenty").
@@ -41,6 +52,16 @@ NUMBER_WORDS = tuple(
 )
 
 ARTICLES = frozenset({"a", "an", "the"})
+DEMONSTRATIVES = frozenset({"this", "that", "these", "those"})
+POSSESSIVE_DETERMINERS = frozenset({"its", "their", "his", "her", "our"})
+# Determiners that pick some or each of a kind.
+QUANTIFIERS = frozenset({"some", "another", "each", "every"})
+
+# A word: an ASCII letter, then letters, apostrophes or hyphens ("don't", "left-hand").
+WORD_RE = re.compile(r"[A-Za-z][A-Za-z'\-]*")
+# A run of lower-case ASCII letters; on lower-cased text, the words split at any other
+# character ("left-hand" -> "left", "hand").
+LOWERCASE_LETTERS_RE = re.compile(r"[a-z]+")
 
 
 def number_word(n: int) -> str:
@@ -159,9 +180,6 @@ def flip_panoptic_caption(text: str) -> str:
     mirror every inline ``[[x1, y1, x2, y2]]`` box (normalised coordinates), so that
     ``x1' = 1 - x2`` and ``x2' = 1 - x1``. Boxes are rewritten in the dataset's 3-decimal form.
     """
-    # Imported here so this module has no import-time dependency on the dataset loaders.
-    from .datasets.sapancap import format_box, parse_pancap_boxes
-
     pieces: list[str] = []
     cursor = 0
     for entry in sorted(parse_pancap_boxes(text), key=lambda e: e["box_start"]):

@@ -5,17 +5,29 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import os
 import sys
 import weakref
 from collections import OrderedDict
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from pix2cap.checkpoint import Checkpointer
+from pix2cap.config import CfgNode, load_cfg
+from pix2cap.data.build import build_test_loader, build_train_loader
+from pix2cap.evaluation import (
+    build_evaluator,
+    inference_on_dataset,
+    log_results_to_storage,
+    print_results_table,
+    write_results_json,
+)
+from pix2cap.modeling import build_model
+from pix2cap.solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
 from pix2cap.utils import comm
 from pix2cap.utils.file_io import atomic_write_text
 from pix2cap.utils.env import seed_all_rng
@@ -29,11 +41,17 @@ __all__ = [
     "default_argument_parser",
     "default_setup",
     "default_writers",
+    "setup_cfg",
+    "collect_image_files",
+    "IMAGE_EXTENSIONS",
     "create_ddp_model",
     "DefaultTrainer",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The image files a folder or glob input of the tools takes (compared case-insensitively).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -128,6 +146,51 @@ def default_setup(cfg, args) -> None:
     seed_all_rng(None if seed < 0 else seed + rank)
     if not getattr(args, "eval_only", False):
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+
+
+def setup_cfg(args) -> CfgNode:
+    """The config of a command-line tool: ``args.config_file`` (may be empty: the defaults)
+    with ``args.opts`` (``KEY VALUE`` overrides) applied."""
+    return load_cfg(args.config_file, args.opts)
+
+
+def collect_image_files(
+    inputs: Sequence[str], extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> list[str]:
+    """Expand a tool's image inputs into image paths, in the order given.
+
+    Each input is a file (taken as is), a folder (its files ending in ``extensions``, sorted,
+    not recursive) or a glob pattern such as ``"images/*.jpg"`` (the matching files ending in
+    ``extensions``, sorted). Paths are returned as given or joined (not made absolute); a path
+    named twice is kept once.
+
+    Raises:
+        FileNotFoundError: an input does not exist, or a folder or pattern gives no image.
+    """
+    suffixes = tuple(e.lower() for e in extensions)
+    paths: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(
+                os.path.join(item, name)
+                for name in os.listdir(item)
+                if name.lower().endswith(suffixes) and os.path.isfile(os.path.join(item, name))
+            )
+            if not found:
+                raise FileNotFoundError(f"{item}: folder holds no {'/'.join(suffixes)} image")
+            paths.extend(found)
+        elif os.path.isfile(item):
+            paths.append(item)
+        elif any(c in item for c in "*?["):  # a pattern, not a missing file
+            found = sorted(
+                p for p in glob.glob(item) if p.lower().endswith(suffixes) and os.path.isfile(p)
+            )
+            if not found:
+                raise FileNotFoundError(f"{item}: pattern matches no {'/'.join(suffixes)} image")
+            paths.extend(found)
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+    return list(dict.fromkeys(paths))
 
 
 def default_writers(output_dir: str, max_iter: Optional[int] = None) -> list:
@@ -299,47 +362,33 @@ class DefaultTrainer(TrainerBase):
     # ------------------------------------------------------------------ builders
     @classmethod
     def build_model(cls, cfg) -> torch.nn.Module:
-        from pix2cap.modeling import build_model
-
         model = build_model(cfg)
         logger.info("Model:\n%s", model)
         return model
 
     @classmethod
     def build_optimizer(cls, cfg, model) -> torch.optim.Optimizer:
-        from pix2cap.solver import build_optimizer
-
         return build_optimizer(cfg, model)
 
     @classmethod
     def build_gradient_clipper(cls, cfg):
-        from pix2cap.solver import build_gradient_clipper
-
         return build_gradient_clipper(cfg)
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
-        from pix2cap.solver import build_lr_scheduler
-
         return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_train_loader(cls, cfg):
-        from pix2cap.data.build import build_train_loader
-
         return build_train_loader(cfg)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name: str):
-        from pix2cap.data.build import build_test_loader
-
         return build_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder: Optional[str] = None):
         """The evaluator registered for the dataset's ``evaluator_type``, or ``None``."""
-        from pix2cap.evaluation import build_evaluator
-
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_evaluator(cfg, dataset_name, output_folder)
@@ -355,13 +404,6 @@ class DefaultTrainer(TrainerBase):
             ``{dataset_name: results}``; with a single dataset, its results directly.
             A dataset without evaluator is run for inference only (logged) and has ``{}``.
         """
-        from pix2cap.evaluation import (
-            inference_on_dataset,
-            log_results_to_storage,
-            print_results_table,
-            write_results_json,
-        )
-
         dataset_names = list(cfg.DATASETS.TEST)
         if evaluators is not None and not isinstance(evaluators, (list, tuple)):
             evaluators = [evaluators]

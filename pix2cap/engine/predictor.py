@@ -21,6 +21,7 @@ import torch
 from pix2cap.checkpoint import Checkpointer
 from pix2cap.data.catalog import Metadata, MetadataCatalog
 from pix2cap.data.transforms import ResizeShortestEdge
+from pix2cap.modeling.meta_arch.build import build_model
 
 __all__ = ["DefaultPredictor", "metadata_from_config"]
 
@@ -52,9 +53,6 @@ class DefaultPredictor:
     """
 
     def __init__(self, cfg):
-        # Deferred so that importing pix2cap.engine does not pull in every model module.
-        from pix2cap.modeling.meta_arch.build import build_model
-
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg)
         self.model.eval()

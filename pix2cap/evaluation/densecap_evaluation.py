@@ -84,12 +84,13 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from pycocotools import mask as mask_util
 
+from pix2cap.data.detection_utils import read_panoptic_png
+from pix2cap.structures import PanopticResult
 from pix2cap.utils import comm
 
 from .build import EVALUATOR_REGISTRY
 from .evaluator import DatasetEvaluator
 from .meteor import MeteorScorer, find_java
-from .panoptic_evaluation import read_panoptic_ids
 from .results import print_results_table, write_results_json
 
 __all__ = [
@@ -668,7 +669,7 @@ class DenseCaptionEvaluator(DatasetEvaluator):
                 )
             if "panoptic_seg" not in out:
                 raise KeyError(f"output for {png} lacks 'panoptic_seg' (has {sorted(out)})")
-            gt_ids = read_panoptic_ids(png)
+            gt_ids = read_panoptic_png(png)
             gt_segments = inp["segments_info"]
             for seg in gt_segments:
                 if "description" not in seg:
@@ -681,27 +682,26 @@ class DenseCaptionEvaluator(DatasetEvaluator):
                 "iscrowd": [int(s.get("iscrowd", 0)) for s in gt_segments],
                 "void": _encode_ids(gt_ids, [0])[0],
             }
-            pan, pred_segments = out["panoptic_seg"]
-            if hasattr(pan, "detach"):
-                pan = pan.detach().cpu().numpy()
-            pan = np.asarray(pan)
-            if pan.shape != gt_ids.shape:
-                raise ValueError(
-                    f"{png}: predicted panoptic map is {tuple(pan.shape)} but the GT PNG is "
-                    f"{tuple(gt_ids.shape)}; predictions must be at the original resolution"
-                )
-            for seg in pred_segments:
-                for key in ("id", "score", "caption"):
+            for seg in out["panoptic_seg"][1]:
+                # Every prediction is ranked by its score and judged by its caption.
+                for key in ("id", "category_id", "score", "caption"):
                     if key not in seg:
                         raise KeyError(
                             f"{png}: predicted segment {seg.get('id')} lacks {key!r} "
                             f"(has {sorted(seg)})"
                         )
+            prediction = PanopticResult.from_model_output(out)
+            if prediction.image_size != gt_ids.shape:
+                raise ValueError(
+                    f"{png}: predicted panoptic map is {prediction.image_size} but the GT PNG "
+                    f"is {tuple(gt_ids.shape)}; predictions must be at the original resolution"
+                )
+            segments = prediction.segments
             pred = {
-                "masks": _encode_ids(pan, [s["id"] for s in pred_segments]),
-                "scores": [float(s["score"]) for s in pred_segments],
-                "captions": [str(s["caption"]) for s in pred_segments],
-                "category_ids": [int(s.get("category_id", -1)) for s in pred_segments],
+                "masks": _encode_ids(prediction.panoptic_seg, [s.id for s in segments]),
+                "scores": [s.score for s in segments],
+                "captions": [s.caption for s in segments],
+                "category_ids": [s.category_id for s in segments],
             }
             self._images.append({"pred": pred, "gt": gt})
 

@@ -12,6 +12,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from pix2cap.data.catalog import MetadataCatalog
 from pix2cap.utils import comm
 
 from .build import EVALUATOR_REGISTRY
@@ -180,8 +181,6 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
         ``EVALUATOR_REGISTRY.get(type)(dataset_name=..., output_dir=...)``, or ``None`` when
         the dataset declares no evaluator type or nothing is registered for it.
     """
-    from pix2cap.data.catalog import MetadataCatalog
-
     metadata = MetadataCatalog.get(dataset_name)
     evaluator_type = metadata.get("evaluator_type")
     if not evaluator_type:

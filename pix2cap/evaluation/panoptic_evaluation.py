@@ -33,12 +33,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import cv2
 import numpy as np
 import torch
 
+from pix2cap.data.catalog import Metadata, MetadataCatalog
+from pix2cap.data.detection_utils import encode_panoptic_png, read_panoptic_png
+from pix2cap.structures import PanopticResult
 from pix2cap.utils import comm
-
 from pix2cap.utils.file_io import atomic_write_bytes
 
 from .build import EVALUATOR_REGISTRY
@@ -50,7 +51,6 @@ __all__ = [
     "PQStatCat",
     "PQStat",
     "pq_compute_single",
-    "read_panoptic_ids",
     "COCOPanopticEvaluator",
 ]
 
@@ -244,17 +244,6 @@ def _index_map(ids: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return position
 
 
-@dataclass
-class _ImageResult:
-    """What one image's evaluation gives: its PQ counts, and for the export the position of
-    each pixel's predicted segment (``UInt[H, W]``, ``len(pred_segments)`` = VOID) and the
-    predicted segment areas (``Int64[num_pred]``)."""
-
-    stat: PQStat
-    pred_index: np.ndarray
-    pred_area: np.ndarray
-
-
 def _evaluate_image(
     gt_ids,
     gt_segments: Sequence[Mapping],
@@ -263,7 +252,7 @@ def _evaluate_image(
     categories: Mapping[Any, Mapping],
     void_id: int = VOID,
     image_id=None,
-) -> _ImageResult:
+) -> PQStat:
     gt = _as_id_map(gt_ids, "the ground-truth id map", image_id)
     pred = _as_id_map(pred_ids, "the predicted id map", image_id)
     if gt.shape != pred.shape:
@@ -356,7 +345,7 @@ def _evaluate_image(
         if ignored / pred_area[p] > 0.5:
             continue
         stat[pred_cat[p]].fp += 1
-    return _ImageResult(stat, pred_index, pred_area)
+    return stat
 
 
 def pq_compute_single(
@@ -390,64 +379,7 @@ def pq_compute_single(
     """
     return _evaluate_image(
         gt_ids, gt_segments, pred_ids, pred_segments, categories, void_id, image_id
-    ).stat
-
-
-def read_panoptic_ids(path: str | os.PathLike) -> np.ndarray:
-    """Read a COCO panoptic PNG as ids ``R + 256 G + 256^2 B``.
-
-    Returns:
-        UInt32[H, W].
-    Raises:
-        pix2cap.data.errors.DatasetError: missing, unreadable or not an 8-bit RGB PNG.
-    """
-    path = os.fspath(path)
-    bgr = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None
-    if bgr is None or bgr.dtype != np.uint8 or bgr.ndim != 3 or bgr.shape[2] != 3:
-        # The slower reader gives the precise message (missing, corrupt, wrong mode).
-        from pix2cap.data.detection_utils import read_panoptic_png
-
-        return read_panoptic_png(path).astype(np.uint32)
-    # Appending a zero byte per pixel turns each RGB triple into one little-endian uint32,
-    # which is the id itself (cvtColor is vectorised; three int64 planes would be 10x slower).
-    rgba = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGBA)
-    ids = rgba.view("<u4")[..., 0]
-    ids &= np.uint32(0x00FFFFFF)
-    return ids
-
-
-def _ids_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """UInt8[H, W, 3] RGB encoding of ids below 2^24."""
-    ids = ids.astype("<u4", copy=False)
-    return np.ascontiguousarray(ids[..., None].view(np.uint8)[..., :3])
-
-
-def _boxes_xywh(index: np.ndarray, num_segments: int) -> np.ndarray:
-    """Tight ``[x, y, w, h]`` box of every segment of an index map.
-
-    Args:
-        index: UInt[H, W], segment position per pixel (values >= ``num_segments`` ignored).
-        num_segments: S.
-    Returns:
-        Int64[S, 4]; all zeros for a segment without pixels.
-    """
-    height, width = index.shape
-    bins = num_segments + 1
-    clipped = np.minimum(index, num_segments)
-    rows = np.bincount(
-        (np.arange(height)[:, None] * bins + clipped).ravel(), minlength=height * bins
-    ).reshape(height, bins)[:, :num_segments] > 0
-    cols = np.bincount(
-        (np.arange(width)[None, :] * bins + clipped).ravel(), minlength=width * bins
-    ).reshape(width, bins)[:, :num_segments] > 0
-    boxes = np.zeros((num_segments, 4), dtype=np.int64)
-    has = rows.any(axis=0)
-    y0 = rows.argmax(axis=0)
-    y1 = height - 1 - rows[::-1].argmax(axis=0)
-    x0 = cols.argmax(axis=0)
-    x1 = width - 1 - cols[::-1].argmax(axis=0)
-    boxes[has] = np.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], axis=1)[has]
-    return boxes
+    )
 
 
 def _contiguous_categories(metadata, dataset_name: str) -> dict[int, dict]:
@@ -496,7 +428,8 @@ class COCOPanopticEvaluator(DatasetEvaluator):
     Expects the test mapper's dicts (``pan_seg_file_name``, ``segments_info`` with contiguous
     ``category_id``, ``image_id``, ``file_name``) and outputs
     ``{"panoptic_seg": (Int[H, W] tensor, segments_info)}``, ``segments_info`` dicts holding
-    ``id`` and contiguous ``category_id`` (``score`` and ``caption`` are exported when present).
+    ``id`` and contiguous ``category_id``, read as a :class:`PanopticResult` (``score`` and a
+    non-empty ``caption`` are exported when present).
     """
 
     def __init__(
@@ -504,20 +437,22 @@ class COCOPanopticEvaluator(DatasetEvaluator):
         *,
         dataset_name: str,
         output_dir: Optional[str] = None,
-        metadata: Optional[Mapping] = None,
+        metadata: Optional[Metadata | Mapping] = None,
         png_compression: int = 1,
     ):
         """
         Args:
             dataset_name: its ``MetadataCatalog`` entry gives the classes.
             output_dir: where to export the predictions; ``None`` keeps none in memory.
-            metadata: overrides the catalog's metadata (a mapping or ``Metadata``).
+            metadata: overrides the catalog's metadata (a ``Metadata``; a mapping is wrapped
+                in one).
             png_compression: zlib level 0-9 of the exported PNGs (1: fast, larger files).
         """
         if metadata is None:
-            from pix2cap.data.catalog import MetadataCatalog
-
             metadata = MetadataCatalog.get(dataset_name)
+        elif not isinstance(metadata, Metadata):
+            # Class names and thing/stuff then follow Metadata's rules, as everywhere else.
+            metadata = Metadata(**{"name": dataset_name, **metadata})
         self._dataset_name = dataset_name
         self._metadata = metadata
         self._output_dir = output_dir
@@ -543,74 +478,71 @@ class COCOPanopticEvaluator(DatasetEvaluator):
     def process(self, inputs: list[dict], outputs: list[dict]) -> None:
         for inp, out in zip(inputs, outputs):
             image_id = inp.get("image_id")
-            if "panoptic_seg" not in out:
-                raise KeyError(f"the output for image {image_id!r} has no 'panoptic_seg'")
-            panoptic_seg, segments_info = out["panoptic_seg"]
-            if segments_info is None:
-                raise ValueError(
-                    f"the output for image {image_id!r} has segments_info=None; this "
-                    "evaluator needs the list of segments (id, category_id)"
-                )
+            prediction = self._read_prediction(out, image_id)
             for key in ("pan_seg_file_name", "segments_info"):
                 if key not in inp:
                     raise KeyError(
                         f"the input dict of image {image_id!r} has no {key!r}; use the "
                         "test mapper, which keeps the ground truth for evaluators"
                     )
-            gt_ids = read_panoptic_ids(inp["pan_seg_file_name"])
-            # One device-to-host copy serves both the PQ counts and the export.
-            pred_ids = _as_id_map(panoptic_seg, "the predicted id map", image_id)
-            result = _evaluate_image(
+            gt_ids = read_panoptic_png(inp["pan_seg_file_name"])
+            stat = _evaluate_image(
                 gt_ids,
                 inp["segments_info"],
-                pred_ids,
-                segments_info,
+                prediction.panoptic_seg,
+                prediction.segments_info(),
                 self._categories,
                 VOID,
                 image_id,
             )
-            self._pq_stat += result.stat
+            self._pq_stat += stat
             self._num_images += 1
             if self._output_dir is not None:
-                self._predictions.append(
-                    self._encode_prediction(inp, pred_ids, segments_info, result)
-                )
+                self._predictions.append(self._encode_prediction(inp, prediction))
 
-    def _encode_prediction(
-        self, inp: dict, pred: np.ndarray, segments_info: list, result: _ImageResult
-    ) -> dict:
+    def _read_prediction(self, out: Mapping, image_id) -> PanopticResult:
+        """The model output of one image as a :class:`PanopticResult` (one device-to-host
+        copy serves both the PQ counts and the export); errors name the image."""
+        if "panoptic_seg" not in out:
+            raise KeyError(f"the output for image {image_id!r} has no 'panoptic_seg'")
+        if out["panoptic_seg"][1] is None:
+            raise ValueError(
+                f"the output for image {image_id!r} has segments_info=None; this "
+                "evaluator needs the list of segments (id, category_id)"
+            )
+        try:
+            return PanopticResult.from_model_output(out, self._metadata)
+        except (KeyError, ValueError, TypeError) as e:
+            raise type(e)(f"the output for image {image_id!r}: {e.args[0]}") from None
+
+    def _encode_prediction(self, inp: dict, prediction: PanopticResult) -> dict:
         """PNG bytes and COCO ``segments_info`` of one prediction (dataset category ids)."""
+        pred = prediction.panoptic_seg
         if pred.size and int(pred.max()) >= OFFSET:
             raise ValueError(
                 f"image {inp.get('image_id')!r}: predicted segment ids must be below 2^24 to "
                 "be written as a COCO panoptic PNG"
             )
-        rgb = _ids_to_rgb(pred)
-        ok, png = cv2.imencode(
-            ".png", rgb[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, self._png_compression]
-        )
-        if not ok:
-            raise RuntimeError(f"could not encode the prediction of image {inp.get('image_id')!r}")
-        boxes = _boxes_xywh(result.pred_index, len(segments_info))
+        png = encode_panoptic_png(pred, self._png_compression)
         segments = []
-        for k, s in enumerate(segments_info):
+        for s in prediction.segments:
             segment = {
-                "id": int(s["id"]),
-                "category_id": int(self._categories[s["category_id"]]["id"]),
+                "id": s.id,
+                "category_id": int(self._categories[s.category_id]["id"]),
                 "iscrowd": 0,
-                "area": int(result.pred_area[k]),
-                "bbox": [int(v) for v in boxes[k]],
+                "area": s.area,
+                "bbox": s.bbox_xywh,
             }
-            if "score" in s:
-                segment["score"] = float(s["score"])
-            if "caption" in s:
-                segment["caption"] = str(s["caption"])
+            if s.score is not None:
+                segment["score"] = s.score
+            if s.caption:
+                segment["caption"] = s.caption
             segments.append(segment)
         stem = os.path.splitext(os.path.basename(str(inp.get("file_name", inp.get("image_id")))))[0]
         return {
             "image_id": inp.get("image_id"),
             "stem": stem,
-            "png": png.tobytes(),
+            "png": png,
             "segments_info": segments,
         }
 

@@ -9,6 +9,8 @@ import math
 import numbers
 import re
 from typing import Any, Iterator
+
+from pix2cap.utils.events import get_event_storage
 from pix2cap.utils.file_io import atomic_write_json
 
 __all__ = ["print_results_table", "write_results_json", "log_results_to_storage", "flatten_results"]
@@ -135,8 +137,6 @@ def log_results_to_storage(results: dict) -> list[str]:
     Returns:
         the names put (empty when no storage is active, e.g. a standalone evaluation).
     """
-    from pix2cap.utils.events import get_event_storage
-
     try:
         storage = get_event_storage()
     except RuntimeError:

@@ -37,6 +37,18 @@ def rgb2id(rgb: np.ndarray) -> np.ndarray:
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"rgb2id: expected an [H, W, 3] array, got shape {rgb.shape}")
+    height, width = rgb.shape[:2]
+    if rgb.dtype == np.uint8 and rgb.size:
+        # Every panoptic PNG read goes through here, so avoid three int64 planes: 4 bytes read
+        # little-endian from a pixel's R give R + 256 G + 256^2 B plus 2^24 times the next
+        # pixel's R, which the mask drops (one padding byte keeps the last read in bounds).
+        data = np.empty(rgb.size + 1, dtype=np.uint8)
+        data[:-1] = rgb.reshape(-1)
+        data[-1] = 0
+        words = np.ndarray((height, width), dtype="<u4", buffer=data, strides=(3 * width, 3))
+        ids = words.astype(np.int64)
+        ids &= 0xFFFFFF
+        return ids
     rgb = rgb.astype(np.int64, copy=False)
     return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
 
@@ -114,30 +126,66 @@ class Segment:
         return [x0, y0, x1 - x0, y1 - y0]
 
 
+def _check_id_map(ids: np.ndarray) -> np.ndarray:
+    """A 2-D, non-negative integer id map as int64 (no copy when it already is)."""
+    if ids.ndim != 2:
+        raise ValueError(f"panoptic_seg must be [H, W], got shape {ids.shape}")
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"panoptic_seg must hold integer ids, got {ids.dtype}")
+    ids = ids.astype(np.int64, copy=False)
+    if ids.size and int(ids.min()) < 0:
+        raise ValueError("panoptic_seg holds negative ids")
+    return ids
+
+
+def _check_segment_ids(segment_ids: Sequence[int]) -> None:
+    """Segment ids must be distinct and not VOID (0)."""
+    if len(set(segment_ids)) != len(segment_ids):
+        repeated = sorted({i for i in segment_ids if list(segment_ids).count(i) > 1})
+        raise ValueError(f"segment id(s) {repeated} are listed more than once")
+    if 0 in segment_ids:
+        raise ValueError("a segment has id 0, the VOID id of the map")
+
+
 def _boxes_and_areas(ids: np.ndarray, segment_ids: Sequence[int]) -> dict[int, tuple]:
-    """``{segment id: (box or None, area)}`` in one pass over the map (not one per segment)."""
+    """``{segment id: (box or None, area)}`` of distinct ids on an int64 [H, W] map, from
+    three ``np.bincount`` calls over the pixels (linear time, whatever the number of
+    segments)."""
     out: dict[int, tuple] = {int(s): (None, 0) for s in segment_ids}
     if not out or ids.size == 0:
         return out
-    flat = ids.ravel()
-    present = np.isin(flat, np.fromiter(out, dtype=np.int64, count=len(out)))
-    pixels = np.nonzero(present)[0]
-    if pixels.size == 0:
-        return out
-    values = flat[pixels]
-    order = np.argsort(values, kind="stable")
-    values, pixels = values[order], pixels[order]
-    rows, cols = np.divmod(pixels, ids.shape[1])
-    starts = np.r_[0, np.nonzero(np.diff(values))[0] + 1]
-    ends = np.r_[starts[1:], values.size]
-    for s, e in zip(starts, ends):
-        r, c = rows[s:e], cols[s:e]
-        box = (int(c.min()), int(r.min()), int(c.max()) + 1, int(r.max()) + 1)
-        out[int(values[s])] = (box, int(e - s))
+    keys = np.fromiter(out, dtype=np.int64, count=len(out))
+    num = len(keys)
+    max_id = int(ids.max())
+    if max_id <= 1 << 16:
+        # Small ids (a model's 1..N): a lookup table indexed by the id itself.
+        lut = np.full(max_id + 1, num, dtype=np.int64)
+        inside = keys <= max_id
+        lut[keys[inside]] = np.nonzero(inside)[0]
+        position = lut[ids]
+    else:
+        # COCO's colour ids reach 2^24: a binary search over the few segment ids.
+        order = np.argsort(keys)
+        where = np.minimum(np.searchsorted(keys[order], ids), num - 1)
+        position = np.where(keys[order][where] == ids, order[where], num)
+    height, width = ids.shape
+    bins = num + 1
+    areas = np.bincount(position.ravel(), minlength=bins)[:num]
+    rows = np.bincount(
+        (np.arange(height)[:, None] * bins + position).ravel(), minlength=height * bins
+    ).reshape(height, bins)[:, :num] > 0
+    cols = np.bincount(
+        (np.arange(width)[None, :] * bins + position).ravel(), minlength=width * bins
+    ).reshape(width, bins)[:, :num] > 0
+    y0, x0 = rows.argmax(axis=0), cols.argmax(axis=0)
+    y1, x1 = height - rows[::-1].argmax(axis=0), width - cols[::-1].argmax(axis=0)
+    for k, seg_id in enumerate(keys.tolist()):
+        if areas[k]:
+            out[seg_id] = ((int(x0[k]), int(y0[k]), int(x1[k]), int(y1[k])), int(areas[k]))
     return out
 
 
-@dataclass
+@dataclass(eq=False)
 class PanopticResult:
     """One image's panoptic result (module docstring).
 
@@ -145,21 +193,25 @@ class PanopticResult:
         panoptic_seg: int64 ndarray [H, W], segment id per pixel, 0 = VOID.
         segments: one :class:`Segment` per entry of the producer's ``segments_info``, in its
             order (a segment listed but absent from the map has ``area`` 0 and no box).
+
+    Raises (on construction): ValueError for a map that is not 2-D or holds negative ids, and
+    for segment ids that repeat or are 0 (VOID); TypeError for a non-integer map.
     """
 
     panoptic_seg: np.ndarray
     segments: list[Segment] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        seg = np.asarray(self.panoptic_seg)
-        if seg.ndim != 2:
-            raise ValueError(f"panoptic_seg must be [H, W], got shape {seg.shape}")
-        if seg.dtype.kind not in "iu":
-            raise TypeError(f"panoptic_seg must hold integer ids, got {seg.dtype}")
-        self.panoptic_seg = seg.astype(np.int64, copy=False)
-        ids = [s.id for s in self.segments]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"segment ids repeat: {sorted(ids)}")
+        self.panoptic_seg = _check_id_map(np.asarray(self.panoptic_seg))
+        self.segments = list(self.segments)
+        _check_segment_ids([s.id for s in self.segments])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PanopticResult):
+            return NotImplemented
+        return self.segments == other.segments and np.array_equal(
+            self.panoptic_seg, other.panoptic_seg
+        )
 
     # -- construction --------------------------------------------------------------------------
 
@@ -177,13 +229,21 @@ class PanopticResult:
         ``score``, ``iscrowd``, ``query_index`` and the caption (``caption_key``: ``caption``
         for predictions, ``description`` for Pix2Cap-COCO ground truth) are read when present.
         Boxes and areas are measured on the map.
+
+        Raises:
+            KeyError: a segment dict lacks ``id`` or ``category_id``.
+            ValueError / TypeError: as the constructor, or ``segments_info`` is None.
         """
-        seg = _to_numpy(panoptic_seg)
+        if segments_info is None:
+            raise ValueError("segments_info is None; a panoptic result needs the segment list")
+        seg = _check_id_map(_to_numpy(panoptic_seg))
         for k, info in enumerate(segments_info):
             for key in ("id", "category_id"):
                 if key not in info:
                     raise KeyError(f"segments_info[{k}] has no {key!r} (keys: {sorted(info)})")
-        geometry = _boxes_and_areas(seg, [int(_scalar(s["id"])) for s in segments_info])
+        segment_ids = [int(_scalar(s["id"])) for s in segments_info]
+        _check_segment_ids(segment_ids)
+        geometry = _boxes_and_areas(seg, segment_ids)
         segments = []
         for info in segments_info:
             seg_id = int(_scalar(info["id"]))
@@ -280,7 +340,8 @@ class PanopticResult:
             return self
         seg = self.panoptic_seg.copy()
         seg[np.isin(seg, dropped)] = 0
-        return PanopticResult(seg, [s for s in self.segments if s.id not in set(dropped)])
+        dropped_ids = set(dropped)
+        return PanopticResult(seg, [s for s in self.segments if s.id not in dropped_ids])
 
     def with_captions(self, captions: Mapping[int, str]) -> "PanopticResult":
         """A copy whose segments take ``captions[segment id]`` where given."""
@@ -317,8 +378,9 @@ class PanopticResult:
         """COCO panoptic form: the PNG's pixels (uint8 [H, W, 3], :func:`id2rgb`) and
         ``segments_info`` with *dataset* category ids (``metadata``'s
         ``stuff_dataset_id_to_contiguous_id`` / ``thing_dataset_id_to_contiguous_id``
-        inverted), ``bbox`` ``[x, y, w, h]``, ``area``, ``iscrowd``, and ``caption`` /
-        ``score`` where known."""
+        inverted), ``bbox`` ``[x, y, w, h]``, ``area``, ``iscrowd``, ``isthing``, and
+        ``caption`` / ``score`` / ``query_index`` where known. :meth:`from_coco_panoptic`
+        reads it back into an equal result."""
         to_dataset = {v: k for k, v in _dataset_to_contiguous(metadata).items()}
         infos = []
         for s in self.segments:
@@ -339,6 +401,8 @@ class PanopticResult:
                 info["caption"] = s.caption
             if s.score is not None:
                 info["score"] = s.score
+            if s.query_index is not None:
+                info["query_index"] = s.query_index
             infos.append(info)
         return id2rgb(self.panoptic_seg), infos
 

@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
+__all__ = [
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_write_dir",
+]
 
 
 @contextmanager
@@ -59,3 +66,32 @@ def atomic_write_json(path: str, obj: Any, **json_kwargs: Any) -> None:
     """``json.dump(obj)`` to ``path`` atomically (the text is built before the file is opened,
     so an object that cannot be serialised leaves nothing behind)."""
     atomic_write_text(path, json.dumps(obj, **json_kwargs))
+
+
+def atomic_write_dir(path: str, write_fn: Callable[[str], None]) -> None:
+    """Write a whole folder: ``write_fn(tmp)`` fills a temporary sibling folder, which then
+    takes the place of ``path`` (an existing folder is moved aside first and removed after).
+
+    A reader sees the old folder or the new one complete; between the two renames ``path``
+    is briefly absent. When ``write_fn`` raises, the temporary folder is removed and
+    ``path`` is untouched. Missing parent folders are created.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    try:
+        write_fn(tmp)
+        if os.path.isdir(path):
+            # A fresh unused name to move the old folder to (mkdtemp reserves it; os.replace
+            # needs it absent).
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=parent)
+            os.rmdir(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -14,6 +14,11 @@ number, ``N. <class> (score): <caption>`` next to the same colour swatch::
 The canvas is ``[max(H, panel height), W + panel_width, 3]``: a long caption list makes the
 canvas taller (the image is padded below) instead of being clipped.
 
+The drawing works on a :class:`pix2cap.structures.PanopticResult` (``draw_panoptic_result``),
+so class names and thing/stuff come from the dataset's ``Metadata`` only;
+``draw_panoptic_seg(panoptic_seg, segments_info)`` takes detectron2's form and builds one.
+A dataset dict's ground truth is read by ``pix2cap.data.detection_utils.read_panoptic_result``.
+
 Colours: a segment takes its class colour from the metadata (``thing_colors`` for things,
 ``stuff_colors`` for every class, both indexed by contiguous id), or a fixed palette colour
 when the metadata has none. Things are jittered per instance (seeded by the segment id, so a
@@ -28,18 +33,21 @@ from __future__ import annotations
 import colorsys
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from pix2cap.structures.panoptic import PanopticResult, Segment
+from pix2cap.utils.file_io import atomic_open
 
 __all__ = [
     "Visualizer",
     "SegmentStyle",
     "segment_colors",
     "draw_panoptic_seg",
-    "draw_dataset_dict",
+    "draw_panoptic_result",
     "save_rgb_png",
 ]
 
@@ -51,14 +59,17 @@ IMAGE_PAD = (250, 250, 250)
 THING_JITTER = 48
 
 
-def _meta_get(metadata: Any, key: str) -> Any:
-    """``metadata[key]`` for a ``Metadata`` object, a plain dict or ``None`` (-> ``None``)."""
-    if metadata is None:
-        return None
-    getter = getattr(metadata, "get", None)
-    if getter is not None:
-        return getter(key)
-    return getattr(metadata, key, None)
+def _check_metadata(metadata: Any) -> Any:
+    """``metadata`` must answer class names and thing/stuff itself (``pix2cap.data.Metadata``),
+    so those rules live in one place; a plain dict is refused rather than half-read."""
+    if metadata is not None and not (
+        hasattr(metadata, "class_name") and hasattr(metadata, "is_thing")
+    ):
+        raise TypeError(
+            f"metadata must be a pix2cap.data.Metadata (wrap a dict as Metadata(name, **d)) "
+            f"or None, got {type(metadata).__name__}"
+        )
+    return metadata
 
 
 def _palette_color(index: int) -> tuple[int, int, int]:
@@ -73,56 +84,34 @@ def _class_color(category_id: int, isthing: bool, metadata: Any) -> tuple[int, i
     """Class colour from ``thing_colors`` (things) or ``stuff_colors`` (all classes)."""
     tables = (["thing_colors"] if isthing else []) + ["stuff_colors"]
     for key in tables:
-        colors = _meta_get(metadata, key)
+        colors = None if metadata is None else metadata.get(key)
         if colors is not None and 0 <= category_id < len(colors):
             color = colors[category_id]
             return tuple(int(c) for c in color[:3])  # type: ignore[return-value]
     return _palette_color(category_id)
 
 
-def _class_name(category_id: int, isthing: bool, metadata: Any) -> str:
-    """Class name by contiguous id: ``stuff_classes`` holds every class (detectron2's
-    panoptic convention); ``thing_classes`` is a fallback for things."""
-    names = _meta_get(metadata, "stuff_classes")
-    if names is not None and 0 <= category_id < len(names):
-        return str(names[category_id])
-    if isthing:
-        names = _meta_get(metadata, "thing_classes")
-        if names is not None and 0 <= category_id < len(names):
-            return str(names[category_id])
-    return f"class {category_id}"
-
-
-def _is_thing(segment: Mapping[str, Any], metadata: Any) -> bool:
-    if "isthing" in segment and segment["isthing"] is not None:
-        return bool(segment["isthing"])
-    things = _meta_get(metadata, "thing_classes")
-    return things is not None and int(segment["category_id"]) < len(things)
-
-
 def segment_colors(
-    segments_info: Sequence[Mapping[str, Any]], metadata: Any = None
+    segments: Iterable[Segment], metadata: Any = None
 ) -> dict[int, tuple[int, int, int]]:
     """The RGB colour of every segment, as the visualizer draws it.
 
     Args:
-        segments_info: dicts with ``id``, ``category_id`` (contiguous) and optionally
-            ``isthing``.
-        metadata: dataset metadata (``Metadata``, dict or ``None``).
+        segments: :class:`~pix2cap.structures.Segment` s (or a ``PanopticResult``).
+        metadata: dataset ``Metadata`` (``thing_colors`` / ``stuff_colors``) or ``None``.
     Returns:
         ``{segment id: (r, g, b)}``; stuff keeps its class colour, a thing gets its class
         colour jittered by up to ``THING_JITTER`` per channel, seeded by its segment id.
     """
     colors: dict[int, tuple[int, int, int]] = {}
-    for segment in segments_info:
-        seg_id = int(segment["id"])
-        category_id = int(segment["category_id"])
-        isthing = _is_thing(segment, metadata)
-        base = np.array(_class_color(category_id, isthing, metadata), dtype=np.int64)
-        if isthing:
-            rng = np.random.default_rng(seg_id)
+    for segment in segments:
+        base = np.array(
+            _class_color(segment.category_id, segment.isthing, metadata), dtype=np.int64
+        )
+        if segment.isthing:
+            rng = np.random.default_rng(segment.id)
             base = base + rng.integers(-THING_JITTER, THING_JITTER + 1, size=3)
-        colors[seg_id] = tuple(int(c) for c in np.clip(base, 0, 255))  # type: ignore[assignment]
+        colors[segment.id] = tuple(int(c) for c in np.clip(base, 0, 255))  # type: ignore[assignment]
     return colors
 
 
@@ -204,9 +193,9 @@ class Visualizer:
 
     Args:
         image: RGB uint8 ndarray [H, W, 3].
-        metadata: dataset metadata (``Metadata`` or dict) with ``stuff_classes`` (every class
-            name by contiguous id) and optionally ``thing_classes``, ``thing_colors``,
-            ``stuff_colors``; ``None`` names classes ``class <id>``.
+        metadata: the dataset's ``pix2cap.data.Metadata`` (class names and thing/stuff by
+            contiguous id; optionally ``thing_colors``, ``stuff_colors``); ``None`` names
+            classes ``class <id>``.
         scale: resize factor for the drawn image (nearest for segment ids), e.g. 2 or 4 to
             read the numbers on a tiny image.
         alpha: opacity of the segment tint (0 = image only, 1 = flat colour).
@@ -233,7 +222,7 @@ class Visualizer:
             raise ValueError(f"scale must be > 0, got {scale}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        self.metadata = metadata
+        self.metadata = _check_metadata(metadata)
         self.scale = float(scale)
         self.alpha = float(alpha)
         self.input_hw = (int(image.shape[0]), int(image.shape[1]))
@@ -259,7 +248,7 @@ class Visualizer:
     def draw_panoptic_seg(
         self, panoptic_seg: Any, segments_info: Sequence[Mapping[str, Any]]
     ) -> np.ndarray:
-        """Draw segments and the caption panel.
+        """Draw detectron2's ``(panoptic_seg, segments_info)``.
 
         Args:
             panoptic_seg: Int [H, W] segment id per pixel (ndarray or Tensor), 0 = void; the
@@ -267,62 +256,50 @@ class Visualizer:
             segments_info: one dict per segment: ``id``, ``category_id`` (contiguous),
                 optional ``isthing``, ``score``, ``caption``, ``iscrowd``.
         Returns:
+            as :meth:`draw_panoptic_result`.
+        """
+        if hasattr(panoptic_seg, "detach"):  # a torch Tensor, possibly on a GPU
+            panoptic_seg = panoptic_seg.detach().cpu().numpy()
+        self._check_size(np.asarray(panoptic_seg).shape)
+        result = PanopticResult.from_panoptic(panoptic_seg, segments_info, self.metadata)
+        return self.draw_panoptic_result(result)
+
+    def draw_panoptic_result(self, result: PanopticResult) -> np.ndarray:
+        """Draw segments and the caption panel, segments listed in ``result``'s order.
+
+        Args:
+            result: a panoptic result the size of the image given to the constructor (a
+                prediction, or ground truth from ``read_panoptic_result``).
+        Returns:
             RGB uint8 ndarray [max(H', panel height), W' + panel_width, 3], where
             ``(H', W')`` is the image size times ``scale``.
         """
-        seg = self._prepare_seg(panoptic_seg)
-        colors = segment_colors(segments_info, self.metadata)
+        self._check_size(result.image_size)
+        seg = self._scaled_seg(result.panoptic_seg)
+        colors = segment_colors(result.segments, self.metadata)
+        # A segment may vanish when the map is scaled down: only what is drawn is "visible".
         present = set(np.unique(seg).tolist())
         styles = [
             SegmentStyle(
                 number=i + 1,
-                segment_id=int(s["id"]),
-                color=colors[int(s["id"])],
-                text=self._entry_text(i + 1, s, visible=int(s["id"]) in present),
+                segment_id=s.id,
+                color=colors[s.id],
+                text=self._entry_text(i + 1, s, visible=s.id in present),
             )
-            for i, s in enumerate(segments_info)
+            for i, s in enumerate(result.segments)
         ]
         canvas_image = self._draw_segments(seg, styles)
         return self._compose(canvas_image, styles)
 
-    def draw_dataset_dict(self, dataset_dict: Mapping[str, Any]) -> np.ndarray:
-        """Draw the ground truth of a dataset dict (see ``pix2cap.data.datasets``): the
-        panoptic PNG ``pan_seg_file_name`` and ``segments_info``, whose ``description`` is the
-        caption. Segment ids in ``segments_info`` missing from the PNG are listed but not
-        drawn."""
-        from pix2cap.data.detection_utils import read_panoptic_png
-        from pix2cap.data.errors import DatasetError
-
-        file_name = dataset_dict.get("file_name", "<dataset dict without file_name>")
-        png = dataset_dict.get("pan_seg_file_name")
-        if not png:
-            raise DatasetError(file_name, "dataset dict has no 'pan_seg_file_name' to draw")
-        if "segments_info" not in dataset_dict:
-            raise DatasetError(file_name, "dataset dict has no 'segments_info' to draw")
-        seg = read_panoptic_png(png)
-        if seg.shape != self.input_hw:
-            raise DatasetError(
-                png,
-                f"panoptic PNG is {seg.shape[0]}x{seg.shape[1]} (HxW) but the image "
-                f"{file_name} is {self.input_hw[0]}x{self.input_hw[1]}",
-            )
-        segments = []
-        for s in dataset_dict["segments_info"]:
-            segment = {k: s[k] for k in ("id", "category_id", "isthing", "iscrowd") if k in s}
-            segment["caption"] = s.get("description") or ""
-            segments.append(segment)
-        return self.draw_panoptic_seg(seg, segments)
-
     # -----------------------------------------------------------------------------------------
-    def _prepare_seg(self, panoptic_seg: Any) -> np.ndarray:
-        if hasattr(panoptic_seg, "detach"):  # a torch Tensor, possibly on a GPU
-            panoptic_seg = panoptic_seg.detach().cpu().numpy()
-        seg = np.asarray(panoptic_seg)
-        if seg.shape != self.input_hw:
+    def _check_size(self, shape: Sequence[int]) -> None:
+        if tuple(shape) != self.input_hw:
             raise ValueError(
-                f"panoptic_seg has shape {seg.shape}, the image is {self.input_hw} (HxW)"
+                f"panoptic_seg has shape {tuple(shape)}, the image is {self.input_hw} (HxW)"
             )
-        seg = seg.astype(np.int64, copy=False)
+
+    def _scaled_seg(self, seg: np.ndarray) -> np.ndarray:
+        """Int64 [H, W] ids -> the ids at the drawn size (nearest pixel centre)."""
         height, width = self.image.shape[:2]
         if (height, width) != self.input_hw:
             rows = np.clip(
@@ -338,19 +315,18 @@ class Visualizer:
             seg = seg[rows[:, None], cols[None, :]]
         return seg
 
-    def _entry_text(self, number: int, segment: Mapping[str, Any], visible: bool = True) -> str:
-        category_id = int(segment["category_id"])
-        name = _class_name(category_id, _is_thing(segment, self.metadata), self.metadata)
-        text = f"{number}. {name}"
-        if segment.get("iscrowd"):
+    @staticmethod
+    def _entry_text(number: int, segment: Segment, visible: bool = True) -> str:
+        """``"N. <class> [crowd] [no pixels] (score): caption"``, parts present as known."""
+        text = f"{number}. {segment.name}"
+        if segment.iscrowd:
             text += " [crowd]"
         if not visible:
             # Listed for completeness, but there is nothing on the image to point at.
             text += " [no pixels]"
-        score = segment.get("score")
-        if score is not None:
-            text += f" ({float(score):.2f})"
-        caption = str(segment.get("caption") or "").strip()
+        if segment.score is not None:
+            text += f" ({segment.score:.2f})"
+        caption = segment.caption.strip()
         if caption:
             text += f": {caption}"
         return text
@@ -466,21 +442,15 @@ def draw_panoptic_seg(
     return Visualizer(image, metadata, **kwargs).draw_panoptic_seg(panoptic_seg, segments_info)
 
 
-def draw_dataset_dict(
-    image: Optional[np.ndarray], dataset_dict: Mapping[str, Any], metadata: Any = None, **kwargs
+def draw_panoptic_result(
+    image: np.ndarray, result: PanopticResult, metadata: Any = None, **kwargs: Any
 ) -> np.ndarray:
-    """Draw a dataset dict's ground truth; ``image`` ``None`` reads ``file_name`` (RGB)."""
-    if image is None:
-        from pix2cap.data.detection_utils import read_image
-
-        image = read_image(dataset_dict["file_name"], format="RGB")
-    return Visualizer(image, metadata, **kwargs).draw_dataset_dict(dataset_dict)
+    """``Visualizer(image, metadata, **kwargs).draw_panoptic_result(result)``."""
+    return Visualizer(image, metadata, **kwargs).draw_panoptic_result(result)
 
 
 def save_rgb_png(image: np.ndarray, path: str | os.PathLike) -> None:
     """Write an RGB uint8 [H, W, 3] array as a PNG, atomically (temporary file in the same
     folder, then ``os.replace``), so a reader never sees half a picture."""
-    from pix2cap.utils.file_io import atomic_open
-
     with atomic_open(path, "wb") as f:
         Image.fromarray(np.asarray(image, dtype=np.uint8)).save(f, format="PNG")

@@ -5,7 +5,7 @@ from pix2cap.bridge import (
     align_to_mentions,
     make_training_pairs,
 )
-from pix2cap.bridge.stages import find_grid_boxes
+from pix2cap.data.caption_formats import find_grid_boxes
 from pix2cap.data.datasets.builtin import load_shapes
 from pix2cap.data.datasets.shapes import generate_shapes
 

@@ -2,13 +2,16 @@ import numpy as np
 import pytest
 
 from pix2cap.bridge.content import (
+    Attribute,
     DecodedEntity,
+    Entity,
     PanopticContent,
     build_content,
-    caption_attributes,
-    geometric_relations,
-    grounded_caption,
 )
+from pix2cap.bridge.geometry import geometric_relations
+from pix2cap.bridge.grounding import grounded_caption, reference
+from pix2cap.bridge.phrases import DETERMINERS, caption_attributes
+from pix2cap.structures.masks import mask_stats
 
 H = W = 40
 
@@ -219,8 +222,6 @@ def test_mask_size_mismatch_is_an_error():
 
 
 def test_reference_names_an_object_by_its_distinguishing_colour():
-    from pix2cap.bridge.content import Attribute, Entity, _reference
-
     def entity(i, name, isthing=True):
         return Entity(id=i, name=name, box=None, grid_box=None, isthing=isthing, score=None,
                       caption="", area=1, segment_id=i, source="segment")
@@ -231,8 +232,37 @@ def test_reference_names_an_object_by_its_distinguishing_colour():
         attributes=[Attribute(1, "large red solid"), Attribute(2, "small blue dotted"),
                     Attribute(3, "large blue solid"), Attribute(4, "small striped")],
     )
-    assert _reference(content, 1) == "the red square"
+    assert reference(content, 1) == "the red square"
     # Two blue squares: the colour does not single one out, all attribute words do.
-    assert _reference(content, 2) == "the small blue dotted square"
-    assert _reference(content, 4) == "the star"
-    assert _reference(content, 5) == "the sand"
+    assert reference(content, 2) == "the small blue dotted square"
+    assert reference(content, 4) == "the star"
+    assert reference(content, 5) == "the sand"
+
+
+def test_determiners_are_the_noun_phrase_openers():
+    assert DETERMINERS == {
+        "a", "an", "the", "this", "that", "these", "those", "some", "several", "many", "its",
+        "his", "her", "their", "one", "two", "three", "four", "five", "six", "seven", "eight",
+        "nine", "ten", "another", "each", "every",
+    }
+
+
+def test_mask_statistics_are_measured_once_per_entity(monkeypatch):
+    import pix2cap.bridge.content as content_module
+
+    calls = []
+
+    def counting(mask):
+        calls.append(1)
+        return mask_stats(mask)
+
+    monkeypatch.setattr(content_module, "mask_stats", counting)
+    entities = [
+        DecodedEntity(rect(30, 40, 0, 40), "grass", isthing=False, caption="green grass"),
+        DecodedEntity(rect(20, 30, 5, 15), "circle", caption="a red circle on the grass"),
+        DecodedEntity(rect(22, 30, 25, 35), "square", caption="a square right of the circle"),
+    ]
+    build_content(entities, (H, W))
+    build_content(entities, (H, W))
+    assert len(calls) == 3
+    assert entities[1].pixel_box == [5, 20, 15, 30]

@@ -1,5 +1,8 @@
 import importlib.util
+import json
+import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -9,15 +12,25 @@ from pix2cap.bridge import (
     GridBoxLogitsProcessor,
     HFCausalLMWriter,
     PanopticCaptionBridge,
+    PromptFormat,
     SmallLMWriter,
     build_caption_writer,
-    build_lm_prompt,
     finetune_lora,
     train_small_lm,
 )
 from pix2cap.bridge.content import DecodedEntity
-from pix2cap.bridge.stages import format_grid_box, grid_text_to_pancap
-from pix2cap.data.datasets.sapancap import format_box, parse_pancap_boxes
+from pix2cap.bridge.lm_training import warmup_cosine_schedule
+from pix2cap.data.caption_formats import (
+    format_box,
+    format_grid_box,
+    grid_text_to_pancap,
+    parse_pancap_boxes,
+)
+from pix2cap.solver import LRMultiplier
+
+SHIPPED_LM = os.path.join(
+    os.path.dirname(__file__), "..", "..", "model_zoo", "shapes", "bridge_small_lm"
+)
 
 H, W = 40, 60
 CLASSES = ["circle", "square", "grass", "sky"]
@@ -83,23 +96,23 @@ def test_unknown_writer_name():
 
 def test_lm_prompt_contains_stage4_and_dense_captions():
     stages, content = _prepared()
-    prompt = build_lm_prompt(stages, content)
+    prompt = PromptFormat().build(stages, content)
     assert prompt.startswith(stages.prompts[4])
     circle_box = content.entity(2).grid_box
     assert f"; 2. circle {format_grid_box(circle_box)}: a red striped circle;" in prompt
     # The same box as the stage-4 entity list states.
     assert f"circle {format_grid_box(circle_box)}," in stages.prompts[4]
-    plain = build_lm_prompt(stages, content, region_boxes=False)
+    plain = PromptFormat(region_boxes=False).build(stages, content)
     assert "; 2. circle: a red striped circle;" in plain
-    assert build_lm_prompt(stages, content, include_dense_captions=False) == stages.prompts[4]
+    assert PromptFormat(include_dense_captions=False).build(stages, content) == stages.prompts[4]
 
 
 def test_lm_prompt_with_grounded_region_captions():
     stages, content = _prepared()
     content.entities[1].caption = "a red striped circle to the right of the green star"
-    raw = build_lm_prompt(stages, content)
+    raw = PromptFormat().build(stages, content)
     assert ": a red striped circle to the right of the green star;" in raw
-    grounded = build_lm_prompt(stages, content, ground_captions=True)
+    grounded = PromptFormat(ground_region_captions=True).build(stages, content)
     # No star was decoded: the clause becomes the circle's geometric support.
     assert ": a red striped circle on the grass;" in grounded
     assert grounded.replace("on the grass", "to the right of the green star") == raw
@@ -243,23 +256,22 @@ def test_hf_causal_lm_missing_folder(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
-def test_lora_finetune_two_steps_and_visual_prefix(tiny_lm, tmp_path):
+def test_lora_finetune_two_steps_saves_its_prompt_format(tiny_lm, tmp_path):
     stages, content = _prepared()
-    prompt = build_lm_prompt(stages, content)
+    fmt = PromptFormat(region_boxes=False)
+    prompt = fmt.build(stages, content)
     target = "A circle <box>[[83, 250, 250, 625]]</box> is on the grass."
-    feats = torch.randn(4, 6)
-    pairs = [{"prompt": prompt, "target": target, "object_features": feats}, (prompt, target)]
+    pairs = [{"prompt": prompt, "target": target}, (prompt, target)]
     out = tmp_path / "adapter"
     losses = finetune_lora(
-        pairs, str(out), model_path=tiny_lm, steps=2, batch_size=2, rank=2, alpha=4,
-        max_length=256, visual_feature_dim=6, log_every=0,
+        pairs, str(out), model_path=tiny_lm, prompt_format=fmt, steps=2, batch_size=2, rank=2,
+        alpha=4, max_length=256, log_every=0,
     )
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert (out / "adapter_config.json").is_file()
-    assert (out / "visual_projector.safetensors").is_file()
     writer = HFCausalLMWriter(tiny_lm, adapter_path=str(out), max_new_tokens=6)
-    assert writer.projector is not None
-    assert isinstance(writer(content, stages, (H, W), object_features=feats), str)
+    assert writer.prompt_format == fmt
+    assert isinstance(writer(content, stages, (H, W)), str)
 
 
 @pytest.mark.parametrize("copy_head", [True, False])
@@ -267,22 +279,23 @@ def test_small_lm_trains_and_generates(tmp_path, copy_head):
     from pix2cap.bridge.copy_lm import CopyGPT2LMHeadModel
 
     stages, content = _prepared()
-    prompt = build_lm_prompt(stages, content)
+    fmt = PromptFormat(ground_region_captions=copy_head)
+    prompt = fmt.build(stages, content)
     target = "A red circle <box>[[83, 250, 250, 625]]</box> is on the grass."
     pairs = [{"prompt": prompt, "target": target}] * 3
     out = tmp_path / "small_lm"
     result = train_small_lm(
-        pairs, str(out), steps=10, n_layer=1, n_embd=32, n_head=2, n_positions=320,
-        max_target_tokens=48, batch_size=2, lr=3e-3, log_every=0, copy_head=copy_head,
-        ground_region_captions=copy_head,
+        pairs, str(out), steps=10, prompt_format=fmt, n_layer=1, n_embd=32, n_head=2,
+        n_positions=320, max_target_tokens=48, batch_size=2, lr=3e-3, log_every=0,
+        copy_head=copy_head,
     )
     assert result["losses"][-1] < result["losses"][0]
     assert os.path.isfile(out / "model.safetensors") and os.path.isfile(out / "tokenizer.json")
     writer = build_caption_writer("small_lm", model_path=str(out), max_new_tokens=24)
     assert isinstance(writer, SmallLMWriter)
     assert isinstance(writer.model, CopyGPT2LMHeadModel) == copy_head
-    # The prompt form it was trained with is read back from its info file.
-    assert writer.ground_region_captions == copy_head and writer.region_boxes
+    # The prompt form it was trained with is read back from its folder.
+    assert writer.prompt_format == fmt
     caption = writer(content, stages, (H, W))
     assert isinstance(caption, str) and caption
     # Grid boxes the LM writes come back in SA-Pancap form.
@@ -315,9 +328,11 @@ def test_dense_caption_concat_writers():
 def test_shipped_shapes_lm_writes_only_listed_boxes():
     """The LM in model_zoo loads offline and, under the box constraint, states only the
     boxes of the entities it was given."""
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "model_zoo", "shapes", "bridge_small_lm")
-    writer = build_caption_writer("small_lm", model_path=path, max_new_tokens=160)
-    assert writer.region_boxes and writer.constrain_boxes and writer.ground_region_captions
+    writer = build_caption_writer("small_lm", model_path=SHIPPED_LM, max_new_tokens=160)
+    assert writer.prompt_format == PromptFormat(
+        include_dense_captions=True, region_boxes=True, ground_region_captions=True
+    )
+    assert writer.constrain_boxes
     from pix2cap.bridge.copy_lm import CopyGPT2LMHeadModel
 
     assert isinstance(writer.model, CopyGPT2LMHeadModel)
@@ -329,3 +344,66 @@ def test_shipped_shapes_lm_writes_only_listed_boxes():
         for e in content.entities
     }
     assert stated and stated <= listed
+
+
+def test_prompt_format_round_trips_through_its_file(tmp_path):
+    fmt = PromptFormat(include_dense_captions=True, region_boxes=False, ground_region_captions=True)
+    path = fmt.save(str(tmp_path))
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["kind"] == "pix2cap_prompt_format" and saved["version"] == 1
+    assert PromptFormat.load(str(tmp_path)) == fmt
+    assert PromptFormat.from_dict(fmt.to_dict()) == fmt
+    with pytest.raises(FileNotFoundError, match="pix2cap_prompt_format.json"):
+        PromptFormat.load(str(tmp_path / "elsewhere"))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"version": 2}, "unknown prompt format"),
+        ({"kind": "other"}, "unknown prompt format"),
+        ({"region_captions_first": True}, "unknown keys"),
+        ({"region_boxes": "yes"}, "true or false"),
+    ],
+)
+def test_writer_refuses_an_lm_whose_prompt_format_it_does_not_know(tmp_path, change, message):
+    lm = tmp_path / "lm"
+    shutil.copytree(SHIPPED_LM, lm)
+    fmt_file = lm / "pix2cap_prompt_format.json"
+    data = json.loads(fmt_file.read_text())
+    data.update(change)
+    fmt_file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message) as error:
+        build_caption_writer("small_lm", model_path=str(lm))
+    assert str(fmt_file) in str(error.value)
+    # A small LM folder without a prompt format is refused too.
+    fmt_file.unlink()
+    with pytest.raises(FileNotFoundError, match="pix2cap_prompt_format.json"):
+        build_caption_writer("small_lm", model_path=str(lm))
+
+
+def _old_lr_at(step, steps, lr, warmup):
+    """The warm-up + cosine formula the LM training used before it ran on the solver's
+    schedulers."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 21, 1200, 1500])
+@pytest.mark.parametrize("lr", [2e-3, 2e-4])
+def test_lm_training_lr_follows_the_old_formula(steps, lr):
+    warmup = max(1, steps // 20)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=lr)
+    scheduler = LRMultiplier(optimizer, warmup_cosine_schedule(steps, warmup), max_iter=steps)
+    for step in range(steps):
+        got, expected = optimizer.param_groups[0]["lr"], _old_lr_at(step, steps, lr, warmup)
+        # Equal up to float64 rounding (a few units in the last place), hence the same in
+        # the float32 arithmetic of the parameters.
+        assert got == pytest.approx(expected, rel=1e-13, abs=0.0), step
+        assert np.float32(got) == np.float32(expected), step
+        optimizer.step()
+        scheduler.step()

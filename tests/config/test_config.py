@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -151,3 +153,64 @@ def test_every_shipped_config_loads(name):
     if name.startswith("shapes/"):
         assert cfg.DATASETS.TRAIN == ("shapes_train",) and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 9
         assert cfg.MODEL.DEVICE == "cpu"
+
+
+class _Records(logging.Handler):
+    """Keeps the records it is given (whatever ``propagate`` says, unlike caplog)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+REMOVED_CAPTION_HEAD_KEYS = {
+    "VOCAB_SIZE": "VOCAB_FILE",
+    "BOS_TOKEN_ID": "[CLS]",
+    "EOS_TOKEN_ID": "[SEP]",
+    "PAD_TOKEN_ID": "[PAD]",
+    "QUERY_DIM": "MODEL.MASK_FORMER.HIDDEN_DIM",
+    "GLOBAL_DIM": "MODEL.SEM_SEG_HEAD.CONVS_DIM",
+}
+
+
+def test_removed_keys_load_with_a_warning(tmp_path):
+    text = "MODEL:\n  CAPTION_HEAD:\n" + "".join(f"    {k}: 7\n" for k in REMOVED_CAPTION_HEAD_KEYS)
+    old = _write(tmp_path / "old.yaml", text + "    MAX_LENGTH: 21\n")
+    handler = _Records()
+    records = handler.records
+    logging.getLogger("pix2cap.config.config").addHandler(handler)
+    try:
+        cfg = get_cfg()
+        cfg.merge_from_file(old)
+        assert cfg.MODEL.CAPTION_HEAD.MAX_LENGTH == 21  # the rest of the file still applies
+        for key in REMOVED_CAPTION_HEAD_KEYS:
+            assert key not in cfg.MODEL.CAPTION_HEAD
+        messages = [r.getMessage() for r in records]
+        for key, source in REMOVED_CAPTION_HEAD_KEYS.items():
+            hits = [m for m in messages if f"MODEL.CAPTION_HEAD.{key} " in m]
+            assert len(hits) == 1 and "removed" in hits[0] and source in hits[0], messages
+        assert all(r.levelno == logging.WARNING for r in records)
+
+        # Command-line overrides of a removed key are ignored the same way.
+        del records[:]
+        cfg.merge_from_list(["MODEL.CAPTION_HEAD.VOCAB_SIZE", "274"])
+        assert "MODEL.CAPTION_HEAD.VOCAB_SIZE" in records[0].getMessage()
+    finally:
+        logging.getLogger("pix2cap.config.config").removeHandler(handler)
+    # Unknown keys still fail, and the removed ones are not in a dumped config.
+    with pytest.raises(ConfigError, match="NOT_A_KEY"):
+        get_cfg().merge_from_list(["MODEL.CAPTION_HEAD.NOT_A_KEY", "1"])
+    assert "VOCAB_SIZE" not in get_cfg().dump()
+
+
+def test_full_config_of_the_shipped_model_still_loads():
+    from pathlib import Path
+
+    zoo = Path(__file__).resolve().parents[2] / "model_zoo"
+    path = zoo / "shapes" / "pix2cap_effl0_full_config.yaml"
+    cfg = get_cfg()
+    cfg.merge_from_file(str(path))
+    assert cfg.MODEL.CAPTION_HEAD.VOCAB_FILE == "configs/shapes/shapes_vocab.txt"

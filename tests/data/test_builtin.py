@@ -7,6 +7,7 @@ import pytest
 
 import pix2cap.data.datasets  # noqa: F401  (registers the built-in names)
 from pix2cap.data.catalog import DatasetCatalog, MetadataCatalog
+from pix2cap.data.datasets import builtin
 from pix2cap.data.datasets.builtin import BUILTIN_DATASETS, get_datasets_root, register_all_builtin
 from pix2cap.data.errors import DatasetError
 from tests.data.test_coco_panoptic import make_panoptic_fixture
@@ -157,17 +158,15 @@ def test_shapes_are_generated_on_first_use_and_merged(datasets_root):
 
 
 def test_missing_shapes_split_is_generated(datasets_root, monkeypatch):
-    import pix2cap.data.datasets.shapes as shapes
-
     calls = []
-    real_ensure = shapes.ensure_shapes
+    real_ensure = builtin.ensure_shapes
 
     def small_ensure(root, split, **kwargs):
         calls.append((root, split, kwargs))
         kwargs.update(num_images=2, image_size=64)  # keep the test fast
         return real_ensure(root, split, **kwargs)
 
-    monkeypatch.setattr(shapes, "ensure_shapes", small_ensure)
+    monkeypatch.setattr(builtin, "ensure_shapes", small_ensure)
     assert not (datasets_root / "shapes").exists()
     dicts = DatasetCatalog.get("shapes_val_compositional")
     assert len(dicts) == 2

@@ -26,6 +26,7 @@ from pix2cap.data.datasets.shapes import (
     render_scene,
     shapes_split_is_complete,
 )
+from pix2cap.data.text import number_word
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = 96
@@ -255,7 +256,7 @@ def test_sapancap_boxes_match_visible_masks(shapes_root):
                 subject = " ".join(seg["description"].split()[:5])
                 assert f"{subject[:1].upper()}{subject[1:]} {boxes[seg['id']]}" in text
         things = sum(1 for s in ann["segments_info"] if "z_order" in s)
-        assert "flat vivid colours" in text and shapes._NUMBER_WORDS[things] + " object" in text
+        assert "flat vivid colours" in text and number_word(things) + " object" in text
 
 
 def test_determinism_and_per_image_independence(tmp_path):

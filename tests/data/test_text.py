@@ -1,5 +1,6 @@
 import pytest
 
+from pix2cap.data.caption_formats import parse_pancap_boxes
 from pix2cap.data.text import flip_grounded_caption, flip_panoptic_caption, swap_left_right
 
 
@@ -71,8 +72,6 @@ def test_flip_panoptic_caption_mirrors_boxes_and_words():
         "[[0.000, 0.100, 0.200, 0.500]].\n"
         "- **Right lamp** [[0.750, 0.000, 1.000, 0.500]] is bright."
     )
-    from pix2cap.data.datasets.sapancap import parse_pancap_boxes
-
     boxes = parse_pancap_boxes(flipped)
     assert [b["phrase"] for b in boxes] == ["The woman", "stands right of a car", "Right lamp"]
     twice = parse_pancap_boxes(flip_panoptic_caption(flipped))

@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from pix2cap.data.datasets.sapancap import format_box, parse_pancap_boxes
+from pix2cap.data.caption_formats import format_box, parse_pancap_boxes
 from pix2cap.evaluation.pancapscore import (
     Entity,
     HeuristicExtractor,

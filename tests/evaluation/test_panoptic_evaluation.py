@@ -23,7 +23,6 @@ from pix2cap.evaluation.panoptic_evaluation import (
     COCOPanopticEvaluator,
     PQStat,
     pq_compute_single,
-    read_panoptic_ids,
 )
 from pix2cap.utils import comm
 
@@ -474,7 +473,7 @@ def test_corrupted_prediction_export_and_panopticapi(shapes_val, tmp_path, monke
     for ann, r, o in zip(data["annotations"], records, outputs):
         assert ann["image_id"] == r["image_id"]
         ids, segments = o["panoptic_seg"]
-        png = read_panoptic_ids(out_dir / "panoptic_predictions" / ann["file_name"])
+        png = read_panoptic_png(out_dir / "panoptic_predictions" / ann["file_name"])
         np.testing.assert_array_equal(png, ids.numpy())
         assert [s["id"] for s in ann["segments_info"]] == [s["id"] for s in segments]
         for s_out, s_in in zip(ann["segments_info"], segments):
@@ -539,19 +538,6 @@ def test_categories_from_detectron2_style_metadata():
     }
     with pytest.raises(KeyError, match="dataset 'custom' has neither"):
         COCOPanopticEvaluator(dataset_name="custom", metadata={})
-
-
-def test_read_panoptic_ids(tmp_path):
-    ids = np.array([[0, 1, 256], [65536, 0xABCDEF, 0xFFFFFF]], dtype=np.int64)
-    _ids_to_png(ids, tmp_path / "ids.png")
-    decoded = read_panoptic_ids(tmp_path / "ids.png")
-    assert decoded.dtype == np.uint32
-    np.testing.assert_array_equal(decoded, ids)
-    with pytest.raises(ValueError, match="missing.png: file not found"):
-        read_panoptic_ids(tmp_path / "missing.png")
-    Image.fromarray(np.zeros((2, 2), dtype=np.uint8)).save(tmp_path / "gray.png")
-    with pytest.raises(ValueError, match="gray.png: panoptic PNG must be 8-bit RGB"):
-        read_panoptic_ids(tmp_path / "gray.png")
 
 
 def test_evaluator_input_errors(shapes_val):

@@ -235,32 +235,57 @@ def test_tiny_head_memorises_captions():
             assert decode(used[out]) == captions
 
 
-def test_build_from_config():
+def _head_cfg(vocab_file=""):
     from pix2cap.config.config import CfgNode
 
     cfg = CfgNode()
     cfg.MODEL = CfgNode()
+    cfg.MODEL.MASK_FORMER = CfgNode(dict(HIDDEN_DIM=16))
+    cfg.MODEL.SEM_SEG_HEAD = CfgNode(dict(CONVS_DIM=12))
     cfg.MODEL.CAPTION_HEAD = CfgNode(
         dict(
             NAME="DenseCaptionHead",
-            QUERY_DIM=16,
-            GLOBAL_DIM=12,
             HIDDEN_SIZE=32,
             NUM_LAYERS=3,
             NUM_HEADS=4,
             INTERMEDIATE_SIZE=64,
             DROPOUT=0.1,
             MAX_LENGTH=40,
-            VOCAB_SIZE=30522,
             LABEL_SMOOTHING=0.1,
             BOTTLENECK_DIM=8,
             BOTTLENECK_GRAD_SCALE=1.0 / 3.0,
-            BOS_TOKEN_ID=101,
-            EOS_TOKEN_ID=102,
-            PAD_TOKEN_ID=0,
+            VOCAB_FILE=vocab_file,
         )
     )
+    return cfg
+
+
+def test_build_from_config():
+    cfg = _head_cfg()
     head = CAPTION_HEAD_REGISTRY.get(cfg.MODEL.CAPTION_HEAD.NAME)(cfg, num_layers=1)
     assert len(head.layers) == 1  # explicit keywords override the config
     assert head.max_length == 40 and head.query_proj.grad_scale == pytest.approx(1 / 3)
-    assert head.embeddings.word_embeddings.weight.shape == (30522, 32)
+    # The memory widths are those of the decoder query and the pixel decoder.
+    assert (head.query_proj.down.in_features, head.global_proj.down.in_features) == (16, 12)
+    q, g = torch.randn(2, 16), torch.randn(2, 12)
+    assert head.encode_memory(q, g).shape == (2, 2, 32)
+    # Vocabulary size and special ids are the packaged tokenizer's.
+    tokenizer = build_caption_tokenizer()
+    assert head.embeddings.word_embeddings.weight.shape == (len(tokenizer), 32) == (30522, 32)
+    assert (head.bos_token_id, head.eos_token_id, head.pad_token_id) == (
+        tokenizer.cls_token_id,
+        tokenizer.sep_token_id,
+        tokenizer.pad_token_id,
+    )
+
+
+def test_build_from_config_vocab_file(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle"]
+    vocab.write_text("\n".join(pieces))
+    head = DenseCaptionHead(_head_cfg(str(vocab)))
+    assert head.vocab_size == 8 and head.lm_bias.shape == (8,)
+    assert (head.bos_token_id, head.eos_token_id, head.pad_token_id) == (2, 3, 0)
+    # An explicit tokenizer wins over VOCAB_FILE.
+    head = DenseCaptionHead(_head_cfg(str(vocab)), tokenizer=build_caption_tokenizer())
+    assert head.vocab_size == 30522 and head.bos_token_id == 101

@@ -23,6 +23,7 @@ from pix2cap.structures import Instances, masks_to_boxes_xyxy
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPES_CONFIG = os.path.join(REPO, "configs", "shapes", "pix2cap_effl0.yaml")
 COCO_CONFIG = os.path.join(REPO, "configs", "coco", "pix2cap_focalnet_large.yaml")
+SHIPPED_WEIGHTS = os.path.join(REPO, "model_zoo", "shapes", "pix2cap_effl0.safetensors")
 NUM_CLASSES = 3  # 0, 1 things; 2 stuff
 THING_IDS = {0, 1}
 MAX_LEN = 12
@@ -353,6 +354,20 @@ def test_from_config_shapes():
     assert model.caption_head.max_length == model.max_caption_length == 20
     assert model.criterion.weight_dict["loss_caption"] == cfg.MODEL.CAPTION_HEAD.LOSS_WEIGHT
     assert model.pixel_mean.flatten().tolist() == [127.5] * 3
+    # The caption head is sized by the subset vocabulary the shipped weights were trained with,
+    # and takes its special ids from the same tokenizer.
+    from safetensors import safe_open
+
+    with safe_open(SHIPPED_WEIGHTS, "pt") as f:
+        rows = f.get_slice("caption_head.embeddings.word_embeddings.weight").get_shape()[0]
+    tokenizer = model.tokenizer
+    assert tokenizer is build_caption_tokenizer(cfg.MODEL.CAPTION_HEAD.VOCAB_FILE)
+    assert model.caption_head.vocab_size == len(tokenizer) == rows == 274
+    head = model.caption_head
+    assert (head.bos_token_id, head.eos_token_id, head.pad_token_id) == (2, 3, 0)
+    assert model.criterion.caption_pad_token_id == tokenizer.pad_token_id
+    assert head.query_proj.down.in_features == cfg.MODEL.MASK_FORMER.HIDDEN_DIM
+    assert head.global_proj.down.in_features == cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM
     # The frozen encoder carries the packaged ImageNet weights.
     assert all(not p.requires_grad for p in model.backbone.parameters())
     src = torch.load(converters.find_efficientnet_lite0_weights(), map_location="cpu",
@@ -427,3 +442,11 @@ def test_tokenizer_matches_head(model):
     tokenizer = model.tokenizer
     assert tokenizer is build_caption_tokenizer()
     assert tokenizer.cls_token_id == model.caption_head.bos_token_id
+
+
+def test_given_tokenizer_is_checked_at_construction(parts, tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    # [CLS] at 1, not at the head's 101.
+    vocab.write_text("\n".join(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]", "a"]))
+    with pytest.raises(ValueError, match="bos_token_id=101"):
+        eval_model(parts, tokenizer=build_caption_tokenizer(str(vocab)))

@@ -10,12 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
+from pix2cap.data.catalog import Metadata
+from pix2cap.data.detection_utils import read_panoptic_result
+from pix2cap.data.errors import DatasetError
+from pix2cap.structures import PanopticResult
 from pix2cap.utils.visualizer import (
     PANEL_BACKGROUND,
     Visualizer,
     _label_point,
     _load_font,
-    draw_dataset_dict,
+    draw_panoptic_result,
     draw_panoptic_seg,
     save_rgb_png,
     segment_colors,
@@ -24,12 +28,13 @@ from pix2cap.utils.visualizer import (
 
 REPO = Path(__file__).resolve().parents[2]
 
-META = {
-    "thing_classes": ["circle", "square"],
-    "stuff_classes": ["circle", "square", "sky", "grass"],
-    "thing_colors": [[220, 20, 60], [0, 130, 200]],
-    "stuff_colors": [[220, 20, 60], [0, 130, 200], [135, 195, 235], [75, 135, 60]],
-}
+META = Metadata(
+    "visualizer_test",
+    thing_classes=["circle", "square"],
+    stuff_classes=["circle", "square", "sky", "grass"],
+    thing_colors=[[220, 20, 60], [0, 130, 200]],
+    stuff_colors=[[220, 20, 60], [0, 130, 200], [135, 195, 235], [75, 135, 60]],
+)
 GREY = 100
 H, W = 60, 80
 PANEL = 300
@@ -51,6 +56,10 @@ def _scene():
     return image, seg, segments
 
 
+def _segments(seg, segments, metadata=META):
+    return PanopticResult.from_panoptic(seg, segments, metadata).segments
+
+
 def _panel(out):
     return out[:, W:]
 
@@ -67,7 +76,7 @@ def test_output_size_and_segment_tint():
     assert out.shape[1] == W + PANEL
     assert out.shape[0] >= H
 
-    colors = segment_colors(segments, META)
+    colors = segment_colors(_segments(seg, segments), META)
     # Pixels well inside each segment (away from the outline and the centred number).
     for (y, x), seg_id in (((5, 5), 3), ((4, 76), 4), ((56, 76), 7)):
         expected = np.round(0.5 * GREY + 0.5 * np.array(colors[seg_id], dtype=np.float64))
@@ -80,7 +89,8 @@ def test_output_size_and_segment_tint():
 
 
 def test_instances_of_one_class_get_different_colours():
-    segments = [{"id": i, "category_id": 0, "isthing": True} for i in range(1, 6)]
+    seg = np.arange(1, 6).reshape(1, 5)
+    segments = _segments(seg, [{"id": i, "category_id": 0} for i in range(1, 6)])
     colors = segment_colors(segments, META)
     assert len(set(colors.values())) == 5
     # Reproducible: the jitter is seeded by the segment id.
@@ -154,9 +164,16 @@ def test_segments_without_caption_or_score():
     out = vis.draw_panoptic_seg(seg, bare)
     assert out.shape[1] == W + PANEL and _ink_pixels(_panel(out)[:, 1:]) > 50
     # isthing comes from the metadata when absent; no score, no caption -> class name only.
-    assert vis._entry_text(1, bare[0]) == "1. circle"
-    assert vis._entry_text(3, bare[2]) == "3. grass"
-    assert vis._entry_text(2, segments[1]) == "2. square (0.71): a blue square"
+    plain = _segments(seg, bare)
+    assert [s.isthing for s in plain] == [True, True, False]
+    assert vis._entry_text(1, plain[0]) == "1. circle"
+    assert vis._entry_text(3, plain[2]) == "3. grass"
+    full = _segments(seg, segments)
+    assert vis._entry_text(2, full[1]) == "2. square (0.71): a blue square"
+    crowd = _segments(seg, [{**segments[2], "iscrowd": 1}])
+    assert vis._entry_text(1, crowd[0], visible=False) == (
+        "1. grass [crowd] [no pixels] (0.88): green grass"
+    )
 
 
 def test_empty_segments_list_leaves_the_image_untouched():
@@ -177,37 +194,60 @@ def test_tensor_input_scale_and_bad_shapes():
         draw_panoptic_seg(image, seg[:10], segments, META)
     with pytest.raises(ValueError, match="RGB image"):
         Visualizer(image[:, :, 0])
+    with pytest.raises(ValueError, match="listed more than once"):
+        draw_panoptic_seg(image, seg, segments + segments[:1], META)
+
+
+def test_result_and_detectron2_form_draw_the_same_picture():
+    image, seg, segments = _scene()
+    result = PanopticResult.from_panoptic(seg, segments, META)
+    np.testing.assert_array_equal(
+        draw_panoptic_result(image, result, META, panel_width=PANEL),
+        draw_panoptic_seg(image, seg, segments, META, panel_width=PANEL),
+    )
+    with pytest.raises(ValueError, match="panoptic_seg has shape"):
+        draw_panoptic_result(image[:10], result, META)
+
+
+def test_metadata_must_answer_class_names_itself():
+    image, _, _ = _scene()
+    with pytest.raises(TypeError, match="Metadata"):
+        Visualizer(image, {"stuff_classes": ["circle"]})
 
 
 def test_without_metadata_classes_are_numbered():
     image, seg, segments = _scene()
     vis = Visualizer(image, None, panel_width=PANEL)
-    assert vis._entry_text(1, segments[2]).startswith("1. class 3 (0.88)")
+    assert vis._entry_text(1, _segments(seg, segments, None)[2]).startswith("1. class 3 (0.88)")
     assert vis.draw_panoptic_seg(seg, segments).shape[1] == W + PANEL
 
 
-def test_draw_dataset_dict_and_visualize_data_script(datasets_root, tmp_path):
+def test_ground_truth_and_visualize_data_script(datasets_root, tmp_path):
     from pix2cap.data.catalog import DatasetCatalog, MetadataCatalog
     from pix2cap.data.datasets.shapes import generate_shapes
 
     generate_shapes(str(datasets_root / "shapes"), "train", num_images=3, image_size=64, seed=2)
     record = DatasetCatalog.get("shapes_train")[0]
     metadata = MetadataCatalog.get("shapes_train")
-    out = draw_dataset_dict(None, record, metadata, panel_width=PANEL)
-    assert out.shape[1] == 64 + PANEL
-    vis = Visualizer(np.zeros((64, 64, 3), np.uint8), metadata)
-    first = record["segments_info"][0]
-    assert vis._entry_text(1, {**first, "caption": first["description"]}).endswith(
-        first["description"]
-    )
-    with pytest.raises(ValueError, match="pan_seg_file_name"):
-        draw_dataset_dict(None, {k: v for k, v in record.items() if k != "pan_seg_file_name"})
-
     spec = importlib.util.spec_from_file_location(
         "visualize_data", REPO / "tools" / "visualize_data.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+
+    out = module.draw_record(record, metadata, panel_width=PANEL)
+    assert out.shape[1] == 64 + PANEL
+    # The description of a ground-truth segment is its caption.
+    result = read_panoptic_result(record, metadata)
+    first = record["segments_info"][0]
+    assert result.segments[0].caption == first["description"]
+    vis = Visualizer(np.zeros((64, 64, 3), np.uint8), metadata)
+    assert vis._entry_text(1, result.segments[0]).endswith(first["description"])
+    with pytest.raises(DatasetError, match="pan_seg_file_name"):
+        read_panoptic_result({k: v for k, v in record.items() if k != "pan_seg_file_name"})
+    with pytest.raises(DatasetError, match="is 64x64 .*is 32x32"):
+        read_panoptic_result(record, metadata, image_size=(32, 32))
+
     written = module.main(
         Namespace(dataset="shapes_train", output=str(tmp_path / "vis"), num=2, scale=2.0)
     )

@@ -26,7 +26,8 @@ Keys (absent keys mean the format has no such information):
                          "convention"}``; ``text[start:end]`` is the phrase, ``segment_ids`` are
                          ids of the panoptic PNG (empty if the tag's ids did not resolve),
                          ``tag_ids`` the numbers as written in the tag
-    ``convention``       which tag convention the parser applied (see ``coconut_pancap``)
+    ``convention``       which tag convention the parser applied (see
+                         ``pix2cap.data.caption_formats``)
     ``tag_stats``        tags counted per convention, plus unresolved tags / ids
 ``image_path``           SA-Pancap and shapes: the image's path relative to the data root, as the
                          data list and ground-truth caption files write it

@@ -28,6 +28,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pix2cap.data.catalog import DatasetCatalog, MetadataCatalog
@@ -35,6 +36,12 @@ from pix2cap.data.datasets.coco_categories import COCO_PANOPTIC_CATEGORIES
 from pix2cap.data.datasets.coco_panoptic import build_panoptic_metadata, load_coco_panoptic_json
 from pix2cap.data.datasets.coconut_pancap import load_coconut_pancap_json
 from pix2cap.data.datasets.sapancap import load_sapancap
+from pix2cap.data.datasets.shapes import (
+    SHAPES_CATEGORIES,
+    ensure_shapes,
+    read_shapes_meta,
+    shapes_split_is_complete,
+)
 from pix2cap.data.errors import DatasetError
 
 __all__ = [
@@ -106,15 +113,6 @@ _SHAPES = {
     ),
 }
 
-#: Every name :func:`register_all_builtin` registers.
-BUILTIN_DATASETS: tuple[str, ...] = (
-    *_COCO_PANOPTIC,
-    *_PIX2CAP_COCO,
-    *_COCONUT_PANCAP,
-    *(f"sapancap_{s}" for s in _SAPANCAP_SPLITS),
-    *_SHAPES,
-)
-
 
 def get_datasets_root(root: str | os.PathLike | None = None) -> str:
     """``root`` if given, else ``$PIX2CAP_DATASETS``, else ``./datasets``; as an absolute path
@@ -135,34 +133,43 @@ def _coco_class_metadata() -> dict[str, Any]:
     return build_panoptic_metadata(COCO_PANOPTIC_CATEGORIES)
 
 
-def _register(name: str, loader: Callable[[], list[dict]], **metadata: Any) -> None:
-    """Register ``loader`` under ``name`` (replacing an earlier registration) with metadata."""
+@dataclass(frozen=True)
+class _BuiltinDataset:
+    """How one built-in name finds and loads its files.
+
+    Attributes:
+        paths: datasets root -> the files and folders of the dataset, as metadata
+            (``{"image_root": ..., "panoptic_json": ...}``); they follow the root, so they are
+            refreshed on every load.
+        load: ``(name, paths)`` -> the dataset dicts; it may refresh more metadata of ``name``
+            (statistics of the loaded files).
+        metadata: the metadata fixed at registration (classes, ``evaluator_type``, ...); a
+            function, so every name gets its own lists.
+    """
+
+    paths: Callable[[str], dict[str, str]]
+    load: Callable[[str, dict[str, str]], list[dict]]
+    metadata: Callable[[], dict[str, Any]]
+
+
+def _register_builtin(name: str, dataset: _BuiltinDataset, root_fn: Callable[[], str]) -> None:
+    """Register ``name`` (replacing an earlier registration) to load ``dataset`` from the root
+    that ``root_fn`` gives at load time."""
+
+    def load() -> list[dict]:
+        paths = dataset.paths(root_fn())
+        _refresh_metadata(name, **paths)
+        return dataset.load(name, paths)
+
     if name in DatasetCatalog:
         DatasetCatalog.remove(name)
-    DatasetCatalog.register(name, loader)
-    static = {k: v for k, v in metadata.items() if k not in _ROOT_DEPENDENT_KEYS}
-    MetadataCatalog.get(name).set(**static)
-    _refresh_metadata(name, **{k: v for k, v in metadata.items() if k in _ROOT_DEPENDENT_KEYS})
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(**dataset.metadata())
+    _refresh_metadata(name, **dataset.paths(root_fn()))
 
 
-_ROOT_DEPENDENT_KEYS = {
-    "image_root",
-    "panoptic_root",
-    "panoptic_json",
-    "json_file",
-    "caption_file",
-    "data_list_file",
-    "gt_caption_file",
-    "dataset_root",
-}
-
-
-def _panoptic_paths(
-    root_fn: Callable[[], str], image_dir: str, png_dir: str, json_rel: str
-) -> dict[str, str]:
-    """Image folder, PNG folder and JSON of a COCO-panoptic-style dataset, under the root that
-    ``root_fn`` gives at call time."""
-    root = root_fn()
+def _panoptic_paths(root: str, image_dir: str, png_dir: str, json_rel: str) -> dict[str, str]:
+    """Image folder, PNG folder and JSON of a COCO-panoptic-style dataset under ``root``."""
     return {
         "image_root": os.path.join(root, image_dir),
         "panoptic_root": os.path.join(root, png_dir),
@@ -170,92 +177,56 @@ def _panoptic_paths(
     }
 
 
-def _register_coco_panoptic(root_fn: Callable[[], str]) -> None:
-    for name, (image_dir, png_dir, json_rel) in _COCO_PANOPTIC.items():
-
-        paths = functools.partial(_panoptic_paths, root_fn, image_dir, png_dir, json_rel)
-
-        def load(name=name, paths=paths) -> list[dict]:
-            p = paths()
-            _refresh_metadata(name, **p)
-            return load_coco_panoptic_json(
-                p["panoptic_json"], p["image_root"], p["panoptic_root"], MetadataCatalog.get(name)
-            )
-
-        _register(
-            name, load, evaluator_type="coco_panoptic_seg", **_coco_class_metadata(), **paths()
-        )
+def _load_coco_panoptic(name: str, paths: dict[str, str]) -> list[dict]:
+    return load_coco_panoptic_json(
+        paths["panoptic_json"],
+        paths["image_root"],
+        paths["panoptic_root"],
+        MetadataCatalog.get(name),
+    )
 
 
-def _register_pix2cap_coco(root_fn: Callable[[], str]) -> None:
-    for name, (image_dir, png_dir, json_rel, drop_empty) in _PIX2CAP_COCO.items():
-
-        paths = functools.partial(_panoptic_paths, root_fn, image_dir, png_dir, json_rel)
-
-        def load(name=name, paths=paths, drop_empty=drop_empty) -> list[dict]:
-            p = paths()
-            _refresh_metadata(name, **p)
-            return load_coco_panoptic_json(
-                p["panoptic_json"],
-                p["image_root"],
-                p["panoptic_root"],
-                MetadataCatalog.get(name),
-                with_descriptions=True,
-                drop_empty_descriptions=drop_empty,
-            )
-
-        _register(name, load, evaluator_type="pix2cap", **_coco_class_metadata(), **paths())
+def _load_pix2cap_coco(name: str, paths: dict[str, str], *, drop_empty: bool) -> list[dict]:
+    return load_coco_panoptic_json(
+        paths["panoptic_json"],
+        paths["image_root"],
+        paths["panoptic_root"],
+        MetadataCatalog.get(name),
+        with_descriptions=True,
+        drop_empty_descriptions=drop_empty,
+    )
 
 
-def _register_coconut_pancap(root_fn: Callable[[], str]) -> None:
-    for name, (image_dir, png_dir, json_rel) in _COCONUT_PANCAP.items():
-
-        paths = functools.partial(_panoptic_paths, root_fn, image_dir, png_dir, json_rel)
-
-        def load(name=name, paths=paths) -> list[dict]:
-            p = paths()
-            _refresh_metadata(name, **p)
-            dicts, stats = load_coconut_pancap_json(
-                p["panoptic_json"],
-                p["image_root"],
-                p["panoptic_root"],
-                MetadataCatalog.get(name),
-                return_stats=True,
-            )
-            _refresh_metadata(name, grounding_tag_stats=stats)
-            return dicts
-
-        _register(name, load, evaluator_type="coconut_pancap", **_coco_class_metadata(), **paths())
+def _load_coconut_pancap(name: str, paths: dict[str, str]) -> list[dict]:
+    dicts, stats = load_coconut_pancap_json(
+        paths["panoptic_json"],
+        paths["image_root"],
+        paths["panoptic_root"],
+        MetadataCatalog.get(name),
+        return_stats=True,
+    )
+    _refresh_metadata(name, grounding_tag_stats=stats)
+    return dicts
 
 
-def _register_sapancap(root_fn: Callable[[], str]) -> None:
-    for split in _SAPANCAP_SPLITS:
-        name = f"sapancap_{split}"
+def _sapancap_paths(root: str, split: str) -> dict[str, str]:
+    root = os.path.join(root, "sapancap")
+    return {
+        "image_root": root,
+        "data_list_file": os.path.join(root, f"sapancap_{split}_data_list.json"),
+        "gt_caption_file": os.path.join(root, f"sapancap_{split}_gtcaption.json"),
+    }
 
-        def paths(split=split) -> dict[str, str]:
-            root = os.path.join(root_fn(), "sapancap")
-            return {
-                "image_root": root,
-                "data_list_file": os.path.join(root, f"sapancap_{split}_data_list.json"),
-                "gt_caption_file": os.path.join(root, f"sapancap_{split}_gtcaption.json"),
-            }
 
-        def load(name=name, paths=paths, split=split) -> list[dict]:
-            p = paths()
-            _refresh_metadata(name, **p)
-            gt = p["gt_caption_file"]
-            if split == "train" and not os.path.isfile(gt):
-                # The released train split has no ground-truth file in some versions.
-                gt = None
-            return load_sapancap(p["data_list_file"], p["image_root"], gt)
-
-        # SA-Pancap has no class vocabulary: its entities are free-form tags.
-        _register(name, load, evaluator_type="sapancap", ignore_label=255, **paths())
+def _load_sapancap(name: str, paths: dict[str, str], *, split: str) -> list[dict]:
+    gt = paths["gt_caption_file"]
+    if split == "train" and not os.path.isfile(gt):
+        # The released train split has no ground-truth file in some versions.
+        gt = None
+    return load_sapancap(paths["data_list_file"], paths["image_root"], gt)
 
 
 def _shapes_categories() -> list[dict]:
-    from pix2cap.data.datasets.shapes import SHAPES_CATEGORIES
-
     return [dict(c) for c in SHAPES_CATEGORIES]
 
 
@@ -321,8 +292,6 @@ def _shapes_split_ready(root: str, split: str, generate_kwargs: dict) -> bool:
     A split prepared beforehand (e.g. by ``datasets/prepare_shapes.py`` with another size or
     count) is used as it is; only a compositional split's holdout setting must match.
     """
-    from pix2cap.data.datasets.shapes import read_shapes_meta, shapes_split_is_complete
-
     if not shapes_split_is_complete(root, split):
         return False
     if "holdout_pairs" not in generate_kwargs:
@@ -335,43 +304,77 @@ def _shapes_split_ready(root: str, split: str, generate_kwargs: dict) -> bool:
     )
 
 
-def _register_shapes(root_fn: Callable[[], str]) -> None:
-    for name, (split, generate_kwargs) in _SHAPES.items():
+def _shapes_paths(root: str, split: str) -> dict[str, str]:
+    root = os.path.join(root, "shapes")
+    return {
+        "dataset_root": root,
+        "image_root": os.path.join(root, "images", split),
+        "panoptic_root": os.path.join(root, "panoptic", split),
+        "panoptic_json": os.path.join(root, "annotations", f"panoptic_{split}.json"),
+    }
 
-        def paths(split=split) -> dict[str, str]:
-            root = os.path.join(root_fn(), "shapes")
-            return {
-                "dataset_root": root,
-                "image_root": os.path.join(root, "images", split),
-                "panoptic_root": os.path.join(root, "panoptic", split),
-                "panoptic_json": os.path.join(root, "annotations", f"panoptic_{split}.json"),
-            }
 
-        def load(
-            name=name, paths=paths, split=split, generate_kwargs=generate_kwargs
-        ) -> list[dict]:
-            from pix2cap.data.datasets.shapes import ensure_shapes
+def _load_shapes_split(
+    name: str, paths: dict[str, str], *, split: str, generate_kwargs: dict
+) -> list[dict]:
+    shapes_root = paths["dataset_root"]
+    if not _shapes_split_ready(shapes_root, split, generate_kwargs):
+        shapes_root = ensure_shapes(shapes_root, split, **generate_kwargs)
+    dicts, stats = load_shapes(shapes_root, split, return_stats=True)
+    _refresh_metadata(name, grounding_tag_stats=stats)
+    return dicts
 
-            p = paths()
-            _refresh_metadata(name, **p)
-            shapes_root = p["dataset_root"]
-            if not _shapes_split_ready(shapes_root, split, generate_kwargs):
-                shapes_root = ensure_shapes(shapes_root, split, **generate_kwargs)
-            dicts, stats = load_shapes(shapes_root, split, return_stats=True)
-            _refresh_metadata(name, grounding_tag_stats=stats)
-            return dicts
 
-        extra = {}
-        if generate_kwargs.get("holdout_pairs"):
-            extra["holdout_pairs"] = [list(pair) for pair in generate_kwargs["holdout_pairs"]]
-        _register(
-            name,
-            load,
-            evaluator_type="pix2cap",
-            **build_panoptic_metadata(_shapes_categories()),
-            **extra,
-            **paths(),
+def _shapes_metadata(generate_kwargs: dict) -> dict[str, Any]:
+    metadata = {"evaluator_type": "pix2cap", **build_panoptic_metadata(_shapes_categories())}
+    if generate_kwargs.get("holdout_pairs"):
+        metadata["holdout_pairs"] = [list(pair) for pair in generate_kwargs["holdout_pairs"]]
+    return metadata
+
+
+def _builtin_datasets() -> dict[str, _BuiltinDataset]:
+    """Every built-in name and how it loads, in registration order."""
+    datasets: dict[str, _BuiltinDataset] = {}
+    for name, (image_dir, png_dir, json_rel) in _COCO_PANOPTIC.items():
+        datasets[name] = _BuiltinDataset(
+            paths=functools.partial(
+                _panoptic_paths, image_dir=image_dir, png_dir=png_dir, json_rel=json_rel
+            ),
+            load=_load_coco_panoptic,
+            metadata=lambda: {"evaluator_type": "coco_panoptic_seg", **_coco_class_metadata()},
         )
+    for name, (image_dir, png_dir, json_rel, drop_empty) in _PIX2CAP_COCO.items():
+        datasets[name] = _BuiltinDataset(
+            paths=functools.partial(
+                _panoptic_paths, image_dir=image_dir, png_dir=png_dir, json_rel=json_rel
+            ),
+            load=functools.partial(_load_pix2cap_coco, drop_empty=drop_empty),
+            metadata=lambda: {"evaluator_type": "pix2cap", **_coco_class_metadata()},
+        )
+    for name, (image_dir, png_dir, json_rel) in _COCONUT_PANCAP.items():
+        datasets[name] = _BuiltinDataset(
+            paths=functools.partial(
+                _panoptic_paths, image_dir=image_dir, png_dir=png_dir, json_rel=json_rel
+            ),
+            load=_load_coconut_pancap,
+            metadata=lambda: {"evaluator_type": "coconut_pancap", **_coco_class_metadata()},
+        )
+    for split in _SAPANCAP_SPLITS:
+        datasets[f"sapancap_{split}"] = _BuiltinDataset(
+            paths=functools.partial(_sapancap_paths, split=split),
+            load=functools.partial(_load_sapancap, split=split),
+            # SA-Pancap has no class vocabulary: its entities are free-form tags.
+            metadata=lambda: {"evaluator_type": "sapancap", "ignore_label": 255},
+        )
+    for name, (split, generate_kwargs) in _SHAPES.items():
+        datasets[name] = _BuiltinDataset(
+            paths=functools.partial(_shapes_paths, split=split),
+            load=functools.partial(
+                _load_shapes_split, split=split, generate_kwargs=generate_kwargs
+            ),
+            metadata=functools.partial(_shapes_metadata, generate_kwargs),
+        )
+    return datasets
 
 
 def register_all_builtin(root: str | os.PathLike | None = None) -> None:
@@ -389,15 +392,9 @@ def register_all_builtin(root: str | os.PathLike | None = None) -> None:
     def root_fn() -> str:
         return pinned if pinned is not None else get_datasets_root()
 
-    _register_coco_panoptic(root_fn)
-    _register_pix2cap_coco(root_fn)
-    _register_coconut_pancap(root_fn)
-    _register_sapancap(root_fn)
-    try:
-        _register_shapes(root_fn)
-    except ModuleNotFoundError as e:
-        # Only a missing generator module is tolerated (e.g. a partial install); any other
-        # import error inside it must surface.
-        if e.name != "pix2cap.data.datasets.shapes":
-            raise
-        logger.warning("shapes datasets not registered: %s", e)
+    for name, dataset in _builtin_datasets().items():
+        _register_builtin(name, dataset, root_fn)
+
+
+#: Every name :func:`register_all_builtin` registers.
+BUILTIN_DATASETS: tuple[str, ...] = tuple(_builtin_datasets())

@@ -24,6 +24,7 @@ from pix2cap.data.errors import DatasetError
 
 __all__ = [
     "load_coco_panoptic_json",
+    "load_panoptic_annotations",
     "build_panoptic_metadata",
     "read_json_file",
     "MIN_DESCRIPTION_CHARS",
@@ -141,7 +142,7 @@ def _category_maps(
     )
 
 
-def _load_panoptic(
+def load_panoptic_annotations(
     json_file: str | os.PathLike,
     image_root: str | os.PathLike,
     panoptic_root: str | os.PathLike,
@@ -150,11 +151,15 @@ def _load_panoptic(
     with_descriptions: bool,
     drop_empty_descriptions: bool,
 ) -> tuple[list[dict], list[Mapping]]:
-    """The shared body of the panoptic-style loaders.
+    """Load a COCO-panoptic-style JSON and keep each image's annotation object.
 
-    Returns ``(dataset_dicts, raw_annotations)``: the second list holds, for each returned dict
-    (same order), the annotation object it came from, so format-specific loaders can read
-    extra per-image keys (e.g. COCONut-PanCap captions).
+    The body of :func:`load_coco_panoptic_json`, for loaders of formats that add per-image keys
+    to COCO panoptic annotations (COCONut-PanCap's captions). Arguments and checks are those of
+    :func:`load_coco_panoptic_json`.
+
+    Returns:
+        ``(dataset_dicts, raw_annotations)``: the dataset dicts, and for each of them (same
+        order) the ``annotations[i]`` object of the JSON it came from.
     """
     json_file = os.fspath(json_file)
     # The contract promises absolute paths: a relative root is taken from the current folder.
@@ -330,7 +335,7 @@ def load_coco_panoptic_json(
             segment key; an annotation for an image absent from ``images``; an unknown category
             id; a duplicate segment id; a missing image or PNG file.
     """
-    dataset_dicts, _ = _load_panoptic(
+    dataset_dicts, _ = load_panoptic_annotations(
         json_file,
         image_root,
         panoptic_root,

@@ -4,183 +4,23 @@ Files: a data list (JSON list of image paths relative to the data root, e.g.
 ``"sam/sa_000005/sa_62400.jpg"``) and, for val/test, a ground-truth file (JSON list of
 ``{"image_path", "gt_response"}``). Captions are free prose, sometimes markdown bullets, with
 boxes written inline as ``[[x1, y1, x2, y2]]`` normalised to [0, 1] of the image width and
-height; :func:`parse_pancap_boxes` extracts each box with the phrase it follows.
-
-Model-side text (ASMv2 / PancapChain) writes ``tag <box>[[x1, y1, x2, y2]]</box>`` with
-integers on a 0-1000 grid of the image padded to a square: :func:`parse_tagged_boxes` reads
-it and :func:`grid_box_to_normalized` converts such a box to the ground-truth form.
+height; :func:`pix2cap.data.caption_formats.parse_pancap_boxes` extracts each box with the
+phrase it follows.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 
+from pix2cap.data.caption_formats import parse_pancap_boxes
 from pix2cap.data.datasets.coco_panoptic import read_json_file
 from pix2cap.data.errors import DatasetError
 
-__all__ = [
-    "load_sapancap",
-    "parse_pancap_boxes",
-    "parse_tagged_boxes",
-    "format_box",
-    "rewrite_pancap_boxes",
-    "grid_box_to_normalized",
-]
+__all__ = ["load_sapancap"]
 
 logger = logging.getLogger(__name__)
-
-_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
-_VALID_BOX_RE = re.compile(
-    r"\[\[\s*("
-    + _NUMBER
-    + r")\s*,\s*("
-    + _NUMBER
-    + r")\s*,\s*("
-    + _NUMBER
-    + r")\s*,\s*("
-    + _NUMBER
-    + r")\s*\]\]"
-)
-# Any double-bracket group, well-formed or not: malformed ones are skipped but still end the
-# phrase before them, so a later box never swallows a broken one into its phrase.
-_BRACKET_GROUP_RE = re.compile(r"\[\[[^\[\]]*\]\]")
-# Where a phrase starts: after a sentence end (not a decimal point), a newline, a comma,
-# semicolon or colon.
-_PHRASE_DELIMITER_RE = re.compile(r"[.!?](?=\s|$)|[\n,;:]")
-# Markdown list markers and emphasis at the start of a phrase: "- ", "* ", "1. ", "**".
-_LEADING_MARKUP_RE = re.compile(r"(?:\s*(?:[-*+\u2022]|\d+[.)])\s+)?[\s*_\"'(\[]*")
-_TRAILING_MARKUP_RE = re.compile(r"[\s*_\"'(\[]*$")
-
-
-def _phrase_span(text: str, lo: int, hi: int) -> tuple[int, int]:
-    """Span of the phrase that ends right before ``hi`` and starts after the last delimiter
-    in ``text[lo:hi]``, with list markers, emphasis, quotes and spaces trimmed."""
-    start = lo
-    for m in _PHRASE_DELIMITER_RE.finditer(text, lo, hi):
-        start = m.end()
-    lead = _LEADING_MARKUP_RE.match(text, start, hi)
-    start = lead.end() if lead else start
-    trail = _TRAILING_MARKUP_RE.search(text[start:hi])
-    end = start + trail.start() if trail else hi
-    return start, max(start, end)
-
-
-def parse_pancap_boxes(text: str) -> list[dict]:
-    """Every ``[[x1, y1, x2, y2]]`` box of an SA-Pancap caption, with the phrase it follows.
-
-    The phrase is the text between the previous delimiter -- a sentence end, a newline, a
-    markdown bullet, a comma, semicolon or colon, or the previous box -- and the box, e.g.
-    ``"The woman [[0.307, 0.213, 0.743, 0.886]] is ..."`` gives ``"The woman"``. Numbers may be
-    ints or floats with any spacing; a malformed bracket group (wrong count, non-numbers) is
-    skipped.
-
-    Returns:
-        ``[{"phrase", "box", "start", "end", "box_start", "box_end"}]`` in text order: ``box``
-        four floats as written; ``text[start:end] == phrase`` (may be empty) and
-        ``text[box_start:box_end]`` is the bracket group.
-    """
-    results: list[dict] = []
-    previous_end = 0
-    for group in _BRACKET_GROUP_RE.finditer(text):
-        valid = _VALID_BOX_RE.fullmatch(group.group(0))
-        if valid is not None:
-            start, end = _phrase_span(text, previous_end, group.start())
-            results.append(
-                {
-                    "phrase": text[start:end],
-                    "box": [float(v) for v in valid.groups()],
-                    "start": start,
-                    "end": end,
-                    "box_start": group.start(),
-                    "box_end": group.end(),
-                }
-            )
-        previous_end = group.end()
-    return results
-
-
-_TAGGED_BOX_RE = re.compile(r"<box>\s*(\[\[[^\[\]]*\]\])\s*</box>")
-_TAG_DELIMITER_RE = re.compile(r"</box>|[\n,;]")
-
-
-def _number(token: str) -> int | float:
-    value = float(token)
-    return int(value) if re.fullmatch(r"[-+]?\d+", token.strip()) else value
-
-
-def parse_tagged_boxes(text: str) -> list[dict]:
-    """Every ``tag <box>[[x1, y1, x2, y2]]</box>`` item of model-side (PancapChain) text.
-
-    The tag is the text between the previous item (or a comma, semicolon, newline, or the
-    start) and ``<box>``; it is ``""`` for stage-1 output (``<box>[[...]]</box>, ...``).
-    Malformed boxes are skipped.
-
-    Returns:
-        ``[{"tag", "box", "start", "end"}]``: ``box`` the four numbers as written (ints on the
-        0-1000 grid stay ints), ``text[start:end] == tag``.
-    """
-    results: list[dict] = []
-    previous_end = 0
-    for m in _TAGGED_BOX_RE.finditer(text):
-        valid = _VALID_BOX_RE.fullmatch(m.group(1))
-        if valid is not None:
-            start = previous_end
-            for d in _TAG_DELIMITER_RE.finditer(text, previous_end, m.start()):
-                start = d.end()
-            segment = text[start : m.start()]
-            stripped = segment.strip()
-            start += len(segment) - len(segment.lstrip())
-            results.append(
-                {
-                    "tag": stripped,
-                    "box": [_number(v) for v in valid.groups()],
-                    "start": start,
-                    "end": start + len(stripped),
-                }
-            )
-        previous_end = m.end()
-    return results
-
-
-def format_box(box: Sequence[float]) -> str:
-    """``[x1, y1, x2, y2]`` in SA-Pancap's written form: ``"[[0.102, 0.200, 0.398, 0.502]]"``."""
-    if len(box) != 4:
-        raise ValueError(f"a box has 4 numbers, got {len(box)}: {box!r}")
-    return "[[" + ", ".join(f"{float(v):.3f}" for v in box) + "]]"
-
-
-def rewrite_pancap_boxes(text: str, transform: Callable[[list[float]], Sequence[float]]) -> str:
-    """``text`` with every valid ``[[x1, y1, x2, y2]]`` box replaced by
-    ``format_box(transform(box))`` (e.g. mirrored for a horizontal flip); the rest unchanged."""
-    pieces: list[str] = []
-    cursor = 0
-    for item in parse_pancap_boxes(text):
-        pieces.append(text[cursor : item["box_start"]])
-        pieces.append(format_box(transform(list(item["box"]))))
-        cursor = item["box_end"]
-    pieces.append(text[cursor:])
-    return "".join(pieces)
-
-
-def grid_box_to_normalized(
-    box: Sequence[float], width: int, height: int, grid: int = 1000
-) -> list[float]:
-    """A model-side box on a ``grid`` x ``grid`` canvas of the image padded to a square ->
-    ``[x1, y1, x2, y2]`` normalised to [0, 1] of the unpadded image, rounded to 3 decimals.
-
-    The padding is split equally on both sides of the short axis (as ASMv2 pads).
-    """
-    side = max(width, height)
-    scale = side / grid
-    pad_x = (side - width) / 2
-    pad_y = (side - height) / 2
-    x1, y1, x2, y2 = (float(v) * scale for v in box)
-    out = [(x1 - pad_x) / width, (y1 - pad_y) / height, (x2 - pad_x) / width, (y2 - pad_y) / height]
-    return [round(min(1.0, max(0.0, v)), 3) for v in out]
-
 
 def _normalize_relpath(path: str) -> str:
     return os.path.normpath(path.replace("\\", "/"))

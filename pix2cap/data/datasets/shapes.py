@@ -77,8 +77,11 @@ import numpy as np
 import portalocker
 from PIL import Image
 
+from pix2cap.data.caption_formats import format_box, format_grounding_tag
 from pix2cap.data.errors import DatasetError
-from pix2cap.structures.masks import above, left_of, mask_stats
+from pix2cap.data.text import capitalise, number_word, plural
+from pix2cap.structures import id2rgb
+from pix2cap.structures.masks import above, left_of, mask_stats, ring
 from pix2cap.utils.file_io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -98,7 +101,6 @@ __all__ = [
     "read_shapes_meta",
     "parse_holdout_pairs",
     "min_visible_pixels",
-    "encode_panoptic_ids",
 ]
 
 SHAPES_VERSION = 1
@@ -154,8 +156,6 @@ _ON_STUFF_PHRASE = {
     "water": "on the water",
     "sand": "on the sand",
 }
-_PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
-_NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"]
 
 DEFAULT_NUM_IMAGES = {"train": 1000, "val": 100}
 _MIN_THINGS, _MAX_THINGS = 1, 6
@@ -189,12 +189,6 @@ _RELATION_PHRASE = {
 def min_visible_pixels(image_size: int) -> int:
     """Smallest visible area (pixels) a thing may keep: 60 at 256 px, scaled with the area."""
     return max(16, int(round(60 * (image_size / 256.0) ** 2)))
-
-
-def encode_panoptic_ids(segment_ids: np.ndarray) -> np.ndarray:
-    """(H, W) int segment ids -> (H, W, 3) uint8 COCO panoptic RGB (id = R + 256 G + 256^2 B)."""
-    ids = segment_ids.astype(np.int64)
-    return np.stack([ids % 256, (ids // 256) % 256, ids // (256 * 256)], axis=-1).astype(np.uint8)
 
 
 def parse_holdout_pairs(text: str | Iterable) -> tuple[tuple[str, str], ...]:
@@ -424,13 +418,7 @@ def _touching_pairs(segment_ids: np.ndarray) -> set[tuple[int, int]]:
 
 def _ring_counts(segment_ids: np.ndarray, seg_id: int) -> dict[int, int]:
     """Segment id -> number of pixels of ``ring(seg_id)`` it owns (see module docstring)."""
-    mask = segment_ids == seg_id
-    grown = mask.copy()
-    grown[1:, :] |= mask[:-1, :]
-    grown[:-1, :] |= mask[1:, :]
-    grown[:, 1:] |= mask[:, :-1]
-    grown[:, :-1] |= mask[:, 1:]
-    ring_ids = segment_ids[grown & ~mask]
+    ring_ids = segment_ids[ring(segment_ids == seg_id)]
     values, counts = np.unique(ring_ids, return_counts=True)
     return {int(v): int(c) for v, c in zip(values, counts)}
 
@@ -450,13 +438,10 @@ def _full_phrase(thing: _Thing) -> str:
     return f"a {thing.size} {thing.color} {thing.texture} {thing.shape}"
 
 
-def _capitalise(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
 def _normalised_box(bbox: Sequence[int], size: int) -> str:
+    """A COCO ``[x, y, w, h]`` box of a ``size`` x ``size`` image in SA-Pancap's written form."""
     x, y, w, h = bbox
-    return "[[{:.3f}, {:.3f}, {:.3f}, {:.3f}]]".format(x / size, y / size, (x + w) / size, (y + h) / size)
+    return format_box([x / size, y / size, (x + w) / size, (y + h) / size])
 
 
 def _sample_specs(rng, size, allowed_pairs, required_pairs) -> list[_Thing]:
@@ -539,8 +524,8 @@ def _try_render(rng, size, allowed_pairs, required_pairs) -> Scene:
                 "behind": occludes(other, seg_id),
             }
             candidates.extend((rel, other) for rel in _THING_RELATIONS if holds[rel])
-        ring = _ring_counts(segment_ids, seg_id)
-        top_count, bottom_count = ring.get(top_id, 0), ring.get(bottom_id, 0)
+        ring_counts = _ring_counts(segment_ids, seg_id)
+        top_count, bottom_count = ring_counts.get(top_id, 0), ring_counts.get(bottom_id, 0)
         stuff_total = top_count + bottom_count
         if stuff_total >= _MIN_RING_STUFF_PIXELS:
             top_fraction = top_count / stuff_total
@@ -560,19 +545,23 @@ def _try_render(rng, size, allowed_pairs, required_pairs) -> Scene:
             target_phrase = references[target - 1]
             words = f"{_RELATION_PHRASE[rel_type]} {target_phrase}"
             relation = {"type": rel_type, "target_id": target, "target_phrase": target_phrase}
-            grounded = f"{_RELATION_PHRASE[rel_type]} <{target}:{target_phrase}>"
+            target_tag = format_grounding_tag([target], target_phrase)
+            grounded = f"{_RELATION_PHRASE[rel_type]} {target_tag}"
             sa = f"{_RELATION_PHRASE[rel_type]} {target_phrase} {_normalised_box(stats[target]['bbox'], size)}"
         elif rel_type == "on":
             name = stuff_names[target]
             words = _ON_STUFF_PHRASE[name]
             preposition, noun = words.rsplit(" the ", 1)
             relation = {"type": "on", "target_id": target, "target_phrase": f"the {noun}"}
-            grounded = f"{preposition} <{target}:the {noun}>"
+            grounded = f"{preposition} {format_grounding_tag([target], f'the {noun}')}"
             sa = f"{preposition} the {noun} {_normalised_box(stats[target]['bbox'], size)}"
         else:
             words = f"on the horizon between the {top} and the {bottom}"
             relation = {"type": "on_horizon", "target_ids": [top_id, bottom_id]}
-            grounded = f"on the horizon between <{top_id}:the {top}> and <{bottom_id}:the {bottom}>"
+            grounded = (
+                f"on the horizon between {format_grounding_tag([top_id], f'the {top}')} and "
+                f"{format_grounding_tag([bottom_id], f'the {bottom}')}"
+            )
             sa = (
                 f"on the horizon between the {top} {_normalised_box(stats[top_id]['bbox'], size)} "
                 f"and the {bottom} {_normalised_box(stats[bottom_id]['bbox'], size)}"
@@ -591,8 +580,10 @@ def _try_render(rng, size, allowed_pairs, required_pairs) -> Scene:
                 "full_area": int(thing.full_mask.sum()),
             }
         )
-        grounded_thing_sentences.append(f"<{seg_id}:{_capitalise(subject)}> is {grounded}.")
-        sa_thing_sentences.append(f"{_capitalise(subject)} {subject_box} is {sa}.")
+        grounded_thing_sentences.append(
+            f"{format_grounding_tag([seg_id], capitalise(subject))} is {grounded}."
+        )
+        sa_thing_sentences.append(f"{capitalise(subject)} {subject_box} is {sa}.")
 
     for seg_id, name, where in ((top_id, top, "top"), (bottom_id, bottom, "bottom")):
         color_word, texture_word = _STUFF_STYLE[name][1], _STUFF_STYLE[name][2]
@@ -612,24 +603,24 @@ def _try_render(rng, size, allowed_pairs, required_pairs) -> Scene:
     top_words = f"{_STUFF_STYLE[top][1]} {top}"
     bottom_words = f"{_STUFF_STYLE[bottom][1]} {bottom}"
     grounded_sentences = [
-        f"<{top_id}:{_capitalise(top_words)}> covers the top of the image above <{bottom_id}:{bottom_words}>."
+        f"{format_grounding_tag([top_id], capitalise(top_words))} covers the top of the image "
+        f"above {format_grounding_tag([bottom_id], bottom_words)}."
     ]
     groups: dict[tuple[str, str], list[int]] = {}
     for k, thing in enumerate(things):
         groups.setdefault((thing.color, thing.shape), []).append(k + 1)
     for (color, shape), ids in groups.items():
         if len(ids) >= 2:
-            tag = ",".join(str(i) for i in ids)
-            number = _NUMBER_WORDS[len(ids)]
-            grounded_sentences.append(f"<{tag}:{_capitalise(number)} {color} {_PLURAL[shape]}> appear in the scene.")
+            phrase = f"{capitalise(number_word(len(ids)))} {color} {plural(shape)}"
+            grounded_sentences.append(f"{format_grounding_tag(ids, phrase)} appear in the scene.")
     grounded_sentences += grounded_thing_sentences
-    object_words = f"{_NUMBER_WORDS[n]} object" + ("s" if n > 1 else "")
+    object_words = f"{number_word(n)} object" + ("s" if n > 1 else "")
     grounded_sentences.append(f"The scene contains {object_words} in total.")
 
     top_box = _normalised_box(stats[top_id]["bbox"], size)
     bottom_box = _normalised_box(stats[bottom_id]["bbox"], size)
     sa_sentences = [
-        f"This image is a simple synthetic scene. {_capitalise(top_words)} {top_box} covers the top of "
+        f"This image is a simple synthetic scene. {capitalise(top_words)} {top_box} covers the top of "
         f"the image, and {bottom_words} {bottom_box} covers the bottom, the two meeting along a wavy horizon."
     ]
     sa_sentences += sa_thing_sentences
@@ -717,7 +708,9 @@ def _save_png(array: np.ndarray, path: str) -> None:
 def _write_image(scene: Scene, tmp_root: str, split: str, image_id: int) -> None:
     name = f"{image_id:06d}.png"
     _save_png(scene.image, os.path.join(tmp_root, "images", split, name))
-    _save_png(encode_panoptic_ids(scene.segment_ids), os.path.join(tmp_root, "panoptic", split, name))
+    # Pillow, not detection_utils.encode_panoptic_png (libpng): the two choose different row
+    # filters, and generated PNGs keep the bytes of earlier versions.
+    _save_png(id2rgb(scene.segment_ids), os.path.join(tmp_root, "panoptic", split, name))
 
 
 def read_shapes_meta(root: str) -> dict:

@@ -22,6 +22,7 @@ import torch
 from pix2cap.config.config import configurable
 from pix2cap.structures import Instances, masks_to_boxes_xyxy
 
+from ..caption_formats import parse_pancap_boxes
 from ..detection_utils import check_image_size, read_image, read_panoptic_png
 from ..errors import DatasetError
 from ..text import flip_grounded_caption, flip_panoptic_caption, swap_left_right
@@ -280,8 +281,6 @@ class PanopticDatasetMapper:
             flipped = flip_panoptic_caption(dataset_dict["panoptic_caption"])
             dataset_dict["panoptic_caption"] = flipped
             if "panoptic_caption_boxes" in dataset_dict:
-                from ..datasets.sapancap import parse_pancap_boxes
-
                 dataset_dict["panoptic_caption_boxes"] = parse_pancap_boxes(flipped)
 
 

@@ -23,10 +23,16 @@ import re
 from collections.abc import Mapping
 from typing import Optional
 
+from pix2cap.data.caption_formats import parse_pancap_boxes
+from pix2cap.data.text import (
+    ARTICLES,
+    COLOUR_WORDS,
+    DEMONSTRATIVES,
+    POSSESSIVE_DETERMINERS,
+    QUANTIFIERS,
+    WORD_RE,
+)
 from pix2cap.utils.registry import Registry
-
-from pix2cap.data.datasets.sapancap import parse_pancap_boxes
-from pix2cap.data.text import COLOUR_WORDS
 
 from .content import Attribute, Entity, GlobalItem, PanopticContent, Relation, parse_extraction
 
@@ -142,17 +148,13 @@ _STATES = (
 ).split()
 _ADJECTIVES = COLOUR_WORDS | _COLOR_MODIFIERS | set(_SIZES) | set(_TEXTURES) | set(_MATERIALS)
 _ADJECTIVES |= set(_STATES)
-_DETERMINERS = {
-    "a", "an", "the", "this", "that", "these", "those", "its", "their", "his", "her", "our",
-    "some", "another", "each", "every",
-}
+_DETERMINERS = ARTICLES | DEMONSTRATIVES | POSSESSIVE_DETERMINERS | QUANTIFIERS
 _RELATION_KEYWORDS = (
     "left right above below behind front on under beneath over next beside near inside in "
     "between top atop holding holds wearing wears against across along around among within "
     "under underneath surrounding covering covers riding sitting standing"
 ).split()
 _RELATION_RE = re.compile(r"\b(" + "|".join(sorted(set(_RELATION_KEYWORDS))) + r")\b", re.I)
-_WORD_RE = re.compile(r"[A-Za-z][A-Za-z'\-]*")
 _BRACKETS_RE = re.compile(r"\[\[[^\[\]]*\]\]")
 _SENTENCE_END_RE = re.compile(r"[.!?](?=\s|$)|\n")
 
@@ -170,7 +172,7 @@ def _sentence_spans(text: str) -> list[tuple[int, int]]:
 def _noun_phrase(text: str, start: int, end: int) -> tuple[int, list[str]]:
     """(start offset of the noun phrase, its words) for the phrase ``text[start:end]``: the
     words after the last determiner, else the head noun and the adjectives before it."""
-    words = list(_WORD_RE.finditer(text, start, end))
+    words = list(WORD_RE.finditer(text, start, end))
     if not words:
         return end, []
     cut = None
@@ -255,7 +257,7 @@ class HeuristicExtractor(ContentExtractor):
                     )
             if previous is not None and previous[2] == sentence and previous[0] != entity.id:
                 between = text[previous[1] : np_start]
-                words_between = _WORD_RE.findall(between)
+                words_between = WORD_RE.findall(between)
                 while words_between and words_between[-1].lower() in _DETERMINERS:
                     words_between.pop()
                 phrase = " ".join(words_between)
@@ -277,7 +279,7 @@ class HeuristicExtractor(ContentExtractor):
             # Broken box groups ("[[bad]]") are not part of a statement.
             sentence_text = _BRACKETS_RE.sub(" ", text[s:e])
             sentence_text = " ".join(sentence_text.split()).strip(" .!?\n-*")
-            if _WORD_RE.search(sentence_text):
+            if WORD_RE.search(sentence_text):
                 content.global_items.append(GlobalItem(text=sentence_text))
         return content
 

