@@ -186,7 +186,9 @@ class HFCausalLMWriter(CaptionWriter):
         boxes_follow_names: with ``constrain_boxes``, a box written right after an entity's
             tag (and attribute words) must be that entity's box.
         use_chat_template: None = when the tokenizer has one.
-        device, dtype: where / how to run (dtype None: float32).
+        device, dtype: where / how to run (:class:`~pix2cap.modeling.language_model.LocalCausalLM`:
+            device None is CUDA when available, else the CPU; dtype ``"auto"`` is bfloat16 on
+            CUDA, float32 on the CPU).
         grid: the model-side box grid.
         max_prompt_tokens: prompts longer than this are cut (their end is dropped) so the
             prompt plus ``max_new_tokens`` fits the model; None: the model's positions minus
@@ -208,8 +210,8 @@ class HFCausalLMWriter(CaptionWriter):
         constrain_boxes: bool = True,
         boxes_follow_names: bool = True,
         use_chat_template: bool | None = None,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = "auto",
         grid: int = GRID,
         max_prompt_tokens: int | None = None,
         seed: int = 0,

@@ -327,30 +327,13 @@ def grid_box_to_normalized(
 
 
 _INT = r"[-+]?\d+"
-# Tolerant of the spaces a WordPiece decode puts around punctuation ("< box > [ [ 1, 2 ...").
-_GRID_BOX_RE = re.compile(
-    r"<\s*box\s*>\s*\[\s*\[\s*("
-    + _INT
-    + r")\s*,\s*("
-    + _INT
-    + r")\s*,\s*("
-    + _INT
-    + r")\s*,\s*("
-    + _INT
-    + r")\s*\]\s*\]\s*<\s*/\s*box\s*>",
-    re.IGNORECASE,
+# ``[[x1, y1, x2, y2]]`` of four integers. Any spacing: a WordPiece decode puts spaces around
+# punctuation ("< box > [ [ 1, 2 ...").
+_INT_BOX = (
+    r"\[\s*\[\s*(" + _INT + r")\s*,\s*(" + _INT + r")\s*,\s*(" + _INT + r")\s*,\s*(" + _INT + r")\s*\]\s*\]"
 )
-_BARE_INT_BOX_RE = re.compile(
-    r"\[\s*\[\s*("
-    + _INT
-    + r")\s*,\s*("
-    + _INT
-    + r")\s*,\s*("
-    + _INT
-    + r")\s*,\s*("
-    + _INT
-    + r")\s*\]\s*\]"
-)
+_GRID_BOX_RE = re.compile(r"<\s*box\s*>\s*" + _INT_BOX + r"\s*<\s*/\s*box\s*>", re.IGNORECASE)
+_BARE_INT_BOX_RE = re.compile(_INT_BOX)
 
 
 def find_grid_boxes(text: str) -> list[tuple[int, int, tuple[int, int, int, int]]]:

@@ -8,16 +8,17 @@ and decode the same way::
     ids = lm.layout.prompt_ids("Describe the image.", max_tokens=500)
     text = lm.generate(ids, max_new_tokens=64)
 
-Loading never contacts the hub (``local_files_only=True``). ``device=None`` is CUDA when
-available, else the CPU; ``dtype=None`` is float32 (weights saved in half precision are
-computed in full precision, so results do not depend on how a folder was saved), and
-``"auto"`` is bfloat16 on CUDA, float32 on the CPU.
+Loading never contacts the hub (``local_files_only=True``). The writers and the judge share
+one default: ``device=None`` is CUDA when available, else the CPU, and ``dtype="auto"`` is
+bfloat16 on CUDA, float32 on the CPU (weights saved in half precision are computed in float32
+there); ``dtype=None`` is always float32 (LoRA training asks for it).
 
 Prompt layout (:class:`PromptLayout`). With a chat template: the prompt is one user turn
 plus the generation prompt. Without: ``[BOS] prompt [SEP]`` where the tokenizer has those
 tokens (BOS, else CLS; a BERT vocabulary's SEP both ends the prompt and ends the answer). A
-prompt longer than its budget loses the end of its text; the closing SEP is kept, because it
-tells the model where its answer starts.
+prompt longer than its budget loses the end of its text; the framing (BOS and closing SEP, or
+the template's turn markers and generation prompt) is kept, because it tells the model where
+its answer starts.
 """
 
 from __future__ import annotations
@@ -102,25 +103,49 @@ class PromptLayout:
             return self._has_template()
         return bool(self.use_chat_template)
 
-    def prompt_ids(self, prompt: str, max_tokens: int | None = None) -> list[int]:
-        """Token ids of ``prompt``, at most ``max_tokens`` of them (the end of the text is
-        dropped; a raw prompt keeps its closing separator)."""
+    def _framed_ids(self, prompt: str) -> list[int]:
+        """``prompt`` as a user turn of the chat template, or ``[BOS] prompt [SEP]``."""
         if self.chat:
             ids = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
             )
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
-            ids = [int(i) for i in ids]
-        else:
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            ids = ([self.bos_id] if self.bos_id is not None else []) + list(ids)
-            if self.sep_id is not None:
-                ids.append(self.sep_id)
-        if max_tokens is not None and len(ids) > max_tokens:
-            tail = ids[-1:] if not self.chat else []
-            ids = ids[: max_tokens - len(tail)] + tail
+            return [int(i) for i in ids]
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = ([self.bos_id] if self.bos_id is not None else []) + list(ids)
+        if self.sep_id is not None:
+            ids.append(self.sep_id)
         return ids
+
+    def prompt_ids(self, prompt: str, max_tokens: int | None = None) -> list[int]:
+        """Token ids of ``prompt``, at most ``max_tokens`` of them.
+
+        A longer prompt loses the end of its *text*; the framing (BOS and the closing SEP, or
+        the chat template's turn markers and generation prompt) is always kept, because it
+        tells the model where its answer starts.
+        """
+        ids = self._framed_ids(prompt)
+        if max_tokens is None or len(ids) <= max_tokens:
+            return ids
+        text_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        overhead = len(ids) - len(text_ids)
+        if max_tokens <= overhead:
+            raise ValueError(
+                f"a prompt budget of {max_tokens} tokens leaves no room for text "
+                f"({overhead} tokens of framing)"
+            )
+        keep = max_tokens - overhead
+        if not self.chat:
+            head = ids[: (1 if self.bos_id is not None else 0) + keep]
+            return head + ([self.sep_id] if self.sep_id is not None else [])
+        # The template's text is re-tokenized inside the turn, so a cut may still be a token
+        # or two long at a word boundary: shorten until it fits.
+        while True:
+            ids = self._framed_ids(self.tokenizer.decode(text_ids[:keep]))
+            if len(ids) <= max_tokens or keep == 0:
+                return ids[:max_tokens]
+            keep -= len(ids) - max_tokens
 
     def target_ids(self, target: str) -> list[int]:
         """Token ids of a training target, closed by the end token (EOS, else SEP)."""
@@ -148,7 +173,7 @@ class LocalCausalLM:
         path: str,
         *,
         device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
+        dtype: str | torch.dtype | None = "auto",
         use_chat_template: bool | None = None,
         what: str = "language model",
     ):
