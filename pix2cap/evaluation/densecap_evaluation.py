@@ -69,6 +69,15 @@ total is added (it folds detection quality into the caption score). SPICE runs o
 Stanford CoreNLP jars are already in ``pycocoevalcap/spice/lib``; CAPTURE only when the
 environment variable ``PIX2CAP_CAPTURE_MODELS`` names a local model folder; otherwise both are
 listed under ``skipped`` with the reason, never reported as 0.
+
+Caption truth (``caption_truth``)
+---------------------------------
+A nested dict next to mAP (definitions in :mod:`pix2cap.evaluation.caption_truth`): where the
+GT segments carry ``attributes`` (and ``relation``), the accuracy of each attribute and whether
+the relation object exists and the relation holds, on predicted things matched one-to-one to a
+GT thing of the same class at mask IoU >= 0.5; for any dataset, ``memorised`` (share of
+predicted captions copied verbatim from a training caption; needs the training dataset names)
+and ``distinct_per_100``. What cannot be computed is listed under ``skipped`` with the reason.
 """
 
 from __future__ import annotations
@@ -84,11 +93,13 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from pycocotools import mask as mask_util
 
+from pix2cap.data.catalog import DatasetCatalog, MetadataCatalog
 from pix2cap.data.detection_utils import read_panoptic_png
 from pix2cap.structures import PanopticResult
 from pix2cap.utils import comm
 
 from .build import EVALUATOR_REGISTRY
+from .caption_truth import CaptionVocabulary, caption_novelty, caption_truth
 from .evaluator import DatasetEvaluator
 from .meteor import MeteorScorer, find_java
 from .results import print_results_table, write_results_json
@@ -614,9 +625,10 @@ def caption_metrics(
 class DenseCaptionEvaluator(DatasetEvaluator):
     """Dense-caption mAP and caption metrics of panoptic predictions with captions.
 
-    ``process`` keeps only RLE-encoded masks, scores, classes and captions per image;
-    ``evaluate`` gathers them on the main process, computes :func:`densecap_map` and
-    :func:`caption_metrics` and returns ``{"dense_caption": {...}}``.
+    ``process`` keeps only RLE-encoded masks, scores, classes and captions per image (and the
+    GT segments' structured fields for caption truth); ``evaluate`` gathers them on the main
+    process, computes :func:`densecap_map`, :func:`caption_metrics` and the caption-truth
+    metrics (``caption_truth``) and returns ``{"dense_caption": {...}}``.
 
     Args:
         dataset_name: for logging and the result file.
@@ -625,6 +637,9 @@ class DenseCaptionEvaluator(DatasetEvaluator):
         iou_thresholds, meteor_thresholds: the mAP grid.
         meteor_fn: a METEOR function to use instead of a :class:`MeteorScorer` (tests).
         compute_caption_metrics: BLEU/METEOR/ROUGE/CIDEr on the matched pairs (needs java).
+        train_dataset_names: registered training datasets; their segment descriptions are the
+            training captions of ``memorised`` and their ``attributes`` add to the caption-truth
+            vocabulary. Empty: ``memorised`` is skipped.
     """
 
     def __init__(
@@ -637,8 +652,12 @@ class DenseCaptionEvaluator(DatasetEvaluator):
         meteor_thresholds: Sequence[float] = DEFAULT_METEOR_THRESHOLDS,
         meteor_fn: Optional[MeteorFn] = None,
         compute_caption_metrics: bool = True,
+        train_dataset_names: Sequence[str] = (),
     ):
         self._dataset_name = dataset_name
+        self._metadata = MetadataCatalog.get(dataset_name)
+        self._train_dataset_names = tuple(str(n) for n in train_dataset_names)
+        self._training: Optional[tuple] = None  # (captions, segments, skip reason), loaded once
         self._output_dir = output_dir
         self._compat = bool(compat)
         self._iou_thresholds = tuple(float(t) for t in iou_thresholds)
@@ -682,6 +701,13 @@ class DenseCaptionEvaluator(DatasetEvaluator):
                 "iscrowd": [int(s.get("iscrowd", 0)) for s in gt_segments],
                 "void": _encode_ids(gt_ids, [0])[0],
             }
+            truth = {
+                "isthing": [bool(self._gt_is_thing(s)) for s in gt_segments],
+                "attributes": [_dict_or_none(s.get("attributes")) for s in gt_segments],
+                "has_relation": any(isinstance(s.get("relation"), dict) for s in gt_segments),
+                "z_order": [_int_or_none(s.get("z_order")) for s in gt_segments],
+                "full_area": [_int_or_none(s.get("full_area")) for s in gt_segments],
+            }
             for seg in out["panoptic_seg"][1]:
                 # Every prediction is ranked by its score and judged by its caption.
                 for key in ("id", "category_id", "score", "caption"):
@@ -703,7 +729,13 @@ class DenseCaptionEvaluator(DatasetEvaluator):
                 "captions": [s.caption for s in segments],
                 "category_ids": [s.category_id for s in segments],
             }
-            self._images.append({"pred": pred, "gt": gt})
+            self._images.append({"pred": pred, "gt": gt, "truth": truth})
+
+    def _gt_is_thing(self, segment: dict) -> bool:
+        # The loaders write ``isthing``; older dicts without it fall back to the metadata.
+        if "isthing" in segment:
+            return bool(segment["isthing"])
+        return self._metadata.is_thing(int(segment["category_id"]))
 
     def evaluate(self) -> Optional[dict]:
         comm.synchronize()
@@ -730,6 +762,8 @@ class DenseCaptionEvaluator(DatasetEvaluator):
             counts = mapped.pop("match_counts")
             metrics: dict = OrderedDict(mapped)
             metrics.update({f"caption_match_{k}": v for k, v in counts.items()})
+            truth, truth_skipped = self._caption_truth(images)
+            metrics["caption_truth"] = truth
             if self._compute_caption_metrics:
                 caps = caption_metrics(
                     pairs, total=counts["TP"] + counts["FP"] + counts["FN"], meteor=scorer
@@ -739,6 +773,7 @@ class DenseCaptionEvaluator(DatasetEvaluator):
                 metrics.update(caps)
             else:
                 skipped = {"caption metrics": "compute_caption_metrics=False"}
+            skipped.update(truth_skipped)
             metrics["skipped"] = skipped
         finally:
             if scorer is not None:
@@ -752,6 +787,91 @@ class DenseCaptionEvaluator(DatasetEvaluator):
                 results, os.path.join(self._output_dir, "dense_caption_results.json")
             )
         return results
+
+    # ------------------------------------------------------------------------- caption truth
+    def _training_data(self) -> tuple[Optional[set[str]], CaptionVocabulary, Optional[str]]:
+        """Training captions (None when unknown), the attribute words of the training ground
+        truth, and why the captions are missing; loaded once per evaluator (a large training
+        set takes a while to read)."""
+        if self._training is not None:
+            return self._training
+        vocabulary = CaptionVocabulary()
+        if not self._train_dataset_names:
+            reason = "no training dataset names were given to the evaluator"
+            self._training = (None, vocabulary, reason)
+            return self._training
+        missing = [n for n in self._train_dataset_names if n not in DatasetCatalog]
+        if missing:
+            self._training = (None, vocabulary, f"training datasets {missing} are not registered")
+            return self._training
+        captions: set[str] = set()
+        try:
+            for name in self._train_dataset_names:
+                for record in DatasetCatalog.get(name):
+                    segments = record.get("segments_info", [])
+                    vocabulary.add_segments(segments)
+                    captions.update(
+                        s["description"] for s in segments if isinstance(s.get("description"), str)
+                    )
+        except (OSError, ValueError) as e:  # DatasetError is a ValueError
+            reason = f"training datasets {list(self._train_dataset_names)} cannot be loaded ({e})"
+            self._training = (None, CaptionVocabulary(), reason)
+            return self._training
+        reason = None
+        if not captions:
+            reason = f"training datasets {list(self._train_dataset_names)} have no descriptions"
+        self._training = (captions or None, vocabulary, reason)
+        return self._training
+
+    def _caption_truth(self, images: list[dict]) -> tuple[dict, dict]:
+        """The ``caption_truth`` metrics and ``{metric: reason}`` for those not computed."""
+        skipped: dict = OrderedDict()
+        training_captions, training_vocabulary, reason = self._training_data()
+        if reason is not None:
+            skipped["memorised"] = reason
+        metrics: dict = OrderedDict()
+        structured = any(a for im in images for a in im["truth"]["attributes"])
+        if structured:
+            # The training words count too: a word the model learnt there must be read as a
+            # (wrong) attribute, not skipped, or a relation object stated with it looks vaguer.
+            vocabulary = CaptionVocabulary()
+            for im in images:
+                vocabulary.add_segments({"attributes": a} for a in im["truth"]["attributes"])
+            vocabulary.merge(training_vocabulary)
+            num_classes = len(self._metadata.get("stuff_classes") or [])
+            names = [self._metadata.class_name(c) for c in range(num_classes)]
+            vocabulary.add_classes(
+                names, [n for c, n in enumerate(names) if not self._metadata.is_thing(c)]
+            )
+            class_ids = {c for im in images for c in im["gt"]["category_ids"]}
+            truth = caption_truth(
+                [{"pred": im["pred"], "gt": {**im["gt"], **im["truth"]}} for im in images],
+                vocabulary,
+                {c: self._metadata.class_name(c) for c in class_ids},
+            )
+            if not any(im["truth"]["has_relation"] for im in images):
+                for key in [k for k in truth if k.startswith(("relation_", "no_relation"))]:
+                    truth.pop(key)
+                skipped["caption_truth relations"] = "the ground truth has no 'relation'"
+            metrics.update(truth)
+        else:
+            skipped["caption_truth attributes and relations"] = (
+                "the ground-truth segments have no structured 'attributes'"
+            )
+        metrics.update(
+            caption_novelty(
+                [c for im in images for c in im["pred"]["captions"]], training_captions
+            )
+        )
+        return metrics, skipped
+
+
+def _dict_or_none(value: Any) -> Optional[dict]:
+    return dict(value) if isinstance(value, dict) else None
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    return int(value) if value is not None else None
 
 
 def _encode_ids(ids: np.ndarray, segment_ids: list[int]) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 import time
 from collections import OrderedDict
@@ -179,7 +180,9 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
 
     Returns:
         ``EVALUATOR_REGISTRY.get(type)(dataset_name=..., output_dir=...)``, or ``None`` when
-        the dataset declares no evaluator type or nothing is registered for it.
+        the dataset declares no evaluator type or nothing is registered for it. An evaluator
+        whose constructor takes ``train_dataset_names`` also gets ``cfg.DATASETS.TRAIN`` (to
+        tell captions copied from training data).
     """
     metadata = MetadataCatalog.get(dataset_name)
     evaluator_type = metadata.get("evaluator_type")
@@ -193,4 +196,14 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
         )
         return None
     evaluator_cls = EVALUATOR_REGISTRY.get(evaluator_type)
-    return evaluator_cls(dataset_name=dataset_name, output_dir=output_folder)
+    kwargs = {}
+    train_names = _train_dataset_names(cfg)
+    if train_names and "train_dataset_names" in inspect.signature(evaluator_cls).parameters:
+        kwargs["train_dataset_names"] = train_names
+    return evaluator_cls(dataset_name=dataset_name, output_dir=output_folder, **kwargs)
+
+
+def _train_dataset_names(cfg) -> tuple[str, ...]:
+    """``cfg.DATASETS.TRAIN`` as a tuple; empty without a config (evaluation-only callers)."""
+    datasets = getattr(cfg, "DATASETS", None) if cfg is not None else None
+    return tuple(str(n) for n in (getattr(datasets, "TRAIN", None) or ()))

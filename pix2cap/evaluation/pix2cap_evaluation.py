@@ -3,7 +3,7 @@ panoptic quality and dense-caption metrics from one inference pass."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from .build import EVALUATOR_REGISTRY
 from .densecap_evaluation import DenseCaptionEvaluator
@@ -23,6 +23,7 @@ class Pix2CapEvaluator(DatasetEvaluators):
         output_dir: where both evaluators write their predictions and results.
         compat: score dense captions with the official Pix2Cap protocol (paper comparison).
         compute_caption_metrics: BLEU/METEOR/ROUGE-L/CIDEr on the matched pairs.
+        train_dataset_names: the training datasets, for the dense-caption ``memorised`` metric.
     """
 
     def __init__(
@@ -32,6 +33,7 @@ class Pix2CapEvaluator(DatasetEvaluators):
         output_dir: Optional[str] = None,
         compat: bool = False,
         compute_caption_metrics: bool = True,
+        train_dataset_names: Sequence[str] = (),
     ):
         super().__init__(
             [
@@ -41,6 +43,7 @@ class Pix2CapEvaluator(DatasetEvaluators):
                     output_dir=output_dir,
                     compat=compat,
                     compute_caption_metrics=compute_caption_metrics,
+                    train_dataset_names=train_dataset_names,
                 ),
             ]
         )
