@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .caption_head.scene_memory import SceneContext
 from .point_sampling import (
     calculate_uncertainty,
     get_uncertain_point_coords_with_randomness,
@@ -54,7 +55,12 @@ def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: floa
     return loss.mean(1).sum() / num_masks
 
 
-CaptionLossFn = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor], torch.Tensor]
+CaptionLossFn = Callable[..., torch.Tensor]
+# (query_feats [n, D], mask_logits [n, h, w], pixel_maps [C_l, h_l, w_l] each,
+#  captioned Long[m], extent (height, width) or None) -> SceneContext of the m captioned objects
+SceneFn = Callable[..., SceneContext]
+# Outputs that are the same for every decoder layer; given once, shared by the aux layers.
+_SHARED_OUTPUTS = ("global_features", "pixel_features", "valid_fraction")
 
 
 class SetCriterion(nn.Module):
@@ -82,6 +88,7 @@ class SetCriterion(nn.Module):
         caption_loss_fn: Optional[CaptionLossFn] = None,
         num_caption_layers: Optional[int] = None,
         caption_pad_token_id: int = 0,
+        caption_scene_fn: Optional[SceneFn] = None,
     ):
         """
         Args:
@@ -100,6 +107,12 @@ class SetCriterion(nn.Module):
             num_caption_layers: compute the caption loss on the last this many predictions
                 only (the final one counts as one); None: on all of them.
             caption_pad_token_id: padding id of ``caption_tokens``, to tell empty captions.
+            caption_scene_fn: for a scene-memory caption head, its ``scene_context``: the
+                caption loss then also passes ``scene=`` (a ``SceneContext``) to
+                ``caption_loss_fn``, built per image from the matched queries (the other
+                objects of a captioned query are the other matched queries of its image),
+                their predicted masks and ``outputs["pixel_features"]``. None: the paper's
+                two-token memory.
         """
         super().__init__()
         self.num_classes = num_classes
@@ -116,6 +129,7 @@ class SetCriterion(nn.Module):
         self.caption_loss_fn = caption_loss_fn
         self.num_caption_layers = num_caption_layers
         self.caption_pad_token_id = caption_pad_token_id
+        self.caption_scene_fn = caption_scene_fn
 
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
@@ -174,7 +188,7 @@ class SetCriterion(nn.Module):
         query_features = outputs["query_features"]  # [B, Q, D]
         global_features = outputs.get("global_features")  # [B, Dg] or None
         device = query_features.device
-        feats, globals_, tokens = [], [], []
+        feats, globals_, tokens, scenes = [], [], [], []
         for b, (src, tgt) in enumerate(indices):
             target = targets[b]
             if "caption_tokens" not in target or src.numel() == 0:
@@ -191,6 +205,8 @@ class SetCriterion(nn.Module):
             tokens.append(caption_tokens[valid])
             if global_features is not None:
                 globals_.append(global_features[b].unsqueeze(0).expand(int(valid.sum()), -1))
+            if self.caption_scene_fn is not None:
+                scenes.append(self._scene(outputs, b, src, valid.nonzero()[:, 0]))
         if not feats:
             return {"loss_caption": query_features.sum() * 0.0}
 
@@ -200,7 +216,28 @@ class SetCriterion(nn.Module):
         )
         feats = torch.cat(feats)
         globals_ = torch.cat(globals_) if globals_ else None
-        return {"loss_caption": self.caption_loss_fn(feats, globals_, tokens)}
+        if self.caption_scene_fn is None:
+            return {"loss_caption": self.caption_loss_fn(feats, globals_, tokens)}
+        scene = SceneContext.cat(scenes)
+        return {"loss_caption": self.caption_loss_fn(feats, globals_, tokens, scene=scene)}
+
+    def _scene(self, outputs, b: int, src: torch.Tensor, captioned: torch.Tensor) -> SceneContext:
+        """Scene facts of image ``b``'s matched queries ``src`` at positions ``captioned``."""
+        if "pixel_features" not in outputs:
+            raise KeyError("a scene-memory caption loss needs outputs['pixel_features']")
+        mask_logits = outputs["pred_masks"][b, src]  # [n, h, w]
+        extent = None
+        if "valid_fraction" in outputs:
+            # The box is normalised to the image, not to the padded batch.
+            frac_h, frac_w = outputs["valid_fraction"][b].tolist()
+            extent = (frac_h * mask_logits.shape[-2], frac_w * mask_logits.shape[-1])
+        return self.caption_scene_fn(
+            outputs["query_features"][b, src],
+            mask_logits,
+            [level[b] for level in outputs["pixel_features"]],
+            captioned,
+            extent=extent,
+        )
 
     def _loss_map(self):
         return {
@@ -221,7 +258,10 @@ class SetCriterion(nn.Module):
         Args:
             outputs: ``"pred_logits"`` [B, Q, K+1], ``"pred_masks"`` [B, Q, h, w],
                 ``"query_features"`` [B, Q, D] (for captions), optionally
-                ``"global_features"`` [B, Dg] and ``"aux_outputs"``: a list of dicts with the
+                ``"global_features"`` [B, Dg], ``"pixel_features"`` (pixel-decoder levels
+                ``[B, C_l, h_l, w_l]``, for a scene-memory caption loss), ``"valid_fraction"``
+                Float[B, 2] (unpadded share of the height and width) and ``"aux_outputs"``:
+                a list of dicts with the
                 same per-layer keys, earliest layer first.
             targets: B dicts: ``"labels"`` Long[M], ``"masks"`` [M, H, W], optionally
                 ``"caption_tokens"`` Long[M, T] (row m captions segment m) and
@@ -242,9 +282,10 @@ class SetCriterion(nn.Module):
             losses.update(self.get_loss(loss, final, targets, indices, num_masks))
 
         for i, aux in enumerate(aux_outputs):
-            if "global_features" not in aux and "global_features" in outputs:
-                # The global token is the same for every layer; the decoder gives it once.
-                aux = {**aux, "global_features": outputs["global_features"]}
+            # The global token and pixel features are the same for every layer; given once.
+            shared = {k: outputs[k] for k in _SHARED_OUTPUTS if k in outputs and k not in aux}
+            if shared:
+                aux = {**aux, **shared}
             indices = self.matcher(aux, targets)
             for loss in self._losses_for_layer(aux, i, first_caption_layer):
                 l_dict = self.get_loss(loss, aux, targets, indices, num_masks)

@@ -1,3 +1,4 @@
 from .build import CAPTION_HEAD_REGISTRY
-from .text_decoder import DenseCaptionHead
+from .scene_memory import SceneContext, scene_context
+from .text_decoder import MEMORY_KINDS, DenseCaptionHead
 from .tokenizer import build_caption_tokenizer, caption_vocab_kwargs, decode, encode_captions

@@ -1,9 +1,16 @@
 """Dense caption head: a small BERT-style decoder that writes one caption per object query.
 
-Each object is described by a *memory* of two tokens, its query feature from the transformer
-decoder and a global image feature, projected through a 256-d bottleneck to the decoder
-width. Memory and caption tokens form one sequence ``[memory; text]`` processed by post-norm
-BERT layers under an attention mask:
+Each object is described by a *memory* of tokens, each feature projected through a 256-d
+bottleneck to the decoder width. ``memory="query_global"`` (the paper's) is two tokens: the
+object's query feature from the transformer decoder and a global image feature.
+``memory="scene"`` adds what those two cannot tell (``scene_memory.SceneContext``): the
+object's mask-pooled pixel features (one token per pixel-decoder level), its box as a position
+embedding added to its query token, and one token per other object of the image (its query
+feature plus its box embedding). The number of other objects differs between objects, so the
+scene memory is padded and a key padding mask keeps every token from attending to padding.
+
+Memory and caption tokens form one sequence ``[memory; text]`` processed by post-norm BERT
+layers under an attention mask:
 
 * memory tokens attend to memory only, so their states never depend on the text and can be
   computed once per object;
@@ -16,7 +23,7 @@ sequence at every step.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +32,12 @@ from torch import nn
 from pix2cap.config.config import configurable
 
 from .build import CAPTION_HEAD_REGISTRY
+from .scene_memory import BOX_DIM, SceneContext, scene_context
 from .tokenizer import build_caption_tokenizer, caption_vocab_kwargs
 
-__all__ = ["DenseCaptionHead", "scale_grad"]
+__all__ = ["DenseCaptionHead", "MEMORY_KINDS", "scale_grad"]
+
+MEMORY_KINDS = ("query_global", "scene")
 
 KVCache = List[Tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V as [N, heads, L, head_dim]
 
@@ -115,7 +125,8 @@ class CaptionSelfAttention(nn.Module):
         """
         Args:
             x: [N, L, C] the new tokens.
-            attn_mask: Bool[L, L_total], True where attending is allowed (None: everywhere).
+            attn_mask: Bool[L, L_total] or Bool[N, 1, L, L_total] (per row, for memories with
+                padding), True where attending is allowed (None: everywhere).
             past_kv: cached K, V [N, heads, L_past, head_dim] of earlier tokens.
 
         Returns:
@@ -160,7 +171,11 @@ class CaptionDecoderLayer(nn.Module):
 
 @CAPTION_HEAD_REGISTRY.register()
 class DenseCaptionHead(nn.Module):
-    """Captions object queries with a BERT-style decoder over a two-token memory.
+    """Captions object queries with a BERT-style decoder over a per-object memory.
+
+    The memory is two tokens (query, global) with ``memory="query_global"``; with
+    ``memory="scene"`` it also holds the object's pixel features, box and the other objects
+    of its image, and every call takes a ``scene`` (:class:`SceneContext`) for its objects.
 
     Use :meth:`loss` in training (teacher forcing) and :meth:`generate` at inference (greedy or
     beam search with a key/value cache). Token conventions: ``[BOS] words [EOS] [PAD]...``.
@@ -186,6 +201,9 @@ class DenseCaptionHead(nn.Module):
         eos_token_id: int = 102,
         pad_token_id: int = 0,
         layer_norm_eps: float = 1e-12,
+        memory: str = "query_global",
+        pixel_dims: Sequence[int] = (),
+        max_scene_objects: int = 16,
     ):
         """
         Args:
@@ -199,8 +217,19 @@ class DenseCaptionHead(nn.Module):
             bottleneck_grad_scale: gradient multiplier into the memory features.
             bos_token_id, eos_token_id, pad_token_id: [CLS], [SEP], [PAD] of the tokenizer.
             layer_norm_eps: epsilon of every LayerNorm (BERT's 1e-12).
+            memory: ``"query_global"`` (the paper's two tokens) or ``"scene"``.
+            pixel_dims: with the scene memory, the channels of each pixel-decoder level that
+                is mask-pooled (one memory token each).
+            max_scene_objects: with the scene memory, at most this many other objects per
+                object (see :meth:`scene_context`).
         """
         super().__init__()
+        if memory not in MEMORY_KINDS:
+            raise ValueError(f"memory must be one of {MEMORY_KINDS}, got {memory!r}")
+        if memory == "scene" and not pixel_dims:
+            raise ValueError("the scene memory needs pixel_dims (channels of the pooled levels)")
+        self.memory = memory
+        self.max_scene_objects = max_scene_objects
         self.max_length = max_length
         self.vocab_size = vocab_size
         self.label_smoothing = label_smoothing
@@ -214,6 +243,21 @@ class DenseCaptionHead(nn.Module):
         self.global_proj = MemoryProjection(
             global_dim, bottleneck_dim, hidden_size, bottleneck_grad_scale, layer_norm_eps
         )
+        if memory == "scene":
+            # Created only for the scene memory, so the paper's checkpoints keep their keys.
+            self.pixel_projs = nn.ModuleList(
+                MemoryProjection(
+                    dim, bottleneck_dim, hidden_size, bottleneck_grad_scale, layer_norm_eps
+                )
+                for dim in pixel_dims
+            )
+            # Box -> position embedding, added to an object's query token.
+            self.box_embed = nn.Sequential(
+                nn.Linear(BOX_DIM, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
+            )
+            # The object's own query token and another object's are made by the same
+            # projection; a learned type per role (self, global, pixel, other) tells them apart.
+            self.memory_type_embeddings = nn.Embedding(4, hidden_size)
         self.embeddings = CaptionEmbeddings(
             vocab_size, hidden_size, max_length, dropout, layer_norm_eps
         )
@@ -241,7 +285,9 @@ class DenseCaptionHead(nn.Module):
         head = cfg.MODEL.CAPTION_HEAD
         if tokenizer is None:
             tokenizer = build_caption_tokenizer(head.VOCAB_FILE)
-        return {
+        # A partial config without MEMORY (built by hand, not by get_cfg) means the paper's.
+        memory = head.get("MEMORY", "query_global")
+        kwargs = {
             # The memory is the decoder's query and the max-pooled coarsest pixel-decoder
             # level, so the widths are those of the modules that produce them.
             "query_dim": cfg.MODEL.MASK_FORMER.HIDDEN_DIM,
@@ -255,8 +301,16 @@ class DenseCaptionHead(nn.Module):
             "label_smoothing": head.LABEL_SMOOTHING,
             "bottleneck_dim": head.BOTTLENECK_DIM,
             "bottleneck_grad_scale": head.BOTTLENECK_GRAD_SCALE,
+            "memory": memory,
             **caption_vocab_kwargs(tokenizer),
         }
+        if memory == "scene":
+            # Pooled levels: the pixel decoder's multi-scale levels (the ones the transformer
+            # decoder reads, CONVS_DIM wide), then its 1/4 mask features (MASK_DIM wide).
+            seg_head = cfg.MODEL.SEM_SEG_HEAD
+            kwargs["pixel_dims"] = (seg_head.CONVS_DIM,) * 3 + (seg_head.MASK_DIM,)
+            kwargs["max_scene_objects"] = head.SCENE_MAX_OBJECTS
+        return kwargs
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -273,20 +327,92 @@ class DenseCaptionHead(nn.Module):
     # Building blocks
     # -----------------------------------------------------------------------------------------
     def encode_memory(
-        self, query_feats: torch.Tensor, global_feats: Optional[torch.Tensor] = None
+        self,
+        query_feats: torch.Tensor,
+        global_feats: Optional[torch.Tensor] = None,
+        scene: Optional[SceneContext] = None,
     ) -> torch.Tensor:
         """Memory tokens of each object.
 
         Args:
             query_feats: [N, Dq]; global_feats: [N, Dg] or None.
+            scene: the objects' scene facts; required by (and only by) the scene memory.
 
         Returns:
-            [N, M, C], M = 2 (query, global), or 1 without a global feature.
+            [N, M, C]: M = 2 (query, global), or 1 without a global feature; the scene memory
+            adds one token per pixel level and S other-object slots, some of them padding
+            (see :meth:`encode_scene_memory` for which).
         """
-        tokens = [self.query_proj(query_feats)]
+        return self.encode_scene_memory(query_feats, global_feats, scene)[0]
+
+    def encode_scene_memory(
+        self,
+        query_feats: torch.Tensor,
+        global_feats: Optional[torch.Tensor] = None,
+        scene: Optional[SceneContext] = None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Memory tokens and which of them are real.
+
+        Returns:
+            memory [N, M, C] and Bool[N, M] (False on padding), or None for the paper's memory
+            (no padding). Scene memory order: self query (+ box), global, pixel levels,
+            other objects (query + box each).
+        """
+        self._check_scene(scene)
+        if scene is None:
+            tokens = [self.query_proj(query_feats)]
+            if global_feats is not None:
+                tokens.append(self.global_proj(global_feats.to(query_feats.dtype)))
+            return torch.stack(tokens, dim=1), None
+
+        dtype = query_feats.dtype
+        types = self.memory_type_embeddings.weight.to(dtype)  # [4, C]
+        own = self.query_proj(query_feats) + self.box_embed(scene.boxes.to(dtype)) + types[0]
+        tokens = [own]
         if global_feats is not None:
-            tokens.append(self.global_proj(global_feats.to(query_feats.dtype)))
-        return torch.stack(tokens, dim=1)
+            tokens.append(self.global_proj(global_feats.to(dtype)) + types[1])
+        if len(scene.pixel_feats) != len(self.pixel_projs):
+            raise ValueError(
+                f"the scene has {len(scene.pixel_feats)} pixel levels, the head "
+                f"{len(self.pixel_projs)}"
+            )
+        for proj, feats in zip(self.pixel_projs, scene.pixel_feats):
+            tokens.append(proj(feats.to(dtype)) + types[2])
+        memory = torch.stack(tokens, dim=1)  # [N, M0, C]
+        valid = torch.ones(memory.shape[:2], dtype=torch.bool, device=memory.device)
+        if scene.other_valid.shape[1] > 0:
+            others = self.query_proj(scene.other_feats.to(dtype))
+            others = others + self.box_embed(scene.other_boxes.to(dtype)) + types[3]
+            memory = torch.cat([memory, others], dim=1)
+            valid = torch.cat([valid, scene.other_valid.to(memory.device).bool()], dim=1)
+        return memory, valid
+
+    def _check_scene(self, scene: Optional[SceneContext]) -> None:
+        if self.memory == "scene" and scene is None:
+            raise ValueError("the scene memory needs a SceneContext (scene=...) for its objects")
+        if self.memory != "scene" and scene is not None:
+            raise ValueError(f"a scene was given but the head's memory is {self.memory!r}")
+
+    def scene_context(
+        self,
+        query_feats: torch.Tensor,
+        mask_logits: torch.Tensor,
+        pixel_maps: Sequence[torch.Tensor],
+        captioned: Optional[torch.Tensor] = None,
+        extent: Optional[Tuple[float, float]] = None,
+    ) -> SceneContext:
+        """Scene facts of the objects of one image, at most ``max_scene_objects`` others each.
+
+        See :func:`scene_memory.scene_context` for the arguments.
+        """
+        return scene_context(
+            query_feats,
+            mask_logits,
+            pixel_maps,
+            captioned,
+            max_objects=self.max_scene_objects,
+            extent=extent,
+        )
 
     @staticmethod
     def attention_mask(num_memory: int, num_text: int, device=None) -> torch.Tensor:
@@ -296,17 +422,36 @@ class DenseCaptionHead(nn.Module):
         mask[:, :num_memory] = True
         return mask
 
+    @staticmethod
+    def _key_padding(memory_valid: torch.Tensor, num_text: int) -> torch.Tensor:
+        """Bool[N, 1, 1, M + t]: which keys exist (memory_valid, then t text tokens)."""
+        text = memory_valid.new_ones((memory_valid.shape[0], num_text))
+        return torch.cat([memory_valid, text], dim=1)[:, None, None, :]
+
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., C] decoder states -> [..., V] next-token logits."""
         return F.linear(
             self.lm_transform(hidden), self.embeddings.word_embeddings.weight, self.lm_bias
         )
 
-    def _decode_text(self, memory: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Full (uncached) pass: memory [N, M, C], input_ids Long[N, t] -> text states [N, t, C]."""
+    def _decode_text(
+        self,
+        memory: torch.Tensor,
+        input_ids: torch.Tensor,
+        memory_valid: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Full (uncached) pass -> text states [N, t, C].
+
+        Args:
+            memory: [N, M, C]; input_ids: Long[N, t].
+            memory_valid: Bool[N, M], False on memory padding (None: no padding).
+        """
         num_memory = memory.shape[1]
         x = torch.cat([memory, self.embeddings(input_ids)], dim=1)
         mask = self.attention_mask(num_memory, input_ids.shape[1], device=x.device)
+        if memory_valid is not None:
+            # [N, 1, M+t, M+t]: no query, memory or text, attends to a padded slot.
+            mask = mask[None, None] & self._key_padding(memory_valid, input_ids.shape[1])
         for layer in self.layers:
             x, _ = layer(x, attn_mask=mask)
         return x[:, num_memory:]
@@ -316,12 +461,14 @@ class DenseCaptionHead(nn.Module):
         query_feats: torch.Tensor,
         global_feats: Optional[torch.Tensor],
         input_ids: torch.Tensor,
+        scene: Optional[SceneContext] = None,
     ) -> torch.Tensor:
         """Teacher-forced logits.
 
         Args:
             query_feats: [N, Dq]; global_feats: [N, Dg] or None.
             input_ids: Long[N, t], t <= max_length.
+            scene: the objects' scene facts (scene memory only).
 
         Returns:
             [N, t, V] logits; position i predicts token i + 1.
@@ -330,23 +477,28 @@ class DenseCaptionHead(nn.Module):
             raise ValueError(
                 f"captions of {input_ids.shape[1]} tokens exceed max_length={self.max_length}"
             )
-        memory = self.encode_memory(query_feats, global_feats)
-        return self.lm_logits(self._decode_text(memory, input_ids))
+        memory, memory_valid = self.encode_scene_memory(query_feats, global_feats, scene)
+        return self.lm_logits(self._decode_text(memory, input_ids, memory_valid))
 
     def loss(
-        self, query_feats: torch.Tensor, global_feats: Optional[torch.Tensor], tokens: torch.Tensor
+        self,
+        query_feats: torch.Tensor,
+        global_feats: Optional[torch.Tensor],
+        tokens: torch.Tensor,
+        scene: Optional[SceneContext] = None,
     ) -> torch.Tensor:
         """Label-smoothed cross-entropy of every non-pad next token.
 
         Args:
             query_feats: [N, Dq]; global_feats: [N, Dg] or None.
             tokens: Long[N, T] ``[BOS] words [EOS] [PAD]...``.
+            scene: the objects' scene facts (scene memory only).
 
         Returns:
             scalar, the mean over the non-pad target tokens (0, with a graph, if there are none).
         """
         targets = tokens[:, 1:]
-        logits = self(query_feats, global_feats, tokens[:, :-1])
+        logits = self(query_feats, global_feats, tokens[:, :-1], scene=scene)
         if not bool((targets != self.pad_token_id).any()):
             return logits.sum() * 0.0
         return F.cross_entropy(
@@ -359,21 +511,40 @@ class DenseCaptionHead(nn.Module):
     # -----------------------------------------------------------------------------------------
     # Decoding
     # -----------------------------------------------------------------------------------------
-    def _memory_cache(self, memory: torch.Tensor) -> KVCache:
-        """K/V of the memory in every layer; memory attends to memory only, so no text needed."""
+    def _memory_cache(
+        self, memory: torch.Tensor, memory_valid: Optional[torch.Tensor] = None
+    ) -> KVCache:
+        """K/V of the memory in every layer; memory attends to memory only, so no text needed.
+
+        memory [N, M, C]; memory_valid: Bool[N, M], False on padding (None: no padding).
+        """
+        mask = None if memory_valid is None else self._key_padding(memory_valid, 0)
         cache = []
         x = memory
         for layer in self.layers:
-            x, kv = layer(x)
+            x, kv = layer(x, attn_mask=mask)
             cache.append(kv)
         return cache
 
-    def _cached_step(self, input_ids: torch.Tensor, position: int, cache: KVCache):
-        """One new token per row: Long[N, 1] at ``position`` -> ([N, V] logits, extended cache)."""
+    def _cached_step(
+        self,
+        input_ids: torch.Tensor,
+        position: int,
+        cache: KVCache,
+        memory_valid: Optional[torch.Tensor] = None,
+    ):
+        """One new token per row: Long[N, 1] at ``position`` -> ([N, V] logits, extended cache).
+
+        memory_valid: Bool[N, M] of the cached memory, False on padding (None: no padding).
+        """
         x = self.embeddings(input_ids, start_position=position)
+        mask = None
+        if memory_valid is not None:
+            # The new token sees the real memory and every text token so far (itself included).
+            mask = self._key_padding(memory_valid, position + 1)
         new_cache = []
         for layer, past_kv in zip(self.layers, cache):
-            x, kv = layer(x, past_kv=past_kv)
+            x, kv = layer(x, attn_mask=mask, past_kv=past_kv)
             new_cache.append(kv)
         return self.lm_logits(x[:, -1]), new_cache
 
@@ -396,11 +567,14 @@ class DenseCaptionHead(nn.Module):
         use_cache: bool = True,
         suppress_repeat: bool = True,
         return_scores: bool = False,
+        scene: Optional[SceneContext] = None,
     ):
         """Caption N objects at once (call in eval mode).
 
         Args:
             query_feats: [N, Dq]; global_feats: [N, Dg] or None.
+            scene: the objects' scene facts (scene memory only); their memories may differ in
+                length, padding is masked.
             max_length: tokens per caption, [BOS] and [EOS] included (default: the head's).
             num_beams: 1 = greedy; more = beam search, the best beam chosen by the mean
                 log-probability per generated token.
@@ -420,12 +594,15 @@ class DenseCaptionHead(nn.Module):
         beams = num_beams
         device = query_feats.device
 
-        memory = self.encode_memory(query_feats, global_feats)  # [N, M, C]
+        # [N, M, C], Bool[N, M] or None
+        memory, memory_valid = self.encode_scene_memory(query_feats, global_feats, scene)
         if beams > 1:
             # [N*B, M, C]: the beams of one object are adjacent rows.
             memory = memory.repeat_interleave(beams, dim=0)
+            if memory_valid is not None:
+                memory_valid = memory_valid.repeat_interleave(beams, dim=0)
         rows = memory.shape[0]
-        cache = self._memory_cache(memory) if use_cache else None
+        cache = self._memory_cache(memory, memory_valid) if use_cache else None
 
         tokens = torch.full((rows, 1), self.bos_token_id, dtype=torch.long, device=device)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -436,9 +613,9 @@ class DenseCaptionHead(nn.Module):
 
         for step in range(max_length - 1):
             if use_cache:
-                logits, cache = self._cached_step(tokens[:, -1:], step, cache)
+                logits, cache = self._cached_step(tokens[:, -1:], step, cache, memory_valid)
             else:
-                logits = self.lm_logits(self._decode_text(memory, tokens)[:, -1])
+                logits = self.lm_logits(self._decode_text(memory, tokens, memory_valid)[:, -1])
             logits = self._mask_logits(logits.float(), tokens[:, -1], suppress_repeat)
             log_probs = F.log_softmax(logits, dim=-1)  # [rows, V]
 
@@ -464,6 +641,8 @@ class DenseCaptionHead(nn.Module):
                 finished = finished[origin]
                 if use_cache:
                     cache = [(k[origin], v[origin]) for k, v in cache]
+                if memory_valid is not None:
+                    memory, memory_valid = memory[origin], memory_valid[origin]
 
             tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
             finished = finished | (next_tokens == self.eos_token_id)

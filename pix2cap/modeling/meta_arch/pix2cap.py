@@ -2,7 +2,9 @@
 
     image -> frozen backbone -> pixel decoder -> masked-attention transformer decoder
           -> per query: class logits, mask logits, query feature
-          -> dense caption head (query feature + global image feature -> caption)
+          -> dense caption head (query feature + global image feature -> caption; with the
+             scene memory also the object's mask-pooled pixel features, its box and the other
+             objects of the image)
 
 Training matches queries to ground-truth segments (Hungarian) and sums the classification,
 mask and caption losses of every decoder prediction (``SetCriterion``). Inference runs
@@ -27,6 +29,7 @@ from pix2cap.structures import ImageList
 from ..backbone import BACKBONE_REGISTRY
 from ..caption_head import (
     CAPTION_HEAD_REGISTRY,
+    SceneContext,
     build_caption_tokenizer,
     caption_vocab_kwargs,
     decode,
@@ -127,6 +130,9 @@ class Pix2Cap(nn.Module):
                 ``mask`` argument it gets the padding mask (True on padding).
             caption_head: ``DenseCaptionHead``-like: ``loss`` for training (through the
                 criterion) and ``generate(query_feats [N, D], global_feats [N, C], ...)``.
+                A head whose ``memory`` is ``"scene"`` also gets ``scene=`` (a
+                ``SceneContext`` from its ``scene_context``) for the kept segments, and
+                the criterion should then have ``caption_scene_fn=caption_head.scene_context``.
             criterion: the set criterion; its ``caption_loss_fn`` should be
                 ``caption_head.loss``.
             num_classes: K, number of categories (without no-object).
@@ -192,6 +198,7 @@ class Pix2Cap(nn.Module):
         # Decoders without padding support are still usable (padding is then attended to).
         params = inspect.signature(transformer_decoder.forward).parameters
         self._decoder_takes_mask = "mask" in params
+        self._scene_memory = getattr(caption_head, "memory", "query_global") == "scene"
         if caption_on and not panoptic_on:
             logger.warning("Captions are made for panoptic segments; PANOPTIC_ON is off, so none.")
 
@@ -234,6 +241,11 @@ class Pix2Cap(nn.Module):
             oversample_ratio=mf.OVERSAMPLE_RATIO,
             importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
             caption_loss_fn=caption_head.loss,
+            caption_scene_fn=(
+                caption_head.scene_context
+                if getattr(caption_head, "memory", None) == "scene"
+                else None
+            ),
             num_caption_layers=head_cfg.NUM_LOSS_LAYERS if head_cfg.NUM_LOSS_LAYERS > 0 else None,
             caption_pad_token_id=tokenizer.pad_token_id,
         )
@@ -345,7 +357,10 @@ class Pix2Cap(nn.Module):
         """Backbone, pixel decoder, transformer decoder and the global feature.
 
         Returns the transformer decoder's outputs plus ``"global_features"`` [B, C] (also put
-        in every ``aux_outputs`` entry).
+        in every ``aux_outputs`` entry); for a scene-memory caption head also
+        ``"pixel_features"`` (the multi-scale levels, coarse to fine, then the mask features:
+        ``[B, C_l, h_l, w_l]`` each) and ``"valid_fraction"`` Float[B, 2] (the unpadded share
+        of each image's height and width).
         """
         features = self.backbone(image_list.tensor)
         mask_features, multi_scale_features = self.pixel_decoder(features)
@@ -358,6 +373,13 @@ class Pix2Cap(nn.Module):
         outputs["global_features"] = global_features
         for aux in outputs.get("aux_outputs") or []:
             aux["global_features"] = global_features
+        if self._scene_memory:
+            outputs["pixel_features"] = [*multi_scale_features, mask_features]
+            padded = image_list.tensor.shape[-2:]
+            outputs["valid_fraction"] = torch.tensor(
+                [[h / padded[0], w / padded[1]] for h, w in image_list.image_sizes],
+                device=mask_features.device,
+            )
         return outputs
 
     @staticmethod
@@ -486,25 +508,46 @@ class Pix2Cap(nn.Module):
         """Write ``caption`` into every segment, with one decoding call for the batch.
 
         Only the queries behind kept segments are decoded; a merged stuff segment is
-        described by its highest-scoring query.
+        described by its highest-scoring query. With the scene memory, a segment's other
+        objects are the other kept segments of its image, and its pooling mask and box come
+        from its query's predicted mask.
         """
         query_features = outputs["query_features"]  # [B, Q, D]
         global_features = outputs["global_features"]  # [B, C]
-        feats, globals_ = [], []
+        feats, globals_, scenes = [], [], []
         for b, prediction in panoptic:
             index = prediction.query_indices.to(query_features.device)
             feats.append(query_features[b, index])
             globals_.append(global_features[b].expand(index.numel(), -1))
+            if self._scene_memory and index.numel():
+                scenes.append(self._segment_scene(outputs, b, index))
         feats = torch.cat(feats)
         if feats.shape[0] == 0:
             return
+        extra = {}
+        if self._scene_memory:
+            extra["scene"] = SceneContext.cat(scenes).to(torch.float32)
         tokens = self.caption_head.generate(
             feats.float(),
             torch.cat(globals_).float(),
             max_length=self.max_caption_length,
             num_beams=self.num_beams,
+            **extra,
         )
         texts = iter(decode(tokens, tokenizer=self.tokenizer))
         for _, prediction in panoptic:
             for info in prediction.segments_info:
                 info["caption"] = next(texts)
+
+    def _segment_scene(self, outputs: dict, b: int, index: torch.Tensor) -> SceneContext:
+        """Scene facts of image ``b``'s kept segments, from their queries ``index`` (Long[n])."""
+        mask_logits = outputs["pred_masks"][b, index]  # [n, h, w]
+        frac_h, frac_w = outputs["valid_fraction"][b].tolist()
+        # The box is normalised to the image, not to the padded batch.
+        extent = (frac_h * mask_logits.shape[-2], frac_w * mask_logits.shape[-1])
+        return self.caption_head.scene_context(
+            outputs["query_features"][b, index],
+            mask_logits,
+            [level[b] for level in outputs["pixel_features"]],
+            extent=extent,
+        )

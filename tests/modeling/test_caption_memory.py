@@ -1,0 +1,286 @@
+"""The caption head's scene memory (MODEL.CAPTION_HEAD.MEMORY: scene) on tiny models."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from pix2cap.config import get_cfg
+from pix2cap.modeling.caption_head import (
+    DenseCaptionHead,
+    SceneContext,
+    build_caption_tokenizer,
+    scene_context,
+)
+from pix2cap.modeling.caption_head.scene_memory import mask_boxes
+from pix2cap.modeling.criterion import SetCriterion
+from pix2cap.modeling.matcher import HungarianMatcher
+
+from .test_caption_head import tiny_head
+from .test_pix2cap import MAX_LEN, NUM_CLASSES, make_input, tiny_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PIXEL_DIMS = (8, 8, 6)  # three pooled levels of different widths
+
+
+def scene_head(**overrides):
+    """The tiny head of the caption-head tests, with the scene memory."""
+    kwargs = dict(memory="scene", pixel_dims=PIXEL_DIMS, max_scene_objects=4)
+    kwargs.update(overrides)
+    return tiny_head(**kwargs)
+
+
+def image_objects(n, generator):
+    """n objects of one image: query features [n, 16], mask logits [n, 16, 16], 3 levels."""
+    query = torch.randn(n, 16, generator=generator)
+    masks = torch.full((n, 16, 16), -20.0)
+    for i in range(n):
+        x = (3 * i) % 12
+        masks[i, 2 + i % 10 : 6 + i % 10, x : x + 4] = 20.0
+    levels = [
+        torch.randn(8, 4, 4, generator=generator),
+        torch.randn(8, 8, 8, generator=generator),
+        torch.randn(6, 16, 16, generator=generator),
+    ]
+    return query, masks, levels
+
+
+def batch_scene(counts, generator, max_objects=4):
+    """Query features, global features and the scene of every object of images of ``counts``."""
+    feats, scenes = [], []
+    for n in counts:
+        query, masks, levels = image_objects(n, generator)
+        feats.append(query)
+        scenes.append(scene_context(query, masks, levels, max_objects=max_objects))
+    query = torch.cat(feats)
+    return query, torch.randn(query.shape[0], 12, generator=generator), SceneContext.cat(scenes)
+
+
+def big_weights(head, seed):
+    """Weights far larger than the init, so logits are far from ties."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+        head.lm_bias[2] = 3.0
+
+
+def test_default_memory_is_the_papers():
+    cfg = get_cfg()
+    assert cfg.MODEL.CAPTION_HEAD.MEMORY == "query_global"
+    head = scene_head(memory="query_global", pixel_dims=())
+    # The paper's head has no scene parameters, so its checkpoints keep their keys.
+    assert not any(
+        k.startswith(("pixel_projs", "box_embed", "memory_type")) for k in head.state_dict()
+    )
+    q, g = torch.randn(3, 16), torch.randn(3, 12)
+    memory, valid = head.encode_scene_memory(q, g)
+    assert memory.shape == (3, 2, 32) and valid is None
+    with pytest.raises(ValueError, match="scene"):
+        head.encode_memory(q, g, scene=batch_scene([3], torch.Generator().manual_seed(0))[2])
+    with pytest.raises(ValueError, match="memory must be one of"):
+        scene_head(memory="everything")
+
+
+def test_scene_config_builds_a_scene_head():
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(REPO, "configs", "shapes", "pix2cap_effl0_scene.yaml"))
+    vocab = os.path.join(REPO, cfg.MODEL.CAPTION_HEAD.VOCAB_FILE)
+    head = DenseCaptionHead(cfg, tokenizer=build_caption_tokenizer(vocab))
+    dims = cfg.MODEL.SEM_SEG_HEAD
+    assert head.memory == "scene"
+    assert [p.down.in_features for p in head.pixel_projs] == [dims.CONVS_DIM] * 3 + [
+        dims.MASK_DIM
+    ]
+    assert head.max_scene_objects == cfg.MODEL.CAPTION_HEAD.SCENE_MAX_OBJECTS
+
+
+def test_mask_boxes_and_pooling():
+    probs = torch.zeros(2, 8, 8)
+    probs[0, 2:4, 4:8] = 1.0  # rows 2-3, columns 4-7
+    probs[1, 5, 1] = 0.3  # nothing above 0.5: the box of its peak
+    boxes = mask_boxes(probs)
+    torch.testing.assert_close(boxes[0], torch.tensor([0.5, 0.25, 1.0, 0.5, 0.75, 0.375]))
+    torch.testing.assert_close(boxes[1, :4], torch.tensor([1 / 8, 5 / 8, 2 / 8, 6 / 8]))
+    # Normalised to the unpadded image: an 8 x 4 image in an 8 x 8 padded grid.
+    assert mask_boxes(probs[:1], extent=(8.0, 4.0))[0, 2] == 1.0
+
+    query, masks, levels = image_objects(3, torch.Generator().manual_seed(0))
+    scene = scene_context(query, masks, levels)
+    assert [f.shape for f in scene.pixel_feats] == [(3, 8), (3, 8), (3, 6)]
+    # The finest level pooled under a hard mask is the mean of the pixels inside it.
+    inside = masks[0] > 0
+    torch.testing.assert_close(
+        scene.pixel_feats[2][0], levels[2][:, inside].mean(1), atol=1e-3, rtol=1e-3
+    )
+
+
+def test_scene_memory_shapes():
+    torch.manual_seed(0)
+    head = scene_head()
+    g = torch.Generator().manual_seed(1)
+    # Images with 3, 7 and 1 objects: 2, 4 (capped) and 0 other objects per object.
+    query, global_feats, scene = batch_scene([3, 7, 1], g)
+    assert scene.other_feats.shape == (11, 4, 16) and scene.other_boxes.shape == (11, 4, 6)
+    assert scene.other_valid.sum(1).tolist() == [2] * 3 + [4] * 7 + [0]
+    memory, valid = head.encode_scene_memory(query, global_feats, scene)
+    # self query, global, 3 pixel levels, 4 other-object slots
+    assert memory.shape == (11, 2 + 3 + 4, 32) and valid.shape == (11, 9)
+    assert valid[:, :5].all() and torch.equal(valid[:, 5:], scene.other_valid)
+    logits = head(query, global_feats, torch.randint(3, 50, (11, 6)), scene=scene)
+    assert logits.shape == (11, 6, 50) and torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="SceneContext"):
+        head(query, global_feats, torch.randint(3, 50, (11, 6)))
+    # An object's own query, with its box, is not another object's token: types differ.
+    assert head.memory_type_embeddings.weight.shape == (4, 32)
+
+
+def test_padding_is_never_attended():
+    torch.manual_seed(0)
+    head = scene_head().eval()
+    big_weights(head, 1)
+    g = torch.Generator().manual_seed(2)
+    query, global_feats, scene = batch_scene([2, 5], g)
+    ids = torch.randint(3, 50, (7, 5), generator=g)
+    padded = ~scene.other_valid
+    assert padded.any()
+    with torch.no_grad():
+        logits = head(query, global_feats, ids, scene=scene)
+        noisy = SceneContext(
+            pixel_feats=scene.pixel_feats,
+            boxes=scene.boxes,
+            other_feats=torch.where(padded[..., None], 100.0, scene.other_feats),
+            other_boxes=torch.where(padded[..., None], -5.0, scene.other_boxes),
+            other_valid=scene.other_valid,
+        )
+        torch.testing.assert_close(head(query, global_feats, ids, scene=noisy), logits)
+        # ... and an object's logits are those it gets alone, without any padding.
+        first = scene.index_select(torch.arange(2))
+        alone = head(query[:2], global_feats[:2], ids[:2], scene=first)
+        narrow = SceneContext(
+            pixel_feats=[f[:2] for f in scene.pixel_feats],
+            boxes=scene.boxes[:2],
+            other_feats=scene.other_feats[:2, :1],
+            other_boxes=scene.other_boxes[:2, :1],
+            other_valid=scene.other_valid[:2, :1],
+        )
+        torch.testing.assert_close(
+            head(query[:2], global_feats[:2], ids[:2], scene=narrow), alone, atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(alone, logits[:2], atol=1e-5, rtol=1e-5)
+        # Real other objects do matter.
+        moved = SceneContext(
+            pixel_feats=scene.pixel_feats,
+            boxes=scene.boxes,
+            other_feats=scene.other_feats + 1.0,
+            other_boxes=scene.other_boxes,
+            other_valid=scene.other_valid,
+        )
+        assert not torch.allclose(head(query, global_feats, ids, scene=moved), logits)
+
+
+def test_one_object_has_an_empty_scene():
+    torch.manual_seed(0)
+    head = scene_head()
+    query, global_feats, scene = batch_scene([1], torch.Generator().manual_seed(3))
+    assert scene.other_feats.shape == (1, 0, 16) and scene.other_valid.shape == (1, 0)
+    memory, valid = head.encode_scene_memory(query, global_feats, scene)
+    assert memory.shape == (1, 5, 32) and valid.all()
+    tokens = torch.tensor([[1, 5, 6, 2]])
+    loss = head.loss(query, global_feats, tokens, scene=scene)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert head.box_embed[0].weight.grad.abs().sum() > 0
+    out = head.eval().generate(query, global_feats, scene=scene, max_length=6)
+    assert out.shape[0] == 1 and out[0, 0] == 1
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_cached_generation_matches_uncached(num_beams):
+    torch.manual_seed(0)
+    head = scene_head(max_length=12).eval()
+    big_weights(head, 4)
+    # Memories of different lengths in one batch: 1, 3 and 6 (capped at 4) objects per image.
+    query, global_feats, scene = batch_scene([1, 3, 6], torch.Generator().manual_seed(5))
+    for suppress in (True, False):
+        kwargs = dict(
+            scene=scene, num_beams=num_beams, suppress_repeat=suppress, return_scores=True
+        )
+        cached, s1 = head.generate(query, global_feats, use_cache=True, **kwargs)
+        full, s2 = head.generate(query, global_feats, use_cache=False, **kwargs)
+        assert torch.equal(cached, full)
+        torch.testing.assert_close(s1, s2)
+    # Batched generation gives every object the caption it gets alone.
+    batched = head.generate(query, global_feats, scene=scene, num_beams=num_beams)
+    for i in (0, 2, 7):
+        own = scene.index_select(torch.tensor([i]))
+        width = int(own.other_valid.sum())
+        own = SceneContext(
+            pixel_feats=own.pixel_feats,
+            boxes=own.boxes,
+            other_feats=own.other_feats[:, :width],
+            other_boxes=own.other_boxes[:, :width],
+            other_valid=own.other_valid[:, :width],
+        )
+        alone = head.generate(
+            query[i : i + 1], global_feats[i : i + 1], scene=own, num_beams=num_beams
+        )
+        assert torch.equal(alone[0], batched[i, : alone.shape[1]])
+
+
+def tiny_scene_model(seed=0):
+    torch.manual_seed(seed)
+    head = DenseCaptionHead(
+        query_dim=32,
+        global_dim=32,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=4,
+        intermediate_size=64,
+        max_length=MAX_LEN,
+        memory="scene",
+        pixel_dims=(32, 32, 32, 32),  # 3 multi-scale levels and the mask features
+    )
+    criterion = SetCriterion(
+        num_classes=NUM_CLASSES,
+        matcher=HungarianMatcher(num_points=64),
+        weight_dict={"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0, "loss_caption": 0.1},
+        eos_coef=0.1,
+        num_points=64,
+        oversample_ratio=3.0,
+        importance_sample_ratio=0.75,
+        caption_loss_fn=head.loss,
+        caption_scene_fn=head.scene_context,
+    )
+    return tiny_model(seed=seed, caption_head=head, criterion=criterion)
+
+
+def test_tiny_pix2cap_with_scene_memory_trains_and_infers():
+    model = tiny_scene_model()
+    g = torch.Generator().manual_seed(0)
+    # Different sizes: the batch is padded, the boxes are normalised to each image.
+    batch = [make_input(64, 64, g), make_input(48, 64, g)]
+    model.train()
+    losses = model(batch)
+    assert {"loss_caption", "loss_caption_0", "loss_caption_1"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    head = model.caption_head
+    for part in (head.box_embed, head.pixel_projs, head.memory_type_embeddings):
+        assert sum(float(p.grad.abs().sum()) for p in part.parameters()) > 0
+    # The caption loss reaches the pixel decoder through the pooled features too.
+    assert any(p.grad is not None for p in model.pixel_decoder.mask_features.parameters())
+
+    model.eval()
+    model.object_mask_threshold = 0.0
+    model.overlap_threshold = 0.0
+    with torch.no_grad():
+        # No query may say "no object", so every query is a candidate segment.
+        model.transformer_decoder.class_embed.bias[-1] = -20.0
+        outputs = model(batch)
+    for output in outputs:
+        segments = output["panoptic_seg"][1]
+        assert segments and all(isinstance(s["caption"], str) for s in segments)
