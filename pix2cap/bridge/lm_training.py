@@ -25,41 +25,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from fvcore.common.param_scheduler import (
-    CompositeParamScheduler,
-    CosineParamScheduler,
-    LinearParamScheduler,
-    ParamScheduler,
-)
 from torch import nn
 
 from pix2cap.bridge.lm_writers import SMALL_LM_INFO_FILE, load_causal_lm
 from pix2cap.bridge.prompt import PromptFormat
 from pix2cap.modeling.caption_head.tokenizer import build_caption_tokenizer
 from pix2cap.modeling.language_model import PromptLayout
-from pix2cap.solver.lr_scheduler import LRMultiplier
+from pix2cap.solver.lr_scheduler import LRMultiplier, warmup_cosine_schedule
 from pix2cap.utils.file_io import atomic_write_dir, atomic_write_json
 
-__all__ = ["train_small_lm", "finetune_lora", "warmup_cosine_schedule"]
+__all__ = ["train_small_lm", "finetune_lora"]
 
 logger = logging.getLogger(__name__)
-
-
-def warmup_cosine_schedule(steps: int, warmup: int) -> ParamScheduler:
-    """LR multiplier over training (``where = step / steps``): ``(step + 1) / warmup`` for
-    the first ``warmup`` steps, then a cosine from 1 at step ``warmup`` to 0 at ``steps``."""
-    if not 0 < warmup <= steps:
-        raise ValueError(f"warmup must be in [1, steps={steps}], got {warmup}")
-    # Rescaled to the warm-up's own span, the line from 1/warmup to 1 + 1/warmup is
-    # (step + 1) / warmup at every warm-up step.
-    ramp = LinearParamScheduler(1.0 / warmup, 1.0 + 1.0 / warmup)
-    if warmup == steps:
-        return ramp
-    return CompositeParamScheduler(
-        [ramp, CosineParamScheduler(1.0, 0.0)],
-        lengths=[warmup / steps, 1.0 - warmup / steps],
-        interval_scaling=["rescaled", "rescaled"],
-    )
 
 
 def _pair_texts(pair: Any) -> tuple[str, str]:
@@ -121,7 +98,7 @@ def _train_loop(
     device: torch.device,
     log_every: int,
 ) -> list[float]:
-    """AdamW under :func:`warmup_cosine_schedule` (warm-up: 5% of the steps, at least one);
+    """AdamW under :func:`~pix2cap.solver.lr_scheduler.warmup_cosine_schedule` (warm-up: 5% of the steps, at least one);
     returns the loss of every step."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = warmup_cosine_schedule(steps, max(1, steps // 20))

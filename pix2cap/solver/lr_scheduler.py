@@ -15,7 +15,7 @@ from fvcore.common.param_scheduler import (
     PolynomialDecayParamScheduler,
 )
 
-__all__ = ["WarmupParamScheduler", "LRMultiplier", "build_lr_scheduler"]
+__all__ = ["WarmupParamScheduler", "LRMultiplier", "build_lr_scheduler", "warmup_cosine_schedule"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,3 +130,20 @@ def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> LRMultiplier:
             scheduler, solver.WARMUP_FACTOR, warmup_length, solver.WARMUP_METHOD
         )
     return LRMultiplier(optimizer, multiplier=scheduler, max_iter=max_iter)
+
+
+def warmup_cosine_schedule(steps: int, warmup: int) -> ParamScheduler:
+    """LR multiplier over training (``where = step / steps``): ``(step + 1) / warmup`` for
+    the first ``warmup`` steps, then a cosine from 1 at step ``warmup`` to 0 at ``steps``."""
+    if not 0 < warmup <= steps:
+        raise ValueError(f"warmup must be in [1, steps={steps}], got {warmup}")
+    # Rescaled to the warm-up's own span, the line from 1/warmup to 1 + 1/warmup is
+    # (step + 1) / warmup at every warm-up step.
+    ramp = LinearParamScheduler(1.0 / warmup, 1.0 + 1.0 / warmup)
+    if warmup == steps:
+        return ramp
+    return CompositeParamScheduler(
+        [ramp, CosineParamScheduler(1.0, 0.0)],
+        lengths=[warmup / steps, 1.0 - warmup / steps],
+        interval_scaling=["rescaled", "rescaled"],
+    )

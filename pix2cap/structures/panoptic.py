@@ -23,7 +23,7 @@ id per pixel as ``R + 256 * G + 256^2 * B``, 0 = VOID.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -343,15 +343,6 @@ class PanopticResult:
         dropped_ids = set(dropped)
         return PanopticResult(seg, [s for s in self.segments if s.id not in dropped_ids])
 
-    def with_captions(self, captions: Mapping[int, str]) -> "PanopticResult":
-        """A copy whose segments take ``captions[segment id]`` where given."""
-        return PanopticResult(
-            self.panoptic_seg,
-            [replace(s, caption=captions[s.id]) if s.id in captions else s for s in self.segments],
-        )
-
-    # -- conversion ----------------------------------------------------------------------------
-
     def segments_info(self) -> list[dict]:
         """detectron2's ``segments_info`` (contiguous ``category_id``) with every field."""
         return [
@@ -369,10 +360,6 @@ class PanopticResult:
             }
             for s in self.segments
         ]
-
-    def to_model_output(self) -> dict:
-        """detectron2's ``{"panoptic_seg": (Int[H, W] tensor, segments_info)}``."""
-        return {"panoptic_seg": (torch.from_numpy(self.panoptic_seg), self.segments_info())}
 
     def to_coco_panoptic(self, metadata: Any) -> tuple[np.ndarray, list[dict]]:
         """COCO panoptic form: the PNG's pixels (uint8 [H, W, 3], :func:`id2rgb`) and

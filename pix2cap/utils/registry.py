@@ -79,10 +79,6 @@ class Registry(_FvcoreRegistry):
         """Every name ``get`` accepts: short names first, then registered names, each sorted."""
         return sorted(self._aliases) + sorted(self._obj_map)
 
-    def aliases(self) -> dict[str, str]:
-        """``{short name: registered name}``."""
-        return dict(self._aliases)
-
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """``get(name)(*args, **kwargs)``."""
         return self.get(name)(*args, **kwargs)

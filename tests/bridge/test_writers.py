@@ -19,7 +19,7 @@ from pix2cap.bridge import (
     train_small_lm,
 )
 from pix2cap.bridge.content import DecodedEntity
-from pix2cap.bridge.lm_training import warmup_cosine_schedule
+from pix2cap.solver.lr_scheduler import warmup_cosine_schedule
 from pix2cap.data.caption_formats import (
     format_box,
     format_grid_box,

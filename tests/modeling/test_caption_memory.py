@@ -15,11 +15,9 @@ from pix2cap.modeling.caption_head import (
     scene_context,
 )
 from pix2cap.modeling.caption_head.scene_memory import mask_boxes
-from pix2cap.modeling.criterion import SetCriterion
-from pix2cap.modeling.matcher import HungarianMatcher
 
 from .test_caption_head import tiny_head
-from .test_pix2cap import MAX_LEN, NUM_CLASSES, make_input, tiny_model
+from .test_pix2cap import make_input, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PIXEL_DIMS = (8, 8, 6)  # three pooled levels of different widths
@@ -247,30 +245,8 @@ def test_cached_generation_matches_uncached(num_beams):
 
 
 def tiny_scene_model(seed=0):
-    torch.manual_seed(seed)
-    head = DenseCaptionHead(
-        query_dim=32,
-        global_dim=32,
-        hidden_size=32,
-        num_layers=1,
-        num_heads=4,
-        intermediate_size=64,
-        max_length=MAX_LEN,
-        memory="scene",
-        pixel_dims=(32, 32, 32, 32),  # 3 multi-scale levels and the mask features
-    )
-    criterion = SetCriterion(
-        num_classes=NUM_CLASSES,
-        matcher=HungarianMatcher(num_points=64),
-        weight_dict={"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0, "loss_caption": 0.1},
-        eos_coef=0.1,
-        num_points=64,
-        oversample_ratio=3.0,
-        importance_sample_ratio=0.75,
-        caption_loss_fn=head.loss,
-        caption_scene_fn=head.scene_context,
-    )
-    return tiny_model(seed=seed, caption_head=head, criterion=criterion)
+    # 3 multi-scale levels and the mask features, 32 channels each.
+    return tiny_model(seed, head_kwargs=dict(memory="scene", pixel_dims=(32, 32, 32, 32)))
 
 
 def test_tiny_pix2cap_with_scene_memory_trains_and_infers():

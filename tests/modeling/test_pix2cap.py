@@ -29,8 +29,9 @@ THING_IDS = {0, 1}
 MAX_LEN = 12
 
 
-def tiny_model(seed=0, **overrides):
-    """Random tiny Pix2Cap: EfficientNet-Lite0 (random, frozen), hidden 32, 4 queries."""
+def tiny_model(seed=0, head_kwargs=None, **overrides):
+    """Random tiny Pix2Cap: EfficientNet-Lite0 (random, frozen), hidden 32, 4 queries;
+    ``head_kwargs`` go to its caption head (e.g. another memory)."""
     torch.manual_seed(seed)
     backbone = TimmBackbone(model_name="tf_efficientnet_lite0", freeze=True)
     pixel_decoder = MSDeformAttnPixelDecoder(
@@ -60,6 +61,7 @@ def tiny_model(seed=0, **overrides):
         num_heads=4,
         intermediate_size=64,
         max_length=MAX_LEN,
+        **(head_kwargs or {}),
     )
     criterion = SetCriterion(
         num_classes=NUM_CLASSES,
@@ -70,6 +72,7 @@ def tiny_model(seed=0, **overrides):
         oversample_ratio=3.0,
         importance_sample_ratio=0.75,
         caption_loss_fn=head.loss,
+        caption_scene_fn=head.scene_context if head.memory == "scene" else None,
     )
     kwargs = dict(
         backbone=backbone,
