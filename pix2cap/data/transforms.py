@@ -44,6 +44,7 @@ __all__ = [
     "ResizeShortestEdge",
     "apply_augmentations",
     "global_rng",
+    "image_frame",
     "seed_global_rng",
 ]
 
@@ -103,6 +104,11 @@ class Transform(abc.ABC):
     def apply_box(self, boxes: np.ndarray) -> np.ndarray:
         """Float [N, 4] XYXY absolute -> transformed boxes [N, 4]."""
 
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        """Float [N, 2] ``(x, y)`` points -> where they land, not clipped to the output (a
+        point may leave the image). Every transform here is axis-aligned and affine."""
+        raise NotImplementedError(f"{type(self).__name__} does not map points")
+
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """Size ``(h, w)`` of the output for an input of ``(height, width)``."""
         return height, width
@@ -122,6 +128,9 @@ class NoOpTransform(Transform):
 
     def apply_masks(self, masks):
         return masks
+
+    def apply_coords(self, coords):
+        return np.asarray(coords, dtype=np.float64).reshape(-1, 2)
 
     def apply_box(self, boxes):
         return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
@@ -178,6 +187,12 @@ class ResizeTransform(Transform):
         cols = _nearest_indices(self.w, self.new_w)
         return masks[:, rows[:, None], cols[None, :]]
 
+    def apply_coords(self, coords):
+        coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2).copy()
+        coords[:, 0] *= self.new_w / self.w
+        coords[:, 1] *= self.new_h / self.h
+        return coords
+
     def apply_box(self, boxes):
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
         boxes[:, 0::2] *= self.new_w / self.w
@@ -205,6 +220,9 @@ class CropTransform(Transform):
 
     def apply_masks(self, masks):
         return masks[:, self.y0 : self.y0 + self.h, self.x0 : self.x0 + self.w]
+
+    def apply_coords(self, coords):
+        return np.asarray(coords, dtype=np.float64).reshape(-1, 2) - (self.x0, self.y0)
 
     def apply_box(self, boxes):
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
@@ -248,6 +266,9 @@ class PadTransform(Transform):
     def apply_masks(self, masks):
         return self._pad(masks, False, 1)
 
+    def apply_coords(self, coords):
+        return np.asarray(coords, dtype=np.float64).reshape(-1, 2).copy()
+
     def apply_box(self, boxes):
         return np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
 
@@ -271,6 +292,11 @@ class HFlipTransform(Transform):
 
     def apply_masks(self, masks):
         return np.ascontiguousarray(masks[:, :, ::-1])
+
+    def apply_coords(self, coords):
+        coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2).copy()
+        coords[:, 0] = self.width - coords[:, 0]
+        return coords
 
     def apply_box(self, boxes):
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
@@ -297,6 +323,11 @@ class VFlipTransform(Transform):
 
     def apply_masks(self, masks):
         return np.ascontiguousarray(masks[:, ::-1])
+
+    def apply_coords(self, coords):
+        coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2).copy()
+        coords[:, 1] = self.height - coords[:, 1]
+        return coords
 
     def apply_box(self, boxes):
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
@@ -337,6 +368,12 @@ class TransformList(Transform):
         for t in self.transforms:
             masks = t.apply_masks(masks)
         return masks
+
+    def apply_coords(self, coords):
+        coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+        for t in self.transforms:
+            coords = t.apply_coords(coords)
+        return coords
 
     def apply_box(self, boxes):
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
@@ -498,3 +535,30 @@ def apply_augmentations(
         image = t.apply_image(image)
         transforms.append(t)
     return image, TransformList(transforms)
+
+
+def image_frame(
+    transforms: Transform, original_hw: tuple[int, int], output_hw: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    """Where the transformed image lies in the original image, in the original's normalised
+    coordinates: ``(x0, y0, x1, y1)`` of the output's corners, with the original spanning
+    ``[0, 1]`` (a crop gives a window inside it; a shrunk and padded image reaches beyond 1).
+
+    A flip is not undone: the flipped image is the one its (swapped) captions describe, so the
+    frame keeps the output's orientation. Words about size or place ("large", "at the top")
+    refer to the original image; a caption head that reads boxes in this frame sees the same
+    box for an object however the augmentation rescaled or cropped it.
+
+    Args:
+        transforms: the transforms from the original to the output.
+        original_hw, output_hw: ``(height, width)`` before and after.
+    """
+    height, width = original_hw
+    corners = transforms.apply_coords(np.array([[0.0, 0.0], [width, height]]))
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    span = np.maximum(high - low, 1e-6)  # pixels of the output per original image side
+    out_h, out_w = output_hw
+    x0, y0 = -low / span
+    x1, y1 = (np.array([out_w, out_h], dtype=np.float64) - low) / span
+    # + 0.0 turns -0.0 into 0.0.
+    return float(x0) + 0.0, float(y0) + 0.0, float(x1) + 0.0, float(y1) + 0.0

@@ -56,11 +56,11 @@ def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: floa
 
 
 CaptionLossFn = Callable[..., torch.Tensor]
-# (query_feats [n, D], mask_logits [n, h, w], pixel_maps [C_l, h_l, w_l] each,
-#  captioned Long[m], extent (height, width) or None) -> SceneContext of the m captioned objects
+# (query_feats [n, D], mask_probs [n, h, w], pixel_maps [C_l, h_l, w_l] each,
+#  captioned Long[m], window Float[4] or None) -> SceneContext of the m captioned objects
 SceneFn = Callable[..., SceneContext]
 # Outputs that are the same for every decoder layer; given once, shared by the aux layers.
-_SHARED_OUTPUTS = ("global_features", "pixel_features", "valid_fraction")
+_SHARED_OUTPUTS = ("global_features", "pixel_features", "grid_window")
 
 
 class SetCriterion(nn.Module):
@@ -89,6 +89,7 @@ class SetCriterion(nn.Module):
         num_caption_layers: Optional[int] = None,
         caption_pad_token_id: int = 0,
         caption_scene_fn: Optional[SceneFn] = None,
+        caption_scene_masks: str = "target",
     ):
         """
         Args:
@@ -111,9 +112,18 @@ class SetCriterion(nn.Module):
                 caption loss then also passes ``scene=`` (a ``SceneContext``) to
                 ``caption_loss_fn``, built per image from the matched queries (the other
                 objects of a captioned query are the other matched queries of its image),
-                their predicted masks and ``outputs["pixel_features"]``. None: the paper's
-                two-token memory.
+                their masks and ``outputs["pixel_features"]``. None: the paper's two-token
+                memory.
+            caption_scene_masks: the masks the scene is built from in training: "target"
+                (the matched ground-truth masks: boxes and pooling regions are right from the
+                first step, as the caption tokens are, and the head learns what a place or a
+                size means without the mask head's early noise) or "predicted" (the matched
+                queries' masks, as at inference).
         """
+        if caption_scene_masks not in ("target", "predicted"):
+            raise ValueError(
+                f"caption_scene_masks must be 'target' or 'predicted', got {caption_scene_masks!r}"
+            )
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
@@ -130,6 +140,7 @@ class SetCriterion(nn.Module):
         self.num_caption_layers = num_caption_layers
         self.caption_pad_token_id = caption_pad_token_id
         self.caption_scene_fn = caption_scene_fn
+        self.caption_scene_masks = caption_scene_masks
 
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
@@ -206,7 +217,7 @@ class SetCriterion(nn.Module):
             if global_features is not None:
                 globals_.append(global_features[b].unsqueeze(0).expand(int(valid.sum()), -1))
             if self.caption_scene_fn is not None:
-                scenes.append(self._scene(outputs, b, src, valid.nonzero()[:, 0]))
+                scenes.append(self._scene(outputs, target, b, src, tgt, valid.nonzero()[:, 0]))
         if not feats:
             return {"loss_caption": query_features.sum() * 0.0}
 
@@ -221,22 +232,24 @@ class SetCriterion(nn.Module):
         scene = SceneContext.cat(scenes)
         return {"loss_caption": self.caption_loss_fn(feats, globals_, tokens, scene=scene)}
 
-    def _scene(self, outputs, b: int, src: torch.Tensor, captioned: torch.Tensor) -> SceneContext:
-        """Scene facts of image ``b``'s matched queries ``src`` at positions ``captioned``."""
+    def _scene(
+        self, outputs, target, b: int, src: torch.Tensor, tgt: torch.Tensor, captioned
+    ) -> SceneContext:
+        """Scene facts of image ``b``'s matched queries ``src`` (segments ``tgt``) at
+        positions ``captioned``."""
         if "pixel_features" not in outputs:
             raise KeyError("a scene-memory caption loss needs outputs['pixel_features']")
-        mask_logits = outputs["pred_masks"][b, src]  # [n, h, w]
-        extent = None
-        if "valid_fraction" in outputs:
-            # The box is normalised to the image, not to the padded batch.
-            frac_h, frac_w = outputs["valid_fraction"][b].tolist()
-            extent = (frac_h * mask_logits.shape[-2], frac_w * mask_logits.shape[-1])
+        if self.caption_scene_masks == "target":
+            mask_probs = target["masks"][tgt].float()  # [n, H, W], the padded image grid
+        else:
+            mask_probs = outputs["pred_masks"][b, src].detach().float().sigmoid()
+        window = outputs["grid_window"][b] if "grid_window" in outputs else None
         return self.caption_scene_fn(
             outputs["query_features"][b, src],
-            mask_logits,
+            mask_probs,
             [level[b] for level in outputs["pixel_features"]],
             captioned,
-            extent=extent,
+            window=window,
         )
 
     def _loss_map(self):
@@ -259,10 +272,10 @@ class SetCriterion(nn.Module):
             outputs: ``"pred_logits"`` [B, Q, K+1], ``"pred_masks"`` [B, Q, h, w],
                 ``"query_features"`` [B, Q, D] (for captions), optionally
                 ``"global_features"`` [B, Dg], ``"pixel_features"`` (pixel-decoder levels
-                ``[B, C_l, h_l, w_l]``, for a scene-memory caption loss), ``"valid_fraction"``
-                Float[B, 2] (unpadded share of the height and width) and ``"aux_outputs"``:
-                a list of dicts with the
-                same per-layer keys, earliest layer first.
+                ``[B, C_l, h_l, w_l]``, for a scene-memory caption loss), ``"grid_window"``
+                Float[B, 4] (where each padded grid lies in its original image) and
+                ``"aux_outputs"``: a list of dicts with the same per-layer keys, earliest
+                layer first.
             targets: B dicts: ``"labels"`` Long[M], ``"masks"`` [M, H, W], optionally
                 ``"caption_tokens"`` Long[M, T] (row m captions segment m) and
                 ``"caption_valid"`` Bool[M].

@@ -206,11 +206,15 @@ def test_removed_keys_load_with_a_warning(tmp_path):
     assert "VOCAB_SIZE" not in get_cfg().dump()
 
 
-def test_full_config_of_the_shipped_model_still_loads():
+@pytest.mark.parametrize(
+    "name, memory", [("pix2cap_effl0", "scene"), ("pix2cap_effl0_paper", "query_global")]
+)
+def test_full_config_of_the_shipped_models_still_loads(name, memory):
     from pathlib import Path
 
     zoo = Path(__file__).resolve().parents[2] / "model_zoo"
-    path = zoo / "shapes" / "pix2cap_effl0_full_config.yaml"
+    path = zoo / "shapes" / f"{name}_full_config.yaml"
     cfg = get_cfg()
     cfg.merge_from_file(str(path))
     assert cfg.MODEL.CAPTION_HEAD.VOCAB_FILE == "configs/shapes/shapes_vocab.txt"
+    assert cfg.MODEL.CAPTION_HEAD.MEMORY == memory

@@ -14,6 +14,7 @@ from pix2cap.data.transforms import (
     ResizeTransform,
     TransformList,
     apply_augmentations,
+    image_frame,
 )
 from pix2cap.structures import masks_to_boxes_xyxy
 
@@ -130,6 +131,30 @@ def test_lsj_pipeline_consistent_and_reproducible():
         assert np.array_equal(t.apply_segmentation(seg), t_again.apply_segmentation(seg))
     assert checked > 25  # most segments survive most crops
     assert 0 < flips < 25
+
+
+def test_image_frame_places_the_output_in_the_original():
+    # Resize 100 x 200 -> 50 x 100, crop 40 x 30 at (x 20, y 10): the crop's corners are
+    # (x 40, y 20) and (x 100, y 100) original pixels.
+    t = TransformList([ResizeTransform(100, 200, 50, 100), CropTransform(20, 10, 30, 40)])
+    assert image_frame(t, (100, 200), (40, 30)) == pytest.approx((0.2, 0.2, 0.5, 1.0))
+    # Shrunk to half and padded to twice its size: the output reaches beyond the original.
+    t = TransformList([ResizeTransform(100, 200, 50, 100), PadTransform(50, 100)])
+    assert image_frame(t, (100, 200), (100, 200)) == pytest.approx((0.0, 0.0, 2.0, 2.0))
+    # A flip is kept (the captions are mirrored with it), so the frame is the same.
+    t = TransformList([HFlipTransform(200), ResizeTransform(100, 200, 50, 100)])
+    assert image_frame(t, (100, 200), (50, 100)) == (0.0, 0.0, 1.0, 1.0)
+    assert image_frame(NoOpTransform(), (100, 200), (100, 200)) == (0.0, 0.0, 1.0, 1.0)
+    # Points follow the pixels: a segment's box in the output, mapped through the frame,
+    # is its box in the original (normalised).
+    image, seg, rects = _scene()
+    augs = [RandomFlip(prob=0.0), ResizeScale(1.5, 1.5, 64, 64), FixedSizeCrop(64)]
+    _, t = apply_augmentations(augs, image, np.random.default_rng(1))
+    x0, y0, x1, y1 = image_frame(t, (48, 64), (64, 64))
+    out_box = _mask_box(t.apply_segmentation(seg), 7) / 64.0
+    want = np.array(rects[7], dtype=np.float64) / [64, 48, 64, 48]
+    got = [x0 + out_box[0] * (x1 - x0), y0 + out_box[1] * (y1 - y0)]
+    assert np.abs(np.array(got) - want[:2]).max() < 0.03
 
 
 def test_resize_scale_range():

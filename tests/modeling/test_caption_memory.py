@@ -14,7 +14,10 @@ from pix2cap.modeling.caption_head import (
     build_caption_tokenizer,
     scene_context,
 )
-from pix2cap.modeling.caption_head.scene_memory import mask_boxes
+from pix2cap.modeling.caption_head.scene_memory import largest_parts, mask_boxes
+
+from pix2cap.modeling.criterion import SetCriterion
+from pix2cap.modeling.meta_arch import Pix2Cap
 
 from .test_caption_head import tiny_head
 from .test_pix2cap import make_input, tiny_model
@@ -31,12 +34,12 @@ def scene_head(**overrides):
 
 
 def image_objects(n, generator):
-    """n objects of one image: query features [n, 16], mask logits [n, 16, 16], 3 levels."""
+    """n objects of one image: query features [n, 16], 0/1 masks [n, 16, 16], 3 levels."""
     query = torch.randn(n, 16, generator=generator)
-    masks = torch.full((n, 16, 16), -20.0)
+    masks = torch.zeros((n, 16, 16))
     for i in range(n):
         x = (3 * i) % 12
-        masks[i, 2 + i % 10 : 6 + i % 10, x : x + 4] = 20.0
+        masks[i, 2 + i % 10 : 6 + i % 10, x : x + 4] = 1.0
     levels = [
         torch.randn(8, 4, 4, generator=generator),
         torch.randn(8, 8, 8, generator=generator),
@@ -85,7 +88,7 @@ def test_default_memory_is_the_papers():
 
 def test_scene_config_builds_a_scene_head():
     cfg = get_cfg()
-    cfg.merge_from_file(os.path.join(REPO, "configs", "shapes", "pix2cap_effl0_scene.yaml"))
+    cfg.merge_from_file(os.path.join(REPO, "configs", "shapes", "pix2cap_effl0.yaml"))
     vocab = os.path.join(REPO, cfg.MODEL.CAPTION_HEAD.VOCAB_FILE)
     head = DenseCaptionHead(cfg, tokenizer=build_caption_tokenizer(vocab))
     dims = cfg.MODEL.SEM_SEG_HEAD
@@ -103,8 +106,12 @@ def test_mask_boxes_and_pooling():
     boxes = mask_boxes(probs)
     torch.testing.assert_close(boxes[0], torch.tensor([0.5, 0.25, 1.0, 0.5, 0.75, 0.375]))
     torch.testing.assert_close(boxes[1, :4], torch.tensor([1 / 8, 5 / 8, 2 / 8, 6 / 8]))
-    # Normalised to the unpadded image: an 8 x 4 image in an 8 x 8 padded grid.
-    assert mask_boxes(probs[:1], extent=(8.0, 4.0))[0, 2] == 1.0
+    # In the original image's frame: an 8 x 4 image padded to an 8 x 8 grid spans x 0-2 ...
+    wide = mask_boxes(probs[:1], window=torch.tensor([0.0, 0.0, 2.0, 1.0]))
+    torch.testing.assert_close(wide[0], torch.tensor([1.0, 0.25, 2.0, 0.5, 1.5, 0.375]))
+    # ... and a crop of the middle half of an image keeps each object's place and size there.
+    crop = mask_boxes(probs[:1], window=torch.tensor([0.25, 0.25, 0.75, 0.75]))
+    torch.testing.assert_close(crop[0], torch.tensor([0.5, 0.375, 0.75, 0.5, 0.625, 0.4375]))
 
     query, masks, levels = image_objects(3, torch.Generator().manual_seed(0))
     scene = scene_context(query, masks, levels)
@@ -114,6 +121,19 @@ def test_mask_boxes_and_pooling():
     torch.testing.assert_close(
         scene.pixel_feats[2][0], levels[2][:, inside].mean(1), atol=1e-3, rtol=1e-3
     )
+
+
+def test_boxes_of_the_largest_part_ignore_stray_pixels():
+    mask = torch.zeros(1, 16, 16)
+    mask[0, 4:8, 2:6] = 1.0  # the object
+    mask[0, 14, 6:16] = 0.9  # a thin spur along the bottom, apart from it
+    assert mask_boxes(mask)[0, 2] == 1.0  # the whole mask spans to the right edge
+    torch.testing.assert_close(
+        mask_boxes(mask, largest_part=True)[0, :4], torch.tensor([2 / 16, 4 / 16, 6 / 16, 8 / 16])
+    )
+    # An empty mask stays empty; its box is its most probable pixel's.
+    assert not largest_parts(torch.zeros(1, 4, 4, dtype=torch.bool)).any()
+    assert largest_parts(torch.zeros(0, 4, 4, dtype=torch.bool)).shape == (0, 4, 4)
 
 
 def test_scene_memory_shapes():
@@ -275,3 +295,72 @@ def test_tiny_pix2cap_with_scene_memory_trains_and_infers():
     for output in outputs:
         segments = output["panoptic_seg"][1]
         assert segments and all(isinstance(s["caption"], str) for s in segments)
+
+
+def test_grid_windows_place_padded_grids_in_the_original_image():
+    from pix2cap.structures import ImageList
+
+    images = [torch.zeros(3, 64, 64), torch.zeros(3, 48, 32)]
+    image_list = ImageList.from_tensors(images, 32)  # padded to 64 x 64
+    # Without frames each image is its own original: the grid reaches past it where padded.
+    windows = Pix2Cap.grid_windows(image_list)
+    want = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 2.0, 4 / 3]])
+    torch.testing.assert_close(windows, want)
+    # An LSJ crop covering x 0.25-0.75, y 0-0.5 of its original.
+    frames = torch.tensor([[0.25, 0.0, 0.75, 0.5], [0.0, 0.0, 1.0, 1.0]])
+    windows = Pix2Cap.grid_windows(image_list, frames)
+    torch.testing.assert_close(windows[0], torch.tensor([0.25, 0.0, 0.75, 0.5]))
+    inputs = [{"image_frame": (0.25, 0.0, 0.75, 0.5)}, {}]
+    torch.testing.assert_close(Pix2Cap.image_frames(inputs).float(), frames)
+    assert Pix2Cap.image_frames([{}, {}]) is None
+
+
+def test_training_scene_reads_target_masks_in_the_original_frame():
+    model = tiny_scene_model()
+    seen = []
+    scene_fn = model.criterion.caption_scene_fn
+    model.criterion.caption_scene_fn = lambda *a, **k: seen.append((a, k)) or scene_fn(*a, **k)
+    g = torch.Generator().manual_seed(0)
+    x = make_input(64, 64, g)
+    x["image_frame"] = (0.5, 0.0, 1.0, 0.5)  # the right half of the top half of the original
+    model.train()
+    model([x])
+    (query, masks, levels, captioned), kwargs = seen[0]
+    # The three matched segments' ground-truth masks (two quadrants and the rest), in the
+    # matched queries' order; two have a caption.
+    assert masks.shape == (3, 64, 64) and set(masks.unique().tolist()) == {0.0, 1.0}
+    assert captioned.numel() == 2
+    fills_quadrant = masks[:, :32, :32].flatten(1).all(1) & (masks.sum((1, 2)) == 1024)
+    quadrant = int(torch.nonzero(fills_quadrant))
+    boxes = mask_boxes(masks, kwargs["window"])
+    # The top-left quadrant of the crop is x 0.5-0.75, y 0-0.25 of the original.
+    torch.testing.assert_close(boxes[quadrant, :4], torch.tensor([0.5, 0.0, 0.75, 0.25]))
+    with pytest.raises(ValueError, match="caption_scene_masks"):
+        SetCriterion(
+            num_classes=3, matcher=None, weight_dict={}, eos_coef=0.1, num_points=4,
+            oversample_ratio=3.0, importance_sample_ratio=0.75, caption_scene_masks="gt",
+        )
+
+
+def test_inference_scene_reads_the_segments_final_masks():
+    model = tiny_scene_model().eval()
+    model.object_mask_threshold = 0.0
+    model.overlap_threshold = 0.0
+    seen = []
+    scene_fn = model.caption_head.scene_context
+    model.caption_head.scene_context = lambda *a, **k: seen.append((a, k)) or scene_fn(*a, **k)
+    g = torch.Generator().manual_seed(0)
+    x = make_input(48, 64, g)
+    x["height"], x["width"] = 96, 128  # the original is twice the input
+    with torch.no_grad():
+        model.transformer_decoder.class_embed.bias[-1] = -20.0
+        (output,) = model([x])
+    ids, segments = output["panoptic_seg"]
+    (query, masks, levels), kwargs = seen[0]
+    assert masks.shape[0] == len(segments) and masks.shape[-2:] == (64, 64)  # padded input grid
+    for mask, segment in zip(masks, segments):
+        # Each pooling mask is the segment's final mask, resized to the input and padded.
+        final = (ids == segment["id"]).float()[None, None]
+        small = torch.nn.functional.interpolate(final, size=(48, 64), mode="bilinear")[0, 0]
+        torch.testing.assert_close(mask[:48], small)
+        assert mask[48:].abs().sum() == 0

@@ -35,6 +35,7 @@ from ..transforms import (
     TransformList,
     apply_augmentations,
     global_rng,
+    image_frame,
 )
 from .build import DATASET_MAPPER_REGISTRY
 
@@ -85,6 +86,9 @@ class PanopticDatasetMapper:
     Output keys:
         ``image``: uint8 Tensor[3, H, W] in ``image_format`` channel order (after transforms).
         ``height``, ``width``: the ORIGINAL image size (to resize predictions back).
+        ``image_frame``: ``(x0, y0, x1, y1)``, where the transformed image lies in the
+            original one, in the original's normalised coordinates
+            (:func:`~pix2cap.data.transforms.image_frame`); ``(0, 0, 1, 1)`` after a resize.
         ``file_name``, ``image_id`` and the other keys of the dataset dict, deep-copied.
         Training with a panoptic PNG also gives:
         ``instances``: ``Instances`` of the transformed image with ``gt_classes`` Long[N],
@@ -175,8 +179,10 @@ class PanopticDatasetMapper:
             pan_seg = self._read_segment_ids(dataset_dict, image.shape[:2])
 
         rng = self.rng if self.rng is not None else global_rng()
+        original_hw = image.shape[:2]
         image, transforms = apply_augmentations(self.augmentations, image, rng)
         dataset_dict["image"] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        dataset_dict["image_frame"] = image_frame(transforms, original_hw, image.shape[:2])
 
         if not self.is_train:
             return dataset_dict

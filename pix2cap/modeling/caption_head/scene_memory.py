@@ -5,7 +5,7 @@ The scene memory (``MODEL.CAPTION_HEAD.MEMORY: scene``) adds, per object,
 
 * its mask-pooled pixel-decoder features, one vector per feature level (what the object
   looks like: size, texture and colour live in its own pixels);
-* its box, normalised to the image (where it is);
+* its box, in the original image's normalised coordinates (where it is, and how large);
 * the query features and boxes of the other objects of the same image (what a relation can
   name, and on which side it is).
 
@@ -16,14 +16,66 @@ projects them into memory tokens. Nothing here is learned.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SceneContext", "mask_boxes", "mask_pool", "scene_context"]
+__all__ = [
+    "SceneContext",
+    "box_features",
+    "largest_parts",
+    "mask_boxes",
+    "mask_pool",
+    "pair_box_features",
+    "scene_context",
+]
 
 BOX_DIM = 6  # x0, y0, x1, y1, cx, cy
+BOX_FEATURE_DIM = BOX_DIM + 2  # ... and width, height
+PAIR_FEATURE_DIM = 2 * BOX_FEATURE_DIM + 7
+_EPS = 1e-3  # smallest width or height a ratio divides by (a box is at least a pixel)
+
+
+def box_features(boxes: torch.Tensor) -> torch.Tensor:
+    """``[..., 6]`` boxes ``x0, y0, x1, y1, cx, cy`` -> ``[..., 8]`` with width and height."""
+    size = boxes[..., 2:4] - boxes[..., 0:2]
+    return torch.cat([boxes, size], dim=-1)
+
+
+def pair_box_features(own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Where another object is relative to the captioned one.
+
+    Relation words ("to the left of", "above", "in front of", "next to") are statements about
+    a pair of boxes: the side one centre lies on, and whether their extents overlap along that
+    axis. Given as ratios, these are one linear read-out away for the decoder instead of
+    comparisons it must learn across two tokens (the box-pair features of visual relation
+    detection).
+
+    Args:
+        own: ``[N, 6]`` the captioned objects' boxes; other: ``[N, S, 6]`` their neighbours'.
+
+    Returns:
+        ``[N, S, 23]``: the neighbour's box features (8), their difference from the
+        captioned object's (8), the centre offset in units of the captioned object's width and
+        height (2), log width and height ratios (2), the overlap of the two extents along x
+        and along y as a share of the narrower extent (negative: the gap between them) (2)
+        and the boxes' IoU (1).
+    """
+    a = box_features(own)[:, None]  # [N, 1, 8]
+    b = box_features(other)  # [N, S, 8]
+    a_size = a[..., 6:8].clamp(min=_EPS)
+    b_size = b[..., 6:8].clamp(min=_EPS)
+    offset = ((b[..., 4:6] - a[..., 4:6]) / a_size).clamp(-20.0, 20.0)
+    log_ratio = torch.log(b_size / a_size)
+    overlap = torch.minimum(a[..., 2:4], b[..., 2:4]) - torch.maximum(a[..., 0:2], b[..., 0:2])
+    overlap_share = (overlap / torch.minimum(a_size, b_size)).clamp(-20.0, 1.0)
+    inter = overlap.clamp(min=0).prod(dim=-1, keepdim=True)
+    union = a_size.prod(-1, keepdim=True) + b_size.prod(-1, keepdim=True) - inter
+    iou = inter / union.clamp(min=_EPS * _EPS)
+    return torch.cat([b, b - a, offset, log_ratio, overlap_share, iou], dim=-1)
 
 
 @dataclass
@@ -100,22 +152,43 @@ class SceneContext:
         )
 
 
+def largest_parts(masks: torch.Tensor) -> torch.Tensor:
+    """Bool[n, h, w] -> each mask's largest 8-connected part (an empty mask stays empty).
+
+    A predicted segment often carries a thin spur or a few stray pixels far from the object;
+    its bounding box then spans half the image and the object reads as "large". Torch has no
+    connected-components op: OpenCV labels the few masks of an image on the host.
+    """
+    if masks.shape[0] == 0:
+        return masks
+    host = masks.detach().to("cpu", torch.uint8).numpy()
+    kept = np.zeros_like(host)
+    for i, mask in enumerate(host):
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        if count <= 2:  # background and at most one part
+            kept[i] = mask
+        else:
+            kept[i] = labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return torch.from_numpy(kept).to(masks.device).bool()
+
+
 def mask_boxes(
-    mask_probs: torch.Tensor, extent: Optional[Tuple[float, float]] = None
+    mask_probs: torch.Tensor, window: Optional[torch.Tensor] = None, largest_part: bool = False
 ) -> torch.Tensor:
-    """Boxes of soft masks, normalised to the image.
+    """Boxes of soft masks, in the original image's normalised coordinates.
 
     Args:
-        mask_probs: ``[n, h, w]`` mask probabilities.
-        extent: ``(height, width)`` of the image (without batch padding) in mask pixels;
-            None: the whole grid.
+        mask_probs: ``[n, h, w]`` mask probabilities (or 0/1 ground-truth masks).
+        window: Float[4] ``(x0, y0, x1, y1)``, where the ``h x w`` grid lies in the original
+            image (``Pix2Cap.grid_windows``); None: the grid is the image.
+        largest_part: box only each mask's largest connected part (:func:`largest_parts`).
 
     Returns:
-        ``[n, 6]``: ``x0, y0, x1, y1, cx, cy`` in [0, 1]. A mask with no pixel above 0.5
-        gets the box of its most probable pixel, so every object has a place.
+        ``[n, 6]``: ``x0, y0, x1, y1, cx, cy``, 0-1 inside the original image (a crop's
+        objects keep the place and size they have there). A mask with no pixel above 0.5 gets
+        the box of its most probable pixel, so every object has a place.
     """
     n, h, w = mask_probs.shape
-    ext_h, ext_w = extent if extent is not None else (h, w)
     if n == 0:
         return mask_probs.new_zeros((0, BOX_DIM))
     binary = mask_probs > 0.5
@@ -126,16 +199,23 @@ def mask_boxes(
         fallback[torch.arange(peak.numel(), device=peak.device), peak] = True
         binary = binary.clone()
         binary[empty] = fallback.view(-1, h, w)
+    if largest_part:
+        binary = largest_parts(binary)
     rows = binary.any(dim=2)  # [n, h]
     cols = binary.any(dim=1)  # [n, w]
-    ys = torch.arange(h, device=mask_probs.device, dtype=mask_probs.dtype)
-    xs = torch.arange(w, device=mask_probs.device, dtype=mask_probs.dtype)
+    dtype = mask_probs.dtype if mask_probs.is_floating_point() else torch.float32
+    ys = torch.arange(h, device=mask_probs.device, dtype=dtype)
+    xs = torch.arange(w, device=mask_probs.device, dtype=dtype)
     big = float(max(h, w) + 1)
     y0 = torch.where(rows, ys, big).amin(dim=1)
     y1 = torch.where(rows, ys, -1.0).amax(dim=1) + 1
     x0 = torch.where(cols, xs, big).amin(dim=1)
     x1 = torch.where(cols, xs, -1.0).amax(dim=1) + 1
-    box = torch.stack([x0 / ext_w, y0 / ext_h, x1 / ext_w, y1 / ext_h], dim=1).clamp(0, 1)
+    box = torch.stack([x0 / w, y0 / h, x1 / w, y1 / h], dim=1)  # in the grid, 0-1
+    if window is not None:
+        window = window.to(device=box.device, dtype=box.dtype)
+        low, span = window[:2].repeat(2), (window[2:] - window[:2]).repeat(2)
+        box = low + box * span
     centre = torch.stack([(box[:, 0] + box[:, 2]) / 2, (box[:, 1] + box[:, 3]) / 2], dim=1)
     return torch.cat([box, centre], dim=1)
 
@@ -144,56 +224,65 @@ def mask_pool(mask_probs: torch.Tensor, feature_map: torch.Tensor) -> torch.Tens
     """Average of ``feature_map`` under each soft mask.
 
     Args:
-        mask_probs: ``[n, h, w]`` mask probabilities (any resolution; resized to the map's).
+        mask_probs: ``[n, h, w]`` mask probabilities (any resolution; resized to the map's,
+            by area averaging when shrinking so that a small object is not missed between
+            sample points).
         feature_map: ``[C, h_l, w_l]``.
 
     Returns:
         ``[n, C]``.
     """
-    size = feature_map.shape[-2:]
-    if mask_probs.shape[-2:] != size:
-        mask_probs = F.interpolate(
-            mask_probs[:, None], size=size, mode="bilinear", align_corners=False
-        )[:, 0]
+    size = tuple(feature_map.shape[-2:])
     weights = mask_probs.to(feature_map.dtype)
+    if tuple(weights.shape[-2:]) != size:
+        shrink = weights.shape[-2] >= size[0] and weights.shape[-1] >= size[1]
+        weights = F.interpolate(
+            weights[:, None],
+            size=size,
+            mode="area" if shrink else "bilinear",
+            **({} if shrink else {"align_corners": False}),
+        )[:, 0]
     pooled = torch.einsum("nhw,chw->nc", weights, feature_map)
     return pooled / weights.flatten(1).sum(dim=1, keepdim=True).clamp(min=1e-6)
 
 
 def scene_context(
     query_feats: torch.Tensor,
-    mask_logits: torch.Tensor,
+    mask_probs: torch.Tensor,
     pixel_maps: Sequence[torch.Tensor],
     captioned: Optional[torch.Tensor] = None,
     *,
     max_objects: int = 16,
-    extent: Optional[Tuple[float, float]] = None,
+    window: Optional[torch.Tensor] = None,
 ) -> SceneContext:
     """The scene facts of the objects of one image.
 
     Args:
         query_feats: ``[n, Dq]`` query features of the image's objects (training: the matched
             queries; inference: the queries of the kept segments).
-        mask_logits: ``[n, h, w]`` their mask logits; detached here, so the caption loss does
-            not reshape the masks through pooling.
+        mask_probs: ``[n, h, w]`` their masks as probabilities, without gradient (the caption
+            loss must not reshape the masks through pooling): predicted at inference, the
+            matched ground-truth masks in training.
         pixel_maps: the image's pixel-decoder levels, ``[C_l, h_l, w_l]`` each.
         captioned: Long[m] positions (into ``n``) of the objects to caption; None: all.
         max_objects: at most this many other objects per object (the first ones in order).
-        extent: ``(height, width)`` of the image without batch padding, in mask pixels.
+        window: Float[4], where the mask grid lies in the original image (see
+            :func:`mask_boxes`).
 
     Returns:
         a :class:`SceneContext` of the ``m`` captioned objects, ``S = min(n - 1, max_objects)``.
     """
+    if not pixel_maps:
+        raise ValueError("scene_context needs at least one pixel-decoder level")
     n = query_feats.shape[0]
     device = query_feats.device
     if captioned is None:
         captioned = torch.arange(n, device=device)
-    probs = mask_logits.detach().float().sigmoid()
-    boxes = mask_boxes(probs, extent).to(query_feats.dtype)  # [n, 6]
+    probs = mask_probs.detach().float()
+    # The same rule for ground-truth masks in training and predicted ones at inference.
+    boxes = mask_boxes(probs, window, largest_part=True).to(query_feats.dtype)  # [n, 6]
     sel_probs = probs[captioned]
     pixel_feats = [mask_pool(sel_probs, level) for level in pixel_maps]
-    if not pixel_maps:
-        raise ValueError("scene_context needs at least one pixel-decoder level")
     # Every object's look at the finest level, for when it is another object's neighbour.
     finest = mask_pool(probs, pixel_maps[-1])
 

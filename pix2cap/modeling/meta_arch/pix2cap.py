@@ -248,6 +248,7 @@ class Pix2Cap(nn.Module):
             ),
             num_caption_layers=head_cfg.NUM_LOSS_LAYERS if head_cfg.NUM_LOSS_LAYERS > 0 else None,
             caption_pad_token_id=tokenizer.pad_token_id,
+            caption_scene_masks=head_cfg.SCENE_TRAIN_MASKS,
         )
 
         dataset_names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
@@ -332,11 +333,12 @@ class Pix2Cap(nn.Module):
         if self.training:
             # Targets first: a bad input fails before the network runs.
             targets = self.prepare_targets(batched_inputs, image_list)
-            outputs = self._predict(image_list)
+            outputs = self._predict(image_list, self.image_frames(batched_inputs))
             if not self.deep_supervision:
                 outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
             return self.criterion.weighted(self.criterion(outputs, targets))
-        return self.inference(batched_inputs, image_list, self._predict(image_list))
+        outputs = self._predict(image_list, self.image_frames(batched_inputs))
+        return self.inference(batched_inputs, image_list, outputs)
 
     def _normalize(self, image: torch.Tensor) -> torch.Tensor:
         if image.dim() != 3 or image.shape[0] != 3:
@@ -353,14 +355,16 @@ class Pix2Cap(nn.Module):
             mask[i, :h, :w] = False
         return mask
 
-    def _predict(self, image_list: ImageList) -> dict:
+    def _predict(self, image_list: ImageList, frames: Optional[torch.Tensor] = None) -> dict:
         """Backbone, pixel decoder, transformer decoder and the global feature.
 
         Returns the transformer decoder's outputs plus ``"global_features"`` [B, C] (also put
         in every ``aux_outputs`` entry); for a scene-memory caption head also
         ``"pixel_features"`` (the multi-scale levels, coarse to fine, then the mask features:
-        ``[B, C_l, h_l, w_l]`` each) and ``"valid_fraction"`` Float[B, 2] (the unpadded share
-        of each image's height and width).
+        ``[B, C_l, h_l, w_l]`` each) and ``"grid_window"`` Float[B, 4]: where each image's
+        padded grid lies in its original image, ``(x0, y0, x1, y1)`` in the original's
+        normalised coordinates (:meth:`grid_windows`), so boxes mean the same under any crop,
+        rescale or batch padding.
         """
         features = self.backbone(image_list.tensor)
         mask_features, multi_scale_features = self.pixel_decoder(features)
@@ -375,12 +379,42 @@ class Pix2Cap(nn.Module):
             aux["global_features"] = global_features
         if self._scene_memory:
             outputs["pixel_features"] = [*multi_scale_features, mask_features]
-            padded = image_list.tensor.shape[-2:]
-            outputs["valid_fraction"] = torch.tensor(
-                [[h / padded[0], w / padded[1]] for h, w in image_list.image_sizes],
-                device=mask_features.device,
-            )
+            outputs["grid_window"] = self.grid_windows(image_list, frames).to(mask_features.device)
         return outputs
+
+    @staticmethod
+    def grid_windows(image_list: ImageList, frames: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Where each padded grid lies in its original image.
+
+        Args:
+            image_list: the batch; image ``b`` fills the top-left ``image_sizes[b]`` of the grid.
+            frames: Float[B, 4], each image's ``image_frame`` from the mapper (the image's own
+                corners in its original's normalised coordinates); None: ``(0, 0, 1, 1)``.
+
+        Returns:
+            Float[B, 4] ``(x0, y0, x1, y1)``: the grid's corners in the original's normalised
+            coordinates (beyond 1 where the grid holds padding).
+        """
+        padded_h, padded_w = image_list.tensor.shape[-2:]
+        sizes = torch.tensor(image_list.image_sizes, dtype=torch.float64)  # [B, 2] (h, w)
+        if frames is None:
+            frames = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(len(sizes), 4)
+        frames = frames.to(torch.float64)
+        stretch = torch.stack([padded_w / sizes[:, 1], padded_h / sizes[:, 0]], dim=1)  # [B, 2]
+        low = frames[:, :2]
+        high = low + (frames[:, 2:] - low) * stretch
+        return torch.cat([low, high], dim=1).float()
+
+    @staticmethod
+    def image_frames(batched_inputs: list[dict]) -> Optional[torch.Tensor]:
+        """Float[B, 4] of the inputs' ``image_frame`` ((0, 0, 1, 1) where absent), or None
+        when no input has one."""
+        if not any("image_frame" in x for x in batched_inputs):
+            return None
+        return torch.tensor(
+            [list(x.get("image_frame", (0.0, 0.0, 1.0, 1.0))) for x in batched_inputs],
+            dtype=torch.float64,
+        )
 
     @staticmethod
     def global_features(
@@ -499,18 +533,21 @@ class Pix2Cap(nn.Module):
                 )
             results.append(result)
         if self.caption_on and panoptic:
-            self._caption_segments(outputs, panoptic)
+            self._caption_segments(outputs, panoptic, image_list)
         return results
 
     def _caption_segments(
-        self, outputs: dict, panoptic: list[tuple[int, PanopticPrediction]]
+        self,
+        outputs: dict,
+        panoptic: list[tuple[int, PanopticPrediction]],
+        image_list: ImageList,
     ) -> None:
         """Write ``caption`` into every segment, with one decoding call for the batch.
 
         Only the queries behind kept segments are decoded; a merged stuff segment is
         described by its highest-scoring query. With the scene memory, a segment's other
-        objects are the other kept segments of its image, and its pooling mask and box come
-        from its query's predicted mask.
+        objects are the other kept segments of its image, and its pooling mask and box are its
+        segment's final mask (what training reads from the ground truth).
         """
         query_features = outputs["query_features"]  # [B, Q, D]
         global_features = outputs["global_features"]  # [B, C]
@@ -520,7 +557,7 @@ class Pix2Cap(nn.Module):
             feats.append(query_features[b, index])
             globals_.append(global_features[b].expand(index.numel(), -1))
             if self._scene_memory and index.numel():
-                scenes.append(self._segment_scene(outputs, b, index))
+                scenes.append(self._segment_scene(outputs, b, index, prediction, image_list))
         feats = torch.cat(feats)
         if feats.shape[0] == 0:
             return
@@ -539,15 +576,27 @@ class Pix2Cap(nn.Module):
             for info in prediction.segments_info:
                 info["caption"] = next(texts)
 
-    def _segment_scene(self, outputs: dict, b: int, index: torch.Tensor) -> SceneContext:
-        """Scene facts of image ``b``'s kept segments, from their queries ``index`` (Long[n])."""
-        mask_logits = outputs["pred_masks"][b, index]  # [n, h, w]
-        frac_h, frac_w = outputs["valid_fraction"][b].tolist()
-        # The box is normalised to the image, not to the padded batch.
-        extent = (frac_h * mask_logits.shape[-2], frac_w * mask_logits.shape[-1])
+    def _segment_scene(
+        self,
+        outputs: dict,
+        b: int,
+        index: torch.Tensor,
+        prediction: PanopticPrediction,
+        image_list: ImageList,
+    ) -> SceneContext:
+        """Scene facts of image ``b``'s kept segments, from their queries ``index`` (Long[n])
+        and their masks in ``prediction``, brought onto the padded input grid."""
+        seg = prediction.panoptic_seg
+        ids = torch.tensor([info["id"] for info in prediction.segments_info], device=seg.device)
+        masks = (seg[None] == ids[:, None, None]).float()  # [n, height, width], the original
+        h, w = image_list.image_sizes[b]
+        if tuple(masks.shape[-2:]) != (h, w):
+            masks = F.interpolate(masks[:, None], size=(h, w), mode="bilinear")[:, 0]
+        padded_h, padded_w = image_list.tensor.shape[-2:]
+        masks = F.pad(masks, (0, padded_w - w, 0, padded_h - h))
         return self.caption_head.scene_context(
             outputs["query_features"][b, index],
-            mask_logits,
+            masks.to(outputs["query_features"].device),
             [level[b] for level in outputs["pixel_features"]],
-            extent=extent,
+            window=outputs["grid_window"][b],
         )
