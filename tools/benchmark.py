@@ -203,6 +203,26 @@ def bench_segmentation_path(model, cfg, inputs, device, repeats: int) -> dict:
     }
 
 
+def _random_scene(head: DenseCaptionHead, query: torch.Tensor, generator) -> dict:
+    """``{"scene": SceneContext}`` of one image holding all the objects (each sees the others,
+    up to the head's limit) for a scene-memory head, else ``{}``: random features, one 4 x 4
+    block mask per object on a 16 x 16 grid."""
+    if head.memory != "scene":
+        return {}
+    n, grid = query.shape[0], 16
+    masks = torch.zeros(n, grid, grid)
+    corners = torch.randint(0, grid - 4, (n, 2), generator=generator)
+    for mask, (y, x) in zip(masks, corners.tolist()):
+        mask[y : y + 4, x : x + 4] = 1.0
+    levels = [
+        torch.randn(proj.down.in_features, grid, grid, generator=generator)
+        for proj in head.pixel_projs
+    ]
+    device = query.device
+    scene = head.scene_context(query, masks.to(device), [level.to(device) for level in levels])
+    return {"scene": scene}
+
+
 def bench_caption_decoding(head: DenseCaptionHead, num_objects: int, device, repeats: int) -> dict:
     """Greedy decoding of ``num_objects`` captions to full length, cached vs recomputed."""
     head = head.to(device).eval()
@@ -211,15 +231,21 @@ def bench_caption_decoding(head: DenseCaptionHead, num_objects: int, device, rep
     glob = torch.randn(num_objects, head.global_proj.down.in_features, generator=generator)
     query, glob = query.to(device), glob.to(device)
     with torch.no_grad():
+        scene = _random_scene(head, query, generator)
         # Forbid [SEP] so every row runs to max_length: the comparison then covers full captions.
         eos, head.eos_token_id = head.eos_token_id, -1
         try:
-            t_cached, cached = _timed(lambda: head.generate(query, glob, use_cache=True), device, repeats)
-            t_full, full = _timed(lambda: head.generate(query, glob, use_cache=False), device, repeats)
+            t_cached, cached = _timed(
+                lambda: head.generate(query, glob, use_cache=True, **scene), device, repeats
+            )
+            t_full, full = _timed(
+                lambda: head.generate(query, glob, use_cache=False, **scene), device, repeats
+            )
         finally:
             head.eos_token_id = eos
     return {
         "objects": num_objects,
+        "memory": head.memory,
         "tokens": int(cached.shape[1]),
         "cached_ms": 1000 * t_cached,
         "recompute_ms": 1000 * t_full,
