@@ -335,6 +335,12 @@ def test_training_scene_reads_target_masks_in_the_original_frame():
     boxes = mask_boxes(masks, kwargs["window"])
     # The top-left quadrant of the crop is x 0.5-0.75, y 0-0.25 of the original.
     torch.testing.assert_close(boxes[quadrant, :4], torch.tensor([0.5, 0.0, 0.75, 0.25]))
+    # "predicted": the matched queries' mask probabilities on the 1/4 grid instead.
+    model.criterion.caption_scene_masks = "predicted"
+    seen.clear()
+    model([x])
+    (_, masks, _, _), _ = seen[0]
+    assert masks.shape == (3, 16, 16) and 0.0 < float(masks.min()) and float(masks.max()) < 1.0
     with pytest.raises(ValueError, match="caption_scene_masks"):
         SetCriterion(
             num_classes=3, matcher=None, weight_dict={}, eos_coef=0.1, num_points=4,
