@@ -34,6 +34,12 @@ normalised -> grid -> normalised is exact on the long axis (3 decimals) and with
 step on the short axis, except that a coordinate of exactly 1.0 on the long axis comes back
 as 0.999 (the grid stops at 999).
 
+Grounded generation markup. A model that writes a grounded caption writes each grounded phrase
+as ``<p> phrase </p> [SEG]`` (PanCaper, GLaMM); each SEG's hidden state becomes the phrase's
+mask. :func:`grounded_to_markup` turns a parsed COCONut caption into that target (with the
+segments of each SEG) and :func:`markup_to_grounded` reads generated markup back into plain
+text, ``<ids:phrase>`` text and phrases.
+
 COCONut-PanCap grounding tags. A grounded caption is prose with inline tags linking a phrase
 to panoptic segments::
 
@@ -92,6 +98,12 @@ __all__ = [
     "pancap_text_to_grid",
     "parse_grounded_caption",
     "format_grounding_tag",
+    "PHRASE_OPEN",
+    "PHRASE_CLOSE",
+    "SEG_TOKEN",
+    "STUFF_SEG_TOKEN",
+    "grounded_to_markup",
+    "markup_to_grounded",
 ]
 
 #: Side of the model-side box grid: coordinates are integers in ``[0, GRID)``.
@@ -520,3 +532,141 @@ def format_grounding_tag(ids: Sequence[int], phrase: str) -> str:
     if not phrase.strip() or "<" in phrase or ">" in phrase:
         raise ValueError(f"a grounding tag's phrase must be non-blank without '<'/'>': {phrase!r}")
     return "<" + ",".join(str(i) for i in ids) + ":" + phrase + ">"
+
+
+# ---------------------------------------------------------------------------------------------
+# Grounded generation markup (PanCaper / GLaMM): <p> phrase </p> [SEG]
+# ---------------------------------------------------------------------------------------------
+#: Markup of a grounded phrase in a generation target: ``<p> phrase </p> [SEG]``; a head may
+#: tell stuff phrases apart with their own SEG kind.
+PHRASE_OPEN, PHRASE_CLOSE = "<p>", "</p>"
+SEG_TOKEN, STUFF_SEG_TOKEN = "[SEG]", "[SEG_STUFF]"
+_MARKUP_RE = re.compile(r"(<p>|</p>|\[SEG\]|\[SEG_STUFF\])")
+_ATTACHED_PUNCTUATION = set(".,;:!?)")
+
+
+def grounded_to_markup(
+    grounded: dict, seg_token: Callable[[list[int]], str] | None = None
+) -> tuple[str, list[list[int]]]:
+    """A grounded caption -> its generation target and the segments of each SEG.
+
+    Args:
+        grounded: :func:`parse_grounded_caption`'s dict (``text`` and ``phrases`` with
+            ``start``, ``end``, ``segment_ids``).
+        seg_token: the SEG token of a phrase's segment ids (e.g. :data:`STUFF_SEG_TOKEN` for
+            stuff); None: :data:`SEG_TOKEN` for all.
+
+    Returns:
+        the text with each phrase that has segments written ``<p> phrase </p> [SEG]`` (a
+        phrase without segments stays plain text: there is no mask to learn), and the segment
+        ids of each SEG in order.
+    """
+    text = grounded["text"]
+    pieces: list[str] = []
+    targets: list[list[int]] = []
+    cursor = 0
+    for phrase in sorted(grounded.get("phrases", []), key=lambda p: p["start"]):
+        ids = [int(i) for i in phrase.get("segment_ids", [])]
+        start, end = int(phrase["start"]), int(phrase["end"])
+        if not ids or start < cursor:
+            continue  # ungrounded, or overlapping an earlier phrase
+        token = seg_token(ids) if seg_token is not None else SEG_TOKEN
+        pieces.append(text[cursor:start])
+        pieces.append(f"{PHRASE_OPEN} {text[start:end]} {PHRASE_CLOSE} {token}")
+        targets.append(ids)
+        cursor = end
+    pieces.append(text[cursor:])
+    return "".join(pieces), targets
+
+
+def markup_to_grounded(
+    markup: str, seg_segment_ids: Sequence[Sequence[int]] | None = None
+) -> dict:
+    """Generated markup -> plain text, ``<ids:phrase>`` text and phrases (GLaMM's reading).
+
+    The plain text is the markup with every ``<p>``, ``</p>`` and SEG token removed and
+    whitespace collapsed (no space before ``.,;:!?)``). The phrases are the ``<p>...</p>``
+    spans in order; the i-th SEG token after a phrase gives it ``seg_segment_ids[i]`` (the
+    segments the i-th SEG's mask was tied to). A phrase not followed by a SEG before the next
+    ``<p>``, an unclosed ``<p>``, a stray ``</p>`` and an empty phrase carry no segments.
+
+    Returns:
+        ``{"text", "tagged", "phrases": [{"phrase", "start", "end", "segment_ids",
+        "seg_index"}]}``; ``seg_index`` is the SEG's position (None without one). Phrases
+        with segments are tagged ``<ids:phrase>``, the others written plainly.
+    """
+    seg_segment_ids = list(seg_segment_ids or [])
+    plain: list[str] = []
+    tagged: list[str] = []
+    length = 0
+    phrases: list[dict] = []
+    open_start: int | None = None
+    open_words: list[str] = []
+    awaiting_seg: dict | None = None  # the last closed phrase, until a SEG or a new <p>
+    seg_count = 0
+
+    def add_word(word: str, into_phrase: bool) -> None:
+        nonlocal length
+        attach = plain and word[0] in _ATTACHED_PUNCTUATION and not into_phrase
+        if plain and not attach:
+            length += 1
+        plain.append(word if not plain or attach else " " + word)
+        length += len(word)
+        if not into_phrase:
+            tagged.append(plain[-1])
+
+    for piece in _MARKUP_RE.split(markup):
+        if piece == PHRASE_OPEN:
+            if open_start is not None:  # a <p> inside an open phrase: the first is dropped
+                tagged.extend((" " if tagged else "") + word for word in open_words)
+            awaiting_seg = None
+            open_start, open_words = -1, []  # the start is set at the first word
+        elif piece == PHRASE_CLOSE:
+            if open_start is None:
+                continue  # stray
+            if open_words:
+                phrase = {
+                    "phrase": " ".join(open_words),
+                    "start": open_start,
+                    "end": length,
+                    "segment_ids": [],
+                    "seg_index": None,
+                    "_tagged_at": len(tagged),
+                }
+                phrases.append(phrase)
+                tagged.append(None)  # placeholder, filled once the SEG is known
+                awaiting_seg = phrase
+            open_start, open_words = None, []
+        elif piece in (SEG_TOKEN, STUFF_SEG_TOKEN):
+            if awaiting_seg is not None:
+                awaiting_seg["seg_index"] = seg_count
+                if seg_count < len(seg_segment_ids):
+                    awaiting_seg["segment_ids"] = [int(i) for i in seg_segment_ids[seg_count]]
+            seg_count += 1
+            awaiting_seg = None
+        else:
+            for word in piece.split():
+                if open_start is not None:
+                    if open_start == -1:
+                        open_start = length + (1 if plain else 0)
+                    open_words.append(word)
+                    add_word(word, into_phrase=True)
+                else:
+                    add_word(word, into_phrase=False)
+    if open_start is not None:  # unclosed <p>: its words stay plain text
+        tagged.extend((" " if tagged else "") + word for word in open_words)
+
+    tagged_text = []
+    for k, part in enumerate(tagged):
+        if part is not None:
+            tagged_text.append(part)
+            continue
+        phrase = next(p for p in phrases if p["_tagged_at"] == k)
+        words = phrase["phrase"]
+        body = words
+        if phrase["segment_ids"]:
+            body = format_grounding_tag(phrase["segment_ids"], words)
+        tagged_text.append((" " if k > 0 else "") + body)
+    for phrase in phrases:
+        del phrase["_tagged_at"]
+    return {"text": "".join(plain), "tagged": "".join(tagged_text), "phrases": phrases}

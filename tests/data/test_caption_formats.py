@@ -11,7 +11,10 @@ from pix2cap.data.caption_formats import (
     format_grid_box,
     grid_box_to_normalized,
     grid_box_to_pixel,
+    STUFF_SEG_TOKEN,
     grid_text_to_pancap,
+    grounded_to_markup,
+    markup_to_grounded,
     normalized_box_to_grid,
     pancap_text_to_grid,
     parse_grounded_caption,
@@ -399,3 +402,61 @@ def test_format_grounding_tag_round_trip():
     for ids, phrase in (([], "x"), ([-1], "x"), ([1], " "), ([1], "a <b>")):
         with pytest.raises(ValueError):
             format_grounding_tag(ids, phrase)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grounded generation markup
+# ---------------------------------------------------------------------------------------------
+GROUNDED = (
+    "<4:Light blue sky> covers the top above <5:beige sand>. <6,7,8:eight boys> play on "
+    "<5:the sand>, near <9:a dog>."
+)
+
+
+def test_markup_round_trip_through_generation_targets():
+    parsed = parse_grounded_caption(GROUNDED, segment_ids=[4, 5, 6, 7, 8, 9])
+    markup, targets = grounded_to_markup(parsed)
+    assert markup == (
+        "<p> Light blue sky </p> [SEG] covers the top above <p> beige sand </p> [SEG]. "
+        "<p> eight boys </p> [SEG] play on <p> the sand </p> [SEG], near <p> a dog </p> [SEG]."
+    )
+    # One SEG per phrase; a multi-segment phrase is one SEG whose mask is the union.
+    assert targets == [[4], [5], [6, 7, 8], [5], [9]]
+    back = markup_to_grounded(markup, targets)
+    assert back["tagged"] == GROUNDED
+    assert back["text"] == parsed["text"]
+    for phrase in back["phrases"]:
+        assert back["text"][phrase["start"] : phrase["end"]] == phrase["phrase"]
+    assert [p["seg_index"] for p in back["phrases"]] == [0, 1, 2, 3, 4]
+    # Stuff may get its own SEG kind; reading back treats both kinds alike.
+    stuff = {4, 5}
+    markup, targets = grounded_to_markup(
+        parsed, seg_token=lambda ids: STUFF_SEG_TOKEN if set(ids) <= stuff else "[SEG]"
+    )
+    assert markup.startswith("<p> Light blue sky </p> [SEG_STUFF] covers")
+    assert "<p> eight boys </p> [SEG] play" in markup
+    assert markup_to_grounded(markup, targets)["tagged"] == GROUNDED
+
+
+def test_ungrounded_phrases_are_plain_targets():
+    parsed = parse_grounded_caption("<3:a cat> sits on <99:a mat>.", segment_ids=[3])
+    markup, targets = grounded_to_markup(parsed)
+    assert (markup, targets) == ("<p> a cat </p> [SEG] sits on a mat.", [[3]])
+
+
+def test_generated_markup_that_is_not_well_formed():
+    out = markup_to_grounded(
+        "</p> a <p> dog </p> and <p> cat </p> [SEG] [SEG] . <p> open end", [[3], [4]]
+    )
+    # The stray </p> and the unclosed <p> vanish; "dog" has no SEG, so no segments; the
+    # second SEG follows no phrase.
+    assert out["text"] == "a dog and cat. open end"
+    assert out["tagged"] == "a dog and <3:cat>. open end"
+    assert [(p["phrase"], p["segment_ids"], p["seg_index"]) for p in out["phrases"]] == [
+        ("dog", [], None),
+        ("cat", [3], 0),
+    ]
+    # More SEGs than masks: the phrase keeps its text, without segments.
+    out = markup_to_grounded("<p> a cat </p> [SEG]", [])
+    assert (out["tagged"], out["phrases"][0]["segment_ids"]) == ("a cat", [])
+    assert markup_to_grounded("", None) == {"text": "", "tagged": "", "phrases": []}
