@@ -38,7 +38,8 @@ Grounded generation markup. A model that writes a grounded caption writes each g
 as ``<p> phrase </p> [SEG]`` (PanCaper, GLaMM); each SEG's hidden state becomes the phrase's
 mask. :func:`grounded_to_markup` turns a parsed COCONut caption into that target (with the
 segments of each SEG) and :func:`markup_to_grounded` reads generated markup back into plain
-text, ``<ids:phrase>`` text and phrases.
+text, ``<ids:phrase>`` text and phrases; :func:`truncate_markup` cuts a long target at a
+sentence boundary, never inside a phrase.
 
 COCONut-PanCap grounding tags. A grounded caption is prose with inline tags linking a phrase
 to panoptic segments::
@@ -104,6 +105,7 @@ __all__ = [
     "STUFF_SEG_TOKEN",
     "grounded_to_markup",
     "markup_to_grounded",
+    "truncate_markup",
 ]
 
 #: Side of the model-side box grid: coordinates are integers in ``[0, GRID)``.
@@ -670,3 +672,55 @@ def markup_to_grounded(
     for phrase in phrases:
         del phrase["_tagged_at"]
     return {"text": "".join(plain), "tagged": "".join(tagged_text), "phrases": phrases}
+
+
+_SENTENCE_END_RE = re.compile(r"[.!?](?=\s|$)")
+
+
+def truncate_markup(
+    markup: str,
+    seg_segment_ids: Sequence[Sequence[int]],
+    count_tokens: Callable[[str], int],
+    max_tokens: int,
+) -> tuple[str, list[list[int]]]:
+    """Cut a generation target to at most ``max_tokens`` tokens, never inside a phrase.
+
+    The cut falls after the last whole sentence that fits (a ``.``, ``!`` or ``?`` outside
+    ``<p>...</p>`` followed by a space or the end); when not even the first sentence fits, after
+    the last whole word or whole ``<p> ... </p> SEG`` unit of it that does.
+
+    Args:
+        markup, seg_segment_ids: a target and its SEGs' segments (:func:`grounded_to_markup`).
+        count_tokens: the tokenizer's length of a text (special tokens it adds included).
+        max_tokens: the budget.
+
+    Returns:
+        the kept markup and the segments of the SEGs it keeps.
+    """
+    if count_tokens(markup) <= max_tokens:
+        return markup, [list(ids) for ids in seg_segment_ids]
+    units = _markup_units(markup)  # (text, ends_sentence) pieces that must stay whole
+    kept, best = "", ""
+    for text, ends_sentence in units:
+        candidate = kept + text
+        if count_tokens(candidate.strip()) > max_tokens:
+            break
+        kept = candidate
+        if ends_sentence:
+            best = kept
+    cut = (best or kept).strip()
+    segs = len(re.findall(r"\[SEG\]|\[SEG_STUFF\]", cut))
+    return cut, [list(ids) for ids in seg_segment_ids[:segs]]
+
+
+def _markup_units(markup: str) -> list[tuple[str, bool]]:
+    """The markup as whole words and whole phrase units (``<p> ... </p>`` with the SEG token
+    after it), each with its leading space and whether a sentence ends with it."""
+    units: list[tuple[str, bool]] = []
+    pattern = re.compile(r"\s*(<p>.*?</p>\s*(?:\[SEG\]|\[SEG_STUFF\])?|\S+)", re.S)
+    for match in pattern.finditer(markup):
+        text = match.group(0)
+        is_phrase = match.group(1).startswith(PHRASE_OPEN)
+        ends = not is_phrase and bool(_SENTENCE_END_RE.search(match.group(1)[-1:]))
+        units.append((text, ends))
+    return units

@@ -16,6 +16,7 @@ from pix2cap.data.caption_formats import (
     grounded_to_markup,
     markup_to_grounded,
     normalized_box_to_grid,
+    truncate_markup,
     pancap_text_to_grid,
     parse_grounded_caption,
     parse_pancap_boxes,
@@ -460,3 +461,32 @@ def test_generated_markup_that_is_not_well_formed():
     out = markup_to_grounded("<p> a cat </p> [SEG]", [])
     assert (out["tagged"], out["phrases"][0]["segment_ids"]) == ("a cat", [])
     assert markup_to_grounded("", None) == {"text": "", "tagged": "", "phrases": []}
+
+
+def test_long_targets_are_cut_at_a_sentence_boundary_never_inside_a_phrase():
+    markup = (
+        "<p> Light blue sky </p> [SEG] covers the top. <p> eight boys </p> [SEG] play on "
+        "<p> the sand </p> [SEG]. A dog runs."
+    )
+    targets = [[4], [6, 7, 8], [5]]
+
+    def words(text):
+        return len(text.split())
+
+    assert words(markup) == 24
+    assert truncate_markup(markup, targets, words, 24) == (markup, targets)
+    # 23 tokens: the last sentence goes, the second (ending after its phrase) stays whole.
+    cut, kept = truncate_markup(markup, targets, words, 23)
+    assert cut.endswith("<p> the sand </p> [SEG].") and kept == targets
+    # 20: only the first sentence fits whole, with its one SEG.
+    assert truncate_markup(markup, targets, words, 20) == (
+        "<p> Light blue sky </p> [SEG] covers the top.",
+        [[4]],
+    )
+    # The first sentence alone is too long: cut after whole words, the phrase unit kept whole
+    # or dropped whole.
+    assert truncate_markup(markup, targets, words, 8) == (
+        "<p> Light blue sky </p> [SEG] covers the",
+        [[4]],
+    )
+    assert truncate_markup(markup, targets, words, 5) == ("", [])
