@@ -77,6 +77,8 @@ the text and in ``phrases``, with ``segment_ids == []``.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import re
 from collections import Counter
@@ -598,46 +600,26 @@ def markup_to_grounded(
         with segments are tagged ``<ids:phrase>``, the others written plainly.
     """
     seg_segment_ids = list(seg_segment_ids or [])
-    plain: list[str] = []
-    tagged: list[str] = []
+    plain: list[str] = []  # the words, each with its leading space
     length = 0
     phrases: list[dict] = []
-    open_start: int | None = None
+    open_start: int | None = None  # set while a <p> is open: the phrase's start offset
     open_words: list[str] = []
     awaiting_seg: dict | None = None  # the last closed phrase, until a SEG or a new <p>
     seg_count = 0
-
-    def add_word(word: str, into_phrase: bool) -> None:
-        nonlocal length
-        attach = plain and word[0] in _ATTACHED_PUNCTUATION and not into_phrase
-        if plain and not attach:
-            length += 1
-        plain.append(word if not plain or attach else " " + word)
-        length += len(word)
-        if not into_phrase:
-            tagged.append(plain[-1])
-
     for piece in _MARKUP_RE.split(markup):
-        if piece == PHRASE_OPEN:
-            if open_start is not None:  # a <p> inside an open phrase: the first is dropped
-                tagged.extend((" " if tagged else "") + word for word in open_words)
-            awaiting_seg = None
-            open_start, open_words = -1, []  # the start is set at the first word
+        if piece == PHRASE_OPEN:  # a <p> inside an open phrase drops the open one
+            awaiting_seg, open_start, open_words = None, length + (1 if plain else 0), []
         elif piece == PHRASE_CLOSE:
-            if open_start is None:
-                continue  # stray
-            if open_words:
-                phrase = {
+            if open_start is not None and open_words:  # a stray or empty one is dropped
+                awaiting_seg = {
                     "phrase": " ".join(open_words),
                     "start": open_start,
                     "end": length,
                     "segment_ids": [],
                     "seg_index": None,
-                    "_tagged_at": len(tagged),
                 }
-                phrases.append(phrase)
-                tagged.append(None)  # placeholder, filled once the SEG is known
-                awaiting_seg = phrase
+                phrases.append(awaiting_seg)
             open_start, open_words = None, []
         elif piece in (SEG_TOKEN, STUFF_SEG_TOKEN):
             if awaiting_seg is not None:
@@ -648,30 +630,24 @@ def markup_to_grounded(
             awaiting_seg = None
         else:
             for word in piece.split():
+                # Outside a phrase, closing punctuation attaches to the word before it.
+                attach = open_start is None and word[0] in _ATTACHED_PUNCTUATION
+                if plain and not attach:
+                    word = " " + word
+                plain.append(word)
+                length += len(word)
                 if open_start is not None:
-                    if open_start == -1:
-                        open_start = length + (1 if plain else 0)
-                    open_words.append(word)
-                    add_word(word, into_phrase=True)
-                else:
-                    add_word(word, into_phrase=False)
-    if open_start is not None:  # unclosed <p>: its words stay plain text
-        tagged.extend((" " if tagged else "") + word for word in open_words)
-
-    tagged_text = []
-    for k, part in enumerate(tagged):
-        if part is not None:
-            tagged_text.append(part)
-            continue
-        phrase = next(p for p in phrases if p["_tagged_at"] == k)
-        words = phrase["phrase"]
-        body = words
-        if phrase["segment_ids"]:
-            body = format_grounding_tag(phrase["segment_ids"], words)
-        tagged_text.append((" " if k > 0 else "") + body)
+                    open_words.append(word.strip())
+    text = "".join(plain)
+    # The tagged form is the plain text with each grounded phrase's span written as a tag.
+    tagged, cursor = [], 0
     for phrase in phrases:
-        del phrase["_tagged_at"]
-    return {"text": "".join(plain), "tagged": "".join(tagged_text), "phrases": phrases}
+        if phrase["segment_ids"]:
+            tag = format_grounding_tag(phrase["segment_ids"], phrase["phrase"])
+            tagged += [text[cursor : phrase["start"]], tag]
+            cursor = phrase["end"]
+    tagged.append(text[cursor:])
+    return {"text": text, "tagged": "".join(tagged), "phrases": phrases}
 
 
 _SENTENCE_END_RE = re.compile(r"[.!?](?=\s|$)")
@@ -700,15 +676,15 @@ def truncate_markup(
     if count_tokens(markup) <= max_tokens:
         return markup, [list(ids) for ids in seg_segment_ids]
     units = _markup_units(markup)  # (text, ends_sentence) pieces that must stay whole
-    kept, best = "", ""
-    for text, ends_sentence in units:
-        candidate = kept + text
-        if count_tokens(candidate.strip()) > max_tokens:
-            break
-        kept = candidate
-        if ends_sentence:
-            best = kept
-    cut = (best or kept).strip()
+    prefixes = list(itertools.accumulate(text for text, _ in units))
+    # Token counts grow with the prefix: bisect for the most units that fit (log n calls of
+    # the tokenizer, not one per unit).
+    fit = bisect.bisect_right(
+        range(len(prefixes)), max_tokens, key=lambda k: count_tokens(prefixes[k].strip())
+    )
+    ends = [k for k in range(fit) if units[k][1]]
+    last = ends[-1] if ends else fit - 1
+    cut = prefixes[last].strip() if last >= 0 else ""
     segs = len(re.findall(r"\[SEG\]|\[SEG_STUFF\]", cut))
     return cut, [list(ids) for ids in seg_segment_ids[:segs]]
 

@@ -104,10 +104,10 @@ class Transform(abc.ABC):
     def apply_box(self, boxes: np.ndarray) -> np.ndarray:
         """Float [N, 4] XYXY absolute -> transformed boxes [N, 4]."""
 
+    @abc.abstractmethod
     def apply_coords(self, coords: np.ndarray) -> np.ndarray:
         """Float [N, 2] ``(x, y)`` points -> where they land, not clipped to the output (a
         point may leave the image). Every transform here is axis-aligned and affine."""
-        raise NotImplementedError(f"{type(self).__name__} does not map points")
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """Size ``(h, w)`` of the output for an input of ``(height, width)``."""

@@ -138,9 +138,7 @@ def gcg_ap50(images: Sequence[GroundedImage]) -> float:
             predictions.append(
                 {"image_id": image_id, "category_id": 1, "segmentation": rle, "score": 1.0}
             )
-    if not gt["annotations"]:
-        return 0.0
-    if not predictions:
+    if not gt["annotations"] or not predictions:
         return 0.0
     # pycocotools prints its progress; the evaluator reports the number itself.
     with contextlib.redirect_stdout(io.StringIO()):
@@ -184,11 +182,11 @@ def grounding_metrics(
                 f"{len(gt_phrases)} phrases and {len(gt_masks)} masks, the prediction "
                 f"{len(pred_phrases)} phrases and {len(pred_masks)} masks"
             )
-        mious.append(gcg_miou(pred_masks, gt_masks))
+        iou = mask_iou_matrix(pred_masks, gt_masks)  # [P, G], for both metrics
+        mious.append(greedy_paired_iou(iou))
         total += len(gt_phrases)
-        iou = mask_iou_matrix(gt_masks, pred_masks)
         similarity = cosine_matrix(embedder, gt_phrases, pred_phrases)
-        recalled += len(gcg_recall_matches(iou, similarity))
+        recalled += len(gcg_recall_matches(iou.T, similarity))
     results: "OrderedDict[str, object]" = OrderedDict()
     results["mIoU"] = float(np.mean(mious)) if mious else 0.0
     results["recall"] = recalled / total if total else 0.0

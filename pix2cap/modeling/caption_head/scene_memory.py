@@ -235,13 +235,12 @@ def mask_pool(mask_probs: torch.Tensor, feature_map: torch.Tensor) -> torch.Tens
     size = tuple(feature_map.shape[-2:])
     weights = mask_probs.to(feature_map.dtype)
     if tuple(weights.shape[-2:]) != size:
-        shrink = weights.shape[-2] >= size[0] and weights.shape[-1] >= size[1]
-        weights = F.interpolate(
-            weights[:, None],
-            size=size,
-            mode="area" if shrink else "bilinear",
-            **({} if shrink else {"align_corners": False}),
-        )[:, 0]
+        if weights.shape[-2] >= size[0] and weights.shape[-1] >= size[1]:
+            weights = F.interpolate(weights[:, None], size=size, mode="area")[:, 0]
+        else:
+            weights = F.interpolate(
+                weights[:, None], size=size, mode="bilinear", align_corners=False
+            )[:, 0]
     pooled = torch.einsum("nhw,chw->nc", weights, feature_map)
     return pooled / weights.flatten(1).sum(dim=1, keepdim=True).clamp(min=1e-6)
 
