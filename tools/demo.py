@@ -10,7 +10,15 @@ coloured segments and a caption panel) and ``out/<stem>.json``::
 
     {"file_name", "height", "width",
      "segments": [{"id", "category_id", "category_name", "isthing", "score", "bbox",
-                   "caption", "area"}, ...]}
+                   "caption", "area"}, ...],
+     "grounded_caption": {"text", "tagged",
+                          "phrases": [{"phrase", "start", "end", "segment_ids", "score"}]}}
+
+``grounded_caption`` is the model's (its ``"grounded_caption"`` output; none when the model
+gives none) with ``--grounded-writer head``, the default; with ``--grounded-writer baseline``
+it is composed from the decoded segments and their captions, whatever the model gives
+(:func:`pix2cap.bridge.grounded_writer.compose_grounded_caption`, the PGC baseline). The
+picture shows its text under the image, each grounded phrase in the colour of its segment.
 
 ``bbox`` is ``[x, y, w, h]`` in pixels of the original image (COCO's form) around the
 segment's pixels, ``area`` its pixel count. Segments scoring below ``--confidence`` are left
@@ -31,6 +39,7 @@ from typing import Sequence
 
 import pix2cap.data  # noqa: F401  (registers the built-in datasets and their metadata)
 import pix2cap.modeling  # noqa: F401  (registers the models)
+from pix2cap.bridge.grounded_writer import baseline_grounded_caption
 from pix2cap.data.detection_utils import read_image
 from pix2cap.data.errors import DatasetError
 from pix2cap.engine.defaults import collect_image_files, setup_cfg
@@ -70,6 +79,13 @@ def get_parser() -> argparse.ArgumentParser:
         default=0.25,
         help="opacity of the segment tint (0-1); low enough by default that the colours the "
         "captions name stay readable",
+    )
+    parser.add_argument(
+        "--grounded-writer",
+        choices=["head", "baseline"],
+        default="head",
+        help="the grounded caption drawn and written: the model's (head; none if it gives "
+        "none) or one composed from the decoded segments and their captions (baseline)",
     )
     parser.add_argument(
         "opts",
@@ -117,14 +133,42 @@ def segment_record(segment: Segment) -> dict:
     }
 
 
+def grounded_record(grounded: dict) -> dict:
+    """The JSON form of a grounded caption: ``text``, ``tagged`` and ``phrases``
+    (``phrase``, ``start``, ``end``, ``segment_ids``, ``score`` each; plain numbers)."""
+    phrases = []
+    for p in grounded.get("phrases") or ():
+        score = p.get("score")
+        phrases.append(
+            {
+                "phrase": str(p.get("phrase", "")),
+                "start": int(p["start"]),
+                "end": int(p["end"]),
+                "segment_ids": [int(i) for i in p.get("segment_ids") or ()],
+                "score": None if score is None else float(score),
+            }
+        )
+    return {
+        "text": str(grounded.get("text", "")),
+        "tagged": str(grounded.get("tagged", "")),
+        "phrases": phrases,
+    }
+
+
 def run_on_image(
-    predictor: DefaultPredictor, path: str, output_dir: str, confidence: float, alpha: float = 0.25
+    predictor: DefaultPredictor,
+    path: str,
+    output_dir: str,
+    confidence: float,
+    alpha: float = 0.25,
+    grounded_writer: str = "head",
 ):
     """Predict, draw and save one image; returns the JSON record written."""
     image = read_image(path, format="RGB")  # DatasetError names the file if unreadable
     height, width = image.shape[:2]
+    output = predictor(image)
     try:
-        result = PanopticResult.from_model_output(predictor(image), predictor.metadata)
+        result = PanopticResult.from_model_output(output, predictor.metadata)
     except KeyError as e:
         raise KeyError(f"{path}: {e.args[0]}") from None
     if result.image_size != (height, width):
@@ -133,7 +177,14 @@ def run_on_image(
             f"expected the image size {(height, width)}"
         )
     kept = result.filter(confidence)
-    drawn = Visualizer(image, predictor.metadata, alpha=alpha).draw_panoptic_result(kept)
+    if grounded_writer == "baseline":
+        # The segments the picture shows: those scoring at least the confidence.
+        grounded = baseline_grounded_caption(
+            output, predictor.metadata, (height, width), confidence
+        )
+    else:
+        grounded = output.get("grounded_caption")
+    drawn = Visualizer(image, predictor.metadata, alpha=alpha).draw_panoptic_result(kept, grounded)
 
     stem = os.path.splitext(os.path.basename(path))[0]
     record = {
@@ -142,6 +193,8 @@ def run_on_image(
         "width": width,
         "segments": [segment_record(s) for s in kept.segments],
     }
+    if grounded is not None:
+        record["grounded_caption"] = grounded_record(grounded)
     save_rgb_png(drawn, os.path.join(output_dir, f"{stem}.png"))
     atomic_write_text(os.path.join(output_dir, f"{stem}.json"), json.dumps(record, indent=2))
     return record
@@ -157,7 +210,9 @@ def main(args) -> list[dict]:
     records, failed = [], []
     for path in paths:
         try:
-            record = run_on_image(predictor, path, args.output, args.confidence, args.alpha)
+            record = run_on_image(
+                predictor, path, args.output, args.confidence, args.alpha, args.grounded_writer
+            )
         except DatasetError as e:
             # An unreadable image must not cost the results of the others.
             logger.error("%s", e)

@@ -11,7 +11,10 @@ Writes, atomically, into ``--output``:
 * ``predictions.json`` -- the official SA-Pancap prediction form, ``[{"image_path",
   "model_response"}]``; for a dataset, ``image_path`` is the dataset's relative path
   (``image_id``, e.g. ``"sam/sa_000005/sa_62400.jpg"``) so it lines up with the ground truth;
-  for ``--input`` files it is the path as given.
+  for ``--input`` files it is the path as given. Each entry also has ``grounded_caption``:
+  ``{"text", "tagged", "phrases": [{"phrase", "start", "end", "segment_ids", "score"}]}``,
+  the caption without its boxes with each entity mention tied to the panoptic segment its box
+  came from (``<ids:phrase>`` in ``tagged``; ids of the model's ``panoptic_seg``).
 * ``structured.json`` -- per image ``{"image_path", "height", "width", "structured"
   (PanopticContent.to_dict()), "structured_full", "stages" ({"1".."4"}), "stage3_extra"}``.
 
@@ -160,7 +163,13 @@ def main(args, predictor=None, cfg=None) -> tuple[list[dict], list[dict]]:
             continue
         height, width = image.shape[:2]
         out = bridge(predictor(image), (height, width))
-        predictions.append({"image_path": image_path, "model_response": out["caption"]})
+        predictions.append(
+            {
+                "image_path": image_path,
+                "model_response": out["caption"],
+                "grounded_caption": out["grounded_caption"],
+            }
+        )
         records.append(
             {
                 "image_path": image_path,

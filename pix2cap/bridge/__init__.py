@@ -9,6 +9,8 @@
 * :mod:`pix2cap.bridge.phrases` -- attribute words and named objects read from the dense
   captions;
 * :mod:`pix2cap.bridge.grounding` -- region captions restated to name decoded entities.
+* :mod:`pix2cap.bridge.mention_grounding` -- a written caption's entity mentions tied to the
+  decoded segments their boxes came from (``<ids:phrase>`` form).
 * :mod:`pix2cap.bridge.prompt` -- :class:`PromptFormat`, the LM prompt form, saved beside a
   trained LM.
 * :mod:`pix2cap.bridge.writers` -- the writer interface and the writers without an LM
@@ -36,6 +38,7 @@ from .geometry import geometric_relations
 from .grounding import grounded_caption
 from .lm_training import finetune_lora, train_small_lm
 from .lm_writers import GridBoxLogitsProcessor, HFCausalLMWriter, SmallLMWriter
+from .mention_grounding import ground_mentions
 from .phrases import caption_attributes
 from .prompt import PromptFormat
 from .stages import (

@@ -5,6 +5,7 @@
     out["caption"]       # SA-Pancap-form panoptic caption
     out["structured"]    # PanopticContent.to_dict(): entities, attributes, relations, global
     out["stages"]        # {1: boxes, 2: tags + boxes, 3: merged list, 4: stage-4 prompt}
+    out["grounded_caption"]  # the caption without boxes, mentions tagged <segment id:phrase>
 
 Input (one image of the model's inference output): ``{"panoptic_seg": (Int[H, W] segment
 ids, segments_info)}``, read through :class:`pix2cap.structures.PanopticResult` (each segment
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from pix2cap.bridge.content import DecodedEntity, PanopticContent, build_content
+from pix2cap.bridge.mention_grounding import ground_mentions
 from pix2cap.bridge.prompt import PromptFormat
 from pix2cap.bridge.stages import PancapStages, StageItem, build_stages, clean_tag
 from pix2cap.data.caption_formats import (
@@ -131,6 +133,8 @@ class PanopticCaptionBridge:
         duplicate_iou: mask IoU at which a candidate repeats an entity of the same tag.
         min_segment_score: segments scoring below this are left out.
         grid: the model-side box grid (1000).
+        mention_iou: the lowest IoU of a written box with a decoded entity's box that ties
+            its mention to the entity's segment in ``grounded_caption``.
     """
 
     def __init__(
@@ -144,6 +148,7 @@ class PanopticCaptionBridge:
         duplicate_iou: float = 0.5,
         min_segment_score: float = 0.0,
         grid: int = GRID,
+        mention_iou: float = 0.5,
     ):
         self.writer = writer
         self.metadata = _class_metadata(metadata, class_names)
@@ -152,6 +157,7 @@ class PanopticCaptionBridge:
         self.duplicate_iou = float(duplicate_iou)
         self.min_segment_score = float(min_segment_score)
         self.grid = int(grid)
+        self.mention_iou = float(mention_iou)
 
     def tag_of(self, category_id: int) -> str:
         """Tag of a contiguous class id (``"class <id>"`` when no name is known)."""
@@ -268,7 +274,10 @@ class PanopticCaptionBridge:
         Returns:
             ``{"caption": str, "structured": dict (PanopticContent.to_dict()),
             "structured_full": dict (to_full_dict()), "stages": {1, 2, 3, 4},
-            "stage3_extra": str, "prompts": {1, 2, 3, 4}}``.
+            "stage3_extra": str, "prompts": {1, 2, 3, 4}, "grounded_caption": {"text",
+            "tagged", "phrases"}}``; ``grounded_caption`` is the caption without its boxes,
+            each mention tied to the segment its box came from
+            (:func:`~pix2cap.bridge.mention_grounding.ground_mentions`).
         """
         segments, extras = self.decode(image_result, image_size)
         stages, content = self.prepare(segments, extras, image_size)
@@ -280,6 +289,7 @@ class PanopticCaptionBridge:
             "stages": stages.as_dict(),
             "stage3_extra": stages.stage3_extra,
             "prompts": dict(stages.prompts),
+            "grounded_caption": ground_mentions(caption, content, min_iou=self.mention_iou),
         }
 
 

@@ -11,15 +11,16 @@ is the reference any learned grounded-caption head has to beat.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from pix2cap.data.caption_formats import format_grounding_tag
 
+from .bridge import PanopticCaptionBridge
 from .content import PanopticContent
 from .grounding import grounded_caption
 from .phrases import caption_words, head_index, mentions
 
-__all__ = ["compose_grounded_caption"]
+__all__ = ["baseline_grounded_caption", "compose_grounded_caption"]
 
 
 def compose_grounded_caption(content: PanopticContent) -> dict[str, Any]:
@@ -94,3 +95,24 @@ def _sentence(words: list[str], spans, offset: int, phrases: list[dict]) -> tupl
             k += 1
         position += len(plain[-1]) + 1
     return " ".join(plain) + ".", " ".join(tagged) + "."
+
+
+def baseline_grounded_caption(
+    output: Mapping,
+    metadata: Any,
+    image_size: tuple[int, int],
+    min_segment_score: float = 0.0,
+) -> dict[str, Any]:
+    """:func:`compose_grounded_caption` of one model output's panoptic segments.
+
+    Args:
+        output: the model's per-image result (``panoptic_seg`` with captions).
+        metadata: the dataset's metadata (class names).
+        image_size: ``(height, width)`` of ``panoptic_seg``.
+        min_segment_score: segments scoring below this are left out.
+    """
+    # The bridge decodes and orders the segments here; its caption writer is never called.
+    bridge = PanopticCaptionBridge(None, metadata=metadata, min_segment_score=min_segment_score)
+    segments, extras = bridge.decode(output, image_size)
+    _, content = bridge.prepare(segments, extras, image_size)
+    return compose_grounded_caption(content)

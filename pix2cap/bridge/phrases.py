@@ -22,7 +22,14 @@ from collections.abc import Sequence
 
 from pix2cap.data.text import ARTICLES, NUMBER_WORDS
 
-__all__ = ["caption_attributes", "caption_words", "head_index", "mentions", "caption_relation"]
+__all__ = [
+    "caption_attributes",
+    "caption_words",
+    "head_index",
+    "mentions",
+    "caption_relation",
+    "names_tag",
+]
 
 # Words that open a noun phrase: articles, demonstratives, quantifiers, possessives and the
 # numbers one to ten.
@@ -56,6 +63,11 @@ def _noun_forms(tag: str) -> set[str]:
     if last.endswith("y"):
         forms.add(last[:-1] + "ies")
     return forms
+
+
+def names_tag(words: list[str], tag: str) -> bool:
+    """Whether ``words`` hold the tag's noun (its last word, singular or plural)."""
+    return not _noun_forms(tag).isdisjoint(words)
 
 
 def head_index(words: list[str], tag: str) -> int | None:

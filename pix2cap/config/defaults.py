@@ -96,6 +96,29 @@ _C.MODEL.CAPTION_HEAD.VOCAB_FILE = ""  # WordPiece vocab.txt or tokenizer folder
 # The caption head's vocabulary size and [CLS]/[SEP]/[PAD] ids are read from the tokenizer of
 # VOCAB_FILE, and its memory widths from MASK_FORMER.HIDDEN_DIM and SEM_SEG_HEAD.CONVS_DIM.
 
+# Grounded caption head (PGC): one caption per image, each grounded phrase written
+# "<p> phrase </p> [SEG]"; each SEG selects the image's segments its phrase names, its mask
+# the union of their masks. Its
+# vocabulary is CAPTION_HEAD.VOCAB_FILE's plus the markup tokens ([unused0-3] where it has them).
+_C.MODEL.GROUNDED_HEAD = CN()
+_C.MODEL.GROUNDED_HEAD.ENABLED = False  # Train and run the grounded caption head.
+_C.MODEL.GROUNDED_HEAD.NAME = "GroundedCaptionHead"  # Name in CAPTION_HEAD_REGISTRY.
+_C.MODEL.GROUNDED_HEAD.HIDDEN_SIZE = 768  # Decoder width.
+_C.MODEL.GROUNDED_HEAD.NUM_LAYERS = 6  # Post-norm BERT decoder layers.
+_C.MODEL.GROUNDED_HEAD.NUM_HEADS = 12  # Attention heads.
+_C.MODEL.GROUNDED_HEAD.INTERMEDIATE_SIZE = 3072  # FFN width.
+_C.MODEL.GROUNDED_HEAD.DROPOUT = 0.1  # Dropout in embeddings, attention and FFN.
+_C.MODEL.GROUNDED_HEAD.MAX_LENGTH = 320  # Max tokens incl. markup, [CLS]/[SEP]; longer targets are cut at a sentence end.
+_C.MODEL.GROUNDED_HEAD.LABEL_SMOOTHING = 0.1  # Label smoothing of the caption cross-entropy.
+_C.MODEL.GROUNDED_HEAD.NUM_BEAMS = 1  # Decoding at test time: 1 = greedy, more = beam search.
+_C.MODEL.GROUNDED_HEAD.CAPTION_WEIGHT = 1.0  # Weight of loss_grounded_caption.
+_C.MODEL.GROUNDED_HEAD.SELECT_WEIGHT = 1.0  # Weight of loss_grounded_select (BCE of the segments each SEG selects).
+_C.MODEL.GROUNDED_HEAD.MASK_WEIGHT = 1.0  # Weight of loss_grounded_mask (BCE of the SEG's mask, the union of what it selects).
+_C.MODEL.GROUNDED_HEAD.DICE_WEIGHT = 1.0  # Weight of loss_grounded_dice (dice of that mask).
+_C.MODEL.GROUNDED_HEAD.STUFF_SEG = True  # Stuff phrases end in [SEG_STUFF], thing phrases in [SEG].
+_C.MODEL.GROUNDED_HEAD.TIE_THRESHOLD = 0.5  # A SEG is tied to each kept segment it selects with at least this probability (none: to its most selected one).
+_C.MODEL.GROUNDED_HEAD.RETURN_PHRASE_MASKS = False  # Also return each phrase's mask ("grounded_phrase_masks", the union of its tied segments).
+
 # A per-pixel classifier that exercises the data and training pipeline end to end. It is a
 # baseline for engine and pipeline checks, not the Pix2Cap model.
 _C.MODEL.PIXEL_BASELINE = CN()

@@ -107,6 +107,7 @@ __all__ = [
     "STUFF_SEG_TOKEN",
     "grounded_to_markup",
     "markup_to_grounded",
+    "split_markup",
     "truncate_markup",
 ]
 
@@ -547,6 +548,11 @@ PHRASE_OPEN, PHRASE_CLOSE = "<p>", "</p>"
 SEG_TOKEN, STUFF_SEG_TOKEN = "[SEG]", "[SEG_STUFF]"
 _MARKUP_RE = re.compile(r"(<p>|</p>|\[SEG\]|\[SEG_STUFF\])")
 _ATTACHED_PUNCTUATION = set(".,;:!?)")
+
+
+def split_markup(markup: str) -> list[str]:
+    """``markup`` as its markup tokens and the stripped, non-empty texts between them."""
+    return [piece.strip() for piece in _MARKUP_RE.split(markup) if piece.strip()]
 
 
 def grounded_to_markup(

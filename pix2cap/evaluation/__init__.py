@@ -8,5 +8,6 @@ from .evaluator import (
 )
 from .panoptic_evaluation import COCOPanopticEvaluator, PQStat, pq_compute_single
 from .densecap_evaluation import DenseCaptionEvaluator, caption_metrics, densecap_map
-from .pix2cap_evaluation import Pix2CapEvaluator
+from .grounded_caption_evaluation import GroundedCaptionEvaluator
+from .pix2cap_evaluation import PanCapEvaluator, Pix2CapEvaluator
 from .results import log_results_to_storage, print_results_table, write_results_json

@@ -17,42 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .caption_head.scene_memory import SceneContext
-from .point_sampling import (
-    calculate_uncertainty,
-    get_uncertain_point_coords_with_randomness,
-    point_sample,
-)
+from .mask_losses import dice_loss, point_mask_losses, sigmoid_ce_loss
 
-__all__ = ["SetCriterion", "dice_loss", "sigmoid_ce_loss"]
+__all__ = ["SetCriterion", "dice_loss", "point_mask_losses", "sigmoid_ce_loss"]
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
-
-
-def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
-    """Dice loss summed over masks and divided by ``num_masks``.
-
-    Args:
-        inputs: [m, P] mask logits at P points.
-        targets: [m, P] binary targets at the same points.
-        num_masks: normaliser (number of target masks in the batch, over all processes).
-    """
-    inputs = inputs.sigmoid()
-    numerator = 2 * (inputs * targets).sum(-1)
-    denominator = inputs.sum(-1) + targets.sum(-1)
-    loss = 1 - (numerator + 1) / (denominator + 1)
-    return loss.sum() / num_masks
-
-
-def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
-    """Binary cross-entropy, averaged over points, summed over masks, divided by ``num_masks``.
-
-    Args:
-        inputs: [m, P] mask logits at P points.
-        targets: [m, P] binary targets at the same points.
-        num_masks: normaliser (number of target masks in the batch, over all processes).
-    """
-    loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    return loss.mean(1).sum() / num_masks
 
 
 CaptionLossFn = Callable[..., torch.Tensor]
@@ -175,24 +144,17 @@ class SetCriterion(nn.Module):
             # Keep the graph (and every key) alive for a batch without any segment.
             zero = pred_masks.sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero.clone()}
-        src_masks = pred_masks[batch_idx, src_idx].float()[:, None]  # [m, 1, h, w]
+        src_masks = pred_masks[batch_idx, src_idx]  # [m, h, w]
         target_masks = self._gather_target_masks(targets, indices, src_masks.device)
-        target_masks = target_masks.to(src_masks.dtype)[:, None]  # [m, 1, H, W]
-
-        with torch.no_grad():
-            point_coords = get_uncertain_point_coords_with_randomness(
-                src_masks,
-                calculate_uncertainty,
-                self.num_points,
-                self.oversample_ratio,
-                self.importance_sample_ratio,
-            )  # [m, P, 2]
-            point_labels = point_sample(target_masks, point_coords).squeeze(1)  # [m, P]
-        point_logits = point_sample(src_masks, point_coords).squeeze(1)  # [m, P]
-        return {
-            "loss_mask": sigmoid_ce_loss(point_logits, point_labels, num_masks),
-            "loss_dice": dice_loss(point_logits, point_labels, num_masks),
-        }
+        loss_mask, loss_dice = point_mask_losses(
+            src_masks,
+            target_masks,
+            num_masks,
+            num_points=self.num_points,
+            oversample_ratio=self.oversample_ratio,
+            importance_sample_ratio=self.importance_sample_ratio,
+        )
+        return {"loss_mask": loss_mask, "loss_dice": loss_dice}
 
     def loss_captions(self, outputs, targets, indices: Indices, num_masks: float):
         """Caption loss of the queries matched to segments that have a caption."""

@@ -14,6 +14,11 @@ number, ``N. <class> (score): <caption>`` next to the same colour swatch::
 The canvas is ``[max(H, panel height), W + panel_width, 3]``: a long caption list makes the
 canvas taller (the image is padded below) instead of being clipped.
 
+Given the image's grounded caption (``{"text", "phrases"}``, COCONut-PanCap's PGC form),
+``draw_panoptic_result`` also draws its text in a band under the image, wrapped to the image
+width, each grounded phrase in the colour of its segment (``draw_grounded_caption``); the
+canvas is then ``[max(H + band height, panel height), W + panel_width, 3]``.
+
 The drawing works on a :class:`pix2cap.structures.PanopticResult` (``draw_panoptic_result``),
 so class names and thing/stuff come from the dataset's ``Metadata`` only;
 ``draw_panoptic_seg(panoptic_seg, segments_info)`` takes detectron2's form and builds one.
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import colorsys
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -138,39 +144,54 @@ def _text_width(font: ImageFont.ImageFont, text: str) -> float:
     return float(font.getlength(text))
 
 
+def _wrap_spans(
+    text: str, font: ImageFont.ImageFont, max_width: float
+) -> list[list[tuple[int, int]]]:
+    """:func:`wrap_text`'s lines as ``(start, end)`` character spans of ``text``: a line's
+    words (or the pieces of a word cut to fit), shown joined by single spaces."""
+    max_width = max(float(max_width), 1.0)
+
+    def width(spans: list[tuple[int, int]]) -> float:
+        return _text_width(font, " ".join(text[a:b] for a, b in spans))
+
+    lines: list[list[tuple[int, int]]] = []
+    offset = 0
+    for paragraph in text.split("\n"):
+        current: list[tuple[int, int]] = []
+        for word in re.finditer(r"\S+", paragraph):
+            start, end = offset + word.start(), offset + word.end()
+            if width(current + [(start, end)]) <= max_width:
+                current.append((start, end))
+                continue
+            if current:
+                lines.append(current)
+                current = []
+            # The word alone may still be too wide: cut it into pieces that fit.
+            while end - start > 1 and width([(start, end)]) > max_width:
+                # Longest prefix that fits (at least one character), by bisection.
+                lo, hi = 1, end - start - 1
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    if width([(start, start + mid)]) <= max_width:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                lines.append([(start, start + lo)])
+                start += lo
+            current = [(start, end)]
+        lines.append(current)
+        offset += len(paragraph) + 1
+    return lines
+
+
 def wrap_text(text: str, font: ImageFont.ImageFont, max_width: float) -> list[str]:
     """Split ``text`` into lines no wider than ``max_width`` pixels in ``font``.
 
     Breaks at spaces; a word wider than a whole line (a URL, a run without spaces) is cut
-    between characters so nothing runs off the panel. Existing newlines are kept.
+    between characters so nothing runs off the panel. Existing newlines are kept; runs of
+    other whitespace become one space.
     """
-    max_width = max(float(max_width), 1.0)
-    lines: list[str] = []
-    for paragraph in text.split("\n"):
-        current = ""
-        for word in paragraph.split():
-            candidate = f"{current} {word}" if current else word
-            if _text_width(font, candidate) <= max_width:
-                current = candidate
-                continue
-            if current:
-                lines.append(current)
-                current = ""
-            # The word alone may still be too wide: cut it into pieces that fit.
-            while len(word) > 1 and _text_width(font, word) > max_width:
-                # Longest prefix that fits (at least one character), by bisection.
-                lo, hi = 1, len(word) - 1
-                while lo < hi:
-                    mid = (lo + hi + 1) // 2
-                    if _text_width(font, word[:mid]) <= max_width:
-                        lo = mid
-                    else:
-                        hi = mid - 1
-                lines.append(word[:lo])
-                word = word[lo:]
-            current = word
-        lines.append(current)
-    return lines
+    return [" ".join(text[a:b] for a, b in line) for line in _wrap_spans(text, font, max_width)]
 
 
 def _luminance(color: Sequence[int]) -> float:
@@ -186,6 +207,45 @@ def _label_point(mask: np.ndarray) -> tuple[int, int]:
     dist = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
     return int(x), int(y)
+
+
+def _phrase_color(
+    phrase: Mapping[str, Any], colors: Mapping[int, Sequence[int]]
+) -> Optional[tuple[int, int, int]]:
+    """The colour of the first of the phrase's ``segment_ids`` that ``colors`` has, or None."""
+    for segment_id in phrase.get("segment_ids") or ():
+        color = colors.get(int(segment_id))
+        if color is not None:
+            return tuple(int(c) for c in color[:3])  # type: ignore[return-value]
+    return None
+
+
+def _line_characters(
+    text: str, spans: Sequence[tuple[int, int]], char_color: Sequence[Any]
+) -> tuple[str, list[Any]]:
+    """One wrapped line as shown (its spans joined by single spaces) and each shown
+    character's colour; a joining space inside one phrase takes the phrase's colour."""
+    shown: list[str] = []
+    colours: list[Any] = []
+    for k, (start, end) in enumerate(spans):
+        if k:
+            before, after = char_color[spans[k - 1][1] - 1], char_color[start]
+            shown.append(" ")
+            colours.append(before if before == after else None)
+        shown.append(text[start:end])
+        colours.extend(char_color[start:end])
+    return "".join(shown), colours
+
+
+def _runs(values: Sequence[Any]) -> list[tuple[int, int, Any]]:
+    """``(start, end, value)`` of each run of equal consecutive values."""
+    runs: list[tuple[int, int, Any]] = []
+    start = 0
+    for k in range(1, len(values) + 1):
+        if k == len(values) or values[k] != values[start]:
+            runs.append((start, k, values[start]))
+            start = k
+    return runs
 
 
 class Visualizer:
@@ -264,15 +324,22 @@ class Visualizer:
         result = PanopticResult.from_panoptic(panoptic_seg, segments_info, self.metadata)
         return self.draw_panoptic_result(result)
 
-    def draw_panoptic_result(self, result: PanopticResult) -> np.ndarray:
+    def draw_panoptic_result(
+        self, result: PanopticResult, grounded_caption: Optional[Mapping[str, Any]] = None
+    ) -> np.ndarray:
         """Draw segments and the caption panel, segments listed in ``result``'s order.
 
         Args:
             result: a panoptic result the size of the image given to the constructor (a
                 prediction, or ground truth from ``read_panoptic_result``).
+            grounded_caption: optionally the image's grounded caption, ``{"text",
+                "phrases": [{"start", "end", "segment_ids", ...}]}`` (offsets into
+                ``text``, ids of ``result``'s segments); drawn under the image by
+                :meth:`draw_grounded_caption`, each phrase in its segment's colour.
         Returns:
-            RGB uint8 ndarray [max(H', panel height), W' + panel_width, 3], where
-            ``(H', W')`` is the image size times ``scale``.
+            RGB uint8 ndarray [max(H' + caption band height, panel height), W' +
+            panel_width, 3], where ``(H', W')`` is the image size times ``scale`` and the
+            band height is 0 without a grounded caption.
         """
         self._check_size(result.image_size)
         seg = self._scaled_seg(result.panoptic_seg)
@@ -289,7 +356,72 @@ class Visualizer:
             for i, s in enumerate(result.segments)
         ]
         canvas_image = self._draw_segments(seg, styles)
-        return self._compose(canvas_image, styles)
+        band = None
+        if grounded_caption is not None:
+            band = self.draw_grounded_caption(
+                str(grounded_caption.get("text") or ""),
+                grounded_caption.get("phrases") or (),
+                colors,
+            )
+        return self._compose(canvas_image, styles, band)
+
+    def draw_grounded_caption(
+        self,
+        text: str,
+        phrases: Iterable[Mapping[str, Any]],
+        colors: Mapping[int, Sequence[int]],
+        width: Optional[int] = None,
+    ) -> np.ndarray:
+        """A band with a grounded caption's text, wrapped to ``width``, each grounded phrase
+        drawn (and underlined) in its segment's colour.
+
+        Args:
+            text: the caption's plain text.
+            phrases: ``{"start", "end", "segment_ids"}`` each: the characters
+                ``text[start:end]`` take the colour of the first of ``segment_ids`` that
+                ``colors`` has; a phrase without one, and the text outside phrases, are
+                drawn in the panel's text colour. A span outside ``text`` is clipped; where
+                phrases overlap, the earlier one wins.
+            colors: ``{segment id: (r, g, b)}``, as :func:`segment_colors` gives (the colours
+                :meth:`draw_panoptic_result` fills the segments with).
+            width: band width in pixels; default the drawn image's width.
+        Returns:
+            RGB uint8 ndarray [band height, width, 3] on the panel background, a rule on top.
+        """
+        font = self.font
+        width = int(self.image.shape[1] if width is None else width)
+        margin = max(6, self.font_size // 2)
+        ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (self.font_size, 0)
+        line_height = int(ascent + descent + max(2, self.font_size // 5))
+        underline = max(1, self.font_size // 12)
+
+        # Per character of ``text``: the colour of the phrase it belongs to, or None.
+        char_color: list[Optional[tuple[int, int, int]]] = [None] * len(text)
+        for phrase in phrases:
+            color = _phrase_color(phrase, colors)
+            start = max(0, int(phrase.get("start", 0)))
+            end = min(len(text), int(phrase.get("end", 0)))
+            for k in range(start, end):
+                if char_color[k] is None:
+                    char_color[k] = color
+
+        lines = _wrap_spans(text, font, width - 2 * margin)
+        height = 2 * margin + len(lines) * line_height
+        band = Image.new("RGB", (width, height), PANEL_BACKGROUND)
+        draw = ImageDraw.Draw(band)
+        draw.line((0, 0, width - 1, 0), fill=(180, 180, 180), width=1)
+        y = margin
+        for spans in lines:
+            shown, colours = _line_characters(text, spans, char_color)
+            for start, end, color in _runs(colours):
+                x = margin + _text_width(font, shown[:start])
+                draw.text((x, y), shown[start:end], fill=color or PANEL_TEXT, font=font)
+                if color is not None:
+                    x1 = margin + _text_width(font, shown[:end])
+                    base = y + ascent + max(1, descent // 2)
+                    draw.rectangle((x, base, x1 - 1, base + underline - 1), fill=color)
+            y += line_height
+        return np.asarray(band, dtype=np.uint8).copy()
 
     # -----------------------------------------------------------------------------------------
     def _check_size(self, shape: Sequence[int]) -> None:
@@ -383,8 +515,14 @@ class Visualizer:
         )
         draw.text((x0 + pad - left, y0 + pad - top), text, fill=text_color, font=font)
 
-    def _compose(self, image: Image.Image, styles: Sequence[SegmentStyle]) -> np.ndarray:
-        """Place ``image`` left and the caption panel right; grow the height to fit both."""
+    def _compose(
+        self,
+        image: Image.Image,
+        styles: Sequence[SegmentStyle],
+        band: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
+        """Place ``image`` left, ``band`` (if any) under it and the caption panel right; grow
+        the height to fit all."""
         font = self.font
         margin = max(6, self.font_size // 2)
         swatch = self.font_size
@@ -402,12 +540,15 @@ class Visualizer:
         panel_height += margin
 
         img_w, img_h = image.size
+        left_h = img_h + (0 if band is None else band.shape[0])
         canvas = Image.new(
-            "RGB", (img_w + self.panel_width, max(img_h, panel_height)), PANEL_BACKGROUND
+            "RGB", (img_w + self.panel_width, max(left_h, panel_height)), PANEL_BACKGROUND
         )
         if canvas.height > img_h:
             canvas.paste(IMAGE_PAD, (0, img_h, img_w, canvas.height))
         canvas.paste(image, (0, 0))
+        if band is not None:
+            canvas.paste(Image.fromarray(band), (0, img_h))
         draw = ImageDraw.Draw(canvas)
         # A thin rule separates the panel from the image.
         draw.line((img_w, 0, img_w, canvas.height - 1), fill=(180, 180, 180), width=1)
@@ -443,10 +584,14 @@ def draw_panoptic_seg(
 
 
 def draw_panoptic_result(
-    image: np.ndarray, result: PanopticResult, metadata: Any = None, **kwargs: Any
+    image: np.ndarray,
+    result: PanopticResult,
+    metadata: Any = None,
+    grounded_caption: Optional[Mapping[str, Any]] = None,
+    **kwargs: Any,
 ) -> np.ndarray:
-    """``Visualizer(image, metadata, **kwargs).draw_panoptic_result(result)``."""
-    return Visualizer(image, metadata, **kwargs).draw_panoptic_result(result)
+    """``Visualizer(image, metadata, **kwargs).draw_panoptic_result(result, grounded_caption)``."""
+    return Visualizer(image, metadata, **kwargs).draw_panoptic_result(result, grounded_caption)
 
 
 def save_rgb_png(image: np.ndarray, path: str | os.PathLike) -> None:

@@ -419,13 +419,17 @@ def _corrupt(output, rng):
 
 
 def test_evaluators_are_registered_by_dataset_type():
-    from pix2cap.evaluation import DenseCaptionEvaluator, Pix2CapEvaluator
+    from pix2cap.evaluation import (
+        DenseCaptionEvaluator,
+        GroundedCaptionEvaluator,
+        Pix2CapEvaluator,
+    )
 
     assert EVALUATOR_REGISTRY.get("coco_panoptic_seg") is COCOPanopticEvaluator
     assert EVALUATOR_REGISTRY.get("pix2cap") is Pix2CapEvaluator
     evaluator = build_evaluator(None, "shapes_val", None)  # shapes: evaluator_type "pix2cap"
     kinds = [type(e) for e in evaluator._evaluators]
-    assert kinds == [COCOPanopticEvaluator, DenseCaptionEvaluator]
+    assert kinds == [COCOPanopticEvaluator, DenseCaptionEvaluator, GroundedCaptionEvaluator]
 
 
 def test_gt_as_prediction_gives_pq_100(shapes_val):

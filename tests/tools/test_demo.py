@@ -28,6 +28,7 @@ class _FakePanopticCaptioner(nn.Module):
     """
 
     seen_inputs: list = []
+    grounded = None  # a grounded caption to return with every image, or None
 
     def __init__(self, cfg):
         super().__init__()
@@ -53,6 +54,8 @@ class _FakePanopticCaptioner(nn.Module):
                  "caption": "light blue sky"},
             ]
             results.append({"panoptic_seg": (seg, segments)})
+            if type(self).grounded is not None:
+                results[-1]["grounded_caption"] = type(self).grounded
         return results
 
 
@@ -87,7 +90,9 @@ def setup(tmp_path):
     Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(images / "b.jpg")
     (images / "notes.txt").write_text("not an image")  # ignored: not .png/.jpg/.jpeg
     _FakePanopticCaptioner.seen_inputs.clear()
-    return _load_demo(), config, images, tmp_path / "out"
+    _FakePanopticCaptioner.grounded = None
+    yield _load_demo(), config, images, tmp_path / "out"
+    _FakePanopticCaptioner.grounded = None
 
 
 def _expected_segments(h, w):
@@ -165,3 +170,60 @@ def test_bad_inputs_are_named(setup, tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(other / "a.jpg")
     with pytest.raises(ValueError, match="a.png.*a.jpg|a.jpg.*a.png"):
         demo.collect_images([str(images / "a.png"), str(other / "a.jpg")])
+
+
+GROUNDED_TEXT = "A red circle is left of the grass under the sky."
+
+
+def _run(demo, config, images, out, *flags):
+    args = demo.get_parser().parse_args(
+        ["--config-file", str(config), "--input", str(images / "a.png"), "--output", str(out),
+         *flags]
+    )
+    demo.main(args)
+    return json.loads((out / "a.json").read_text()), np.asarray(Image.open(out / "a.png"))
+
+
+def test_grounded_caption_goes_into_the_json_and_under_the_picture(setup):
+    demo, config, images, out = setup
+    plain_record, plain_picture = _run(demo, config, images, out)
+    assert "grounded_caption" not in plain_record
+
+    _FakePanopticCaptioner.grounded = {
+        "text": GROUNDED_TEXT,
+        "tagged": "<1:A red circle> is left of <2:the grass> under <3:the sky>.",
+        "phrases": [
+            {"phrase": "A red circle", "start": 0, "end": 12, "segment_ids": [1],
+             "score": torch.tensor(0.75)},
+            {"phrase": "the grass", "start": 24, "end": 33, "segment_ids": [2], "score": 0.9},
+            # Segment 3 scores below --confidence: not drawn, the phrase is plain text.
+            {"phrase": "the sky", "start": 40, "end": 47, "segment_ids": [3], "score": None},
+        ],
+    }
+    record, picture = _run(demo, config, images, out)
+    assert record["grounded_caption"] == {
+        "text": GROUNDED_TEXT,
+        "tagged": "<1:A red circle> is left of <2:the grass> under <3:the sky>.",
+        "phrases": [
+            {"phrase": "A red circle", "start": 0, "end": 12, "segment_ids": [1], "score": 0.75},
+            {"phrase": "the grass", "start": 24, "end": 33, "segment_ids": [2], "score": 0.9},
+            {"phrase": "the sky", "start": 40, "end": 47, "segment_ids": [3], "score": None},
+        ],
+    }
+    assert record["segments"] == plain_record["segments"]
+    # The caption band under the image makes the picture taller; the image and the caption
+    # panel beside it are unchanged.
+    assert picture.shape[0] > plain_picture.shape[0] and picture.shape[1] == plain_picture.shape[1]
+    np.testing.assert_array_equal(picture[:40], plain_picture[:40])
+    np.testing.assert_array_equal(picture[: plain_picture.shape[0], 48:], plain_picture[:, 48:])
+
+
+@pytest.mark.parametrize("head_output", [False, True])
+def test_grounded_baseline_is_composed_from_the_decoded_segments(setup, head_output):
+    demo, config, images, out = setup
+    if head_output:  # the baseline replaces what the model's head wrote
+        _FakePanopticCaptioner.grounded = {"text": "noise", "tagged": "noise", "phrases": []}
+    record, _ = _run(demo, config, images, out, "--grounded-writer", "baseline")
+    # The grass has no caption and the sky scores below --confidence: one sentence.
+    assert record["grounded_caption"]["tagged"] == "<1:A red circle> to the left of <2:the grass>."
+    assert record["grounded_caption"]["phrases"][0]["score"] == pytest.approx(LOADED_SCORE)

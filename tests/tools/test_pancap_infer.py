@@ -81,9 +81,17 @@ def test_folder_input_template_writer(tmp_path):
     assert predictor.calls == 2
     written = json.loads((out / "predictions.json").read_text())
     assert written == preds
-    assert [set(p) for p in written] == [{"image_path", "model_response"}] * 2
+    assert [set(p) for p in written] == [{"image_path", "model_response", "grounded_caption"}] * 2
     assert written[0]["image_path"].endswith("img0.png")
     caption = written[0]["model_response"]
+    # The caption without its boxes, each mention tied to the segment id its box came from.
+    grounded = written[0]["grounded_caption"]
+    assert "[[" not in grounded["text"] and len(grounded["text"]) < len(caption)
+    assert grounded["tagged"].startswith("<3:The blue sky> is overlapping the square and above")
+    assert "<1:A red circle> is on <2:the green grass>" in grounded["tagged"]
+    assert {p["segment_ids"][0] for p in grounded["phrases"]} == {1, 2, 3}  # not the extra
+    for phrase in grounded["phrases"]:
+        assert grounded["text"][phrase["start"] : phrase["end"]] == phrase["phrase"]
     boxes = [tuple(b["box"]) for b in parse_pancap_boxes(caption)]
     assert (0.125, 0.333, 0.375, 0.667) in boxes  # the circle
     assert "sky" in caption and "square" in caption  # class name cleaned; the extra entity

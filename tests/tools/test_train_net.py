@@ -65,7 +65,45 @@ def test_train_resume_and_eval_only(tiny_shapes, tmp_path):
     results = json.loads((out / "inference" / "shapes_val_results.json").read_text())
     assert {"PQ", "SQ", "RQ"} <= set(results["panoptic_seg"])
     assert {"mAP", "AP_det"} <= set(results["dense_caption"])
+    # The shapes model writes grounded captions too, scored on the same pass.
+    assert {"mIoU", "recall", "AP50", "CIDEr"} <= set(results["grounded_caption"])
     exported = json.loads(
         (out / "inference" / "shapes_val" / "panoptic_predictions.json").read_text()
     )
     assert len(exported["annotations"]) == 6
+
+
+def test_eval_only_on_a_coconut_pancap_dataset(tiny_shapes, tmp_path):
+    """A COCONut-PanCap-format split under the built-in coconut_pancap_val: --eval-only prints
+    and writes PQ, caption metrics and grounding (an untrained head: the numbers are low, the
+    protocol is what is checked)."""
+    from tests.data.test_coco_panoptic import make_panoptic_fixture
+
+    root = Path(tiny_shapes["PIX2CAP_DATASETS"])
+    captions = {
+        7: {"caption": "<300:A man> stands on <11:green grass> under <5:the sky>."},
+        9: {"caption": "<2:A dog> lies on <4:the grass>."},
+    }
+    json_file, image_root, panoptic_root = make_panoptic_fixture(
+        tmp_path / "fixture", extra_annotation_keys=captions
+    )
+    (root / "coco").mkdir()
+    (root / "coconut" / "annotations").mkdir(parents=True)
+    os.rename(image_root, root / "coco" / "val2017")
+    os.rename(panoptic_root, root / "coconut" / "panoptic_val2017")
+    os.rename(json_file, root / "coconut" / "annotations" / "coconut_pancap_val.json")
+    out = tmp_path / "eval"
+    log = _train_net(
+        "DATASETS.TEST", '("coconut_pancap_val",)', "INPUT.MIN_SIZE_TEST", "64",
+        "INPUT.MAX_SIZE_TEST", "96", "MODEL.GROUNDED_HEAD.MAX_LENGTH", "32",
+        "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out),
+        flags=["--eval-only"], env=tiny_shapes,
+    )
+    results = json.loads((out / "inference" / "coconut_pancap_val_results.json").read_text())
+    assert {"PQ", "SQ", "RQ"} <= set(results["panoptic_seg"])
+    grounded = results["grounded_caption"]
+    assert {"mIoU", "recall", "AP50", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"} <= set(grounded)
+    assert grounded["num_images"] == 2 and grounded["gt_phrases"] == 5
+    assert 0.0 <= grounded["mIoU"] <= 1.0 and 0.0 <= grounded["recall"] <= 1.0
+    # Printed as tables, like the other tasks.
+    assert "grounded_caption" in log and "mIoU" in log and "PQ" in log

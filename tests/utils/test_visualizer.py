@@ -209,6 +209,79 @@ def test_result_and_detectron2_form_draw_the_same_picture():
         draw_panoptic_result(image[:10], result, META)
 
 
+GROUNDED_TEXT = "A red circle is left of a blue square. Green grass lies below a ghost."
+
+
+def _grounded(text=GROUNDED_TEXT):
+    """A grounded caption of the scene: the circle (3), the square (4), the grass (7), and a
+    phrase without a segment."""
+
+    def phrase(words, ids):
+        start = text.index(words)
+        return {"phrase": words, "start": start, "end": start + len(words), "segment_ids": ids,
+                "score": None}
+
+    return {
+        "text": text,
+        "tagged": "(not drawn)",
+        "phrases": [phrase("A red circle", [3]), phrase("a blue square", [4]),
+                    phrase("Green grass", [7]), phrase("a ghost", [])],
+    }
+
+
+def _has_color(region, color):
+    return bool(np.all(region == np.array(color, dtype=np.uint8), axis=-1).any())
+
+
+def test_grounded_caption_is_drawn_under_the_image_in_segment_colours():
+    image, seg, segments = _scene()
+    result = PanopticResult.from_panoptic(seg, segments, META)
+    vis = Visualizer(image, META, scale=4, panel_width=PANEL)
+    before = vis.draw_panoptic_result(result)
+    assert before.shape[0] == 4 * H  # the panel is shorter than the image
+    np.testing.assert_array_equal(vis.draw_panoptic_result(result, None), before)
+
+    out = vis.draw_panoptic_result(result, _grounded())
+    # The canvas grew downward only; the image and the panel are drawn as before.
+    assert out.shape[0] > before.shape[0] and out.shape[1] == before.shape[1]
+    np.testing.assert_array_equal(out[: before.shape[0]], before)
+    band = out[before.shape[0] :, : 4 * W]
+    assert _ink_pixels(band) > 100
+    colors = segment_colors(result.segments, META)
+    for seg_id in (3, 4, 7):  # the colours of the segments' number labels
+        assert _has_color(band, colors[seg_id]), seg_id
+    # The circle's phrase opens the caption: its colour lies left of the square's.
+    xs = {k: np.nonzero(np.all(band == colors[k], axis=-1))[1] for k in (3, 4)}
+    assert xs[3].max() < xs[4].min()
+    # Nothing is drawn right of the image: the panel rows below the image stay empty.
+    assert _ink_pixels(out[before.shape[0] :, 4 * W + 1 :]) == 0
+
+
+def test_grounded_caption_band_wraps_and_plain_phrases_use_the_text_colour():
+    image, seg, segments = _scene()
+    colors = segment_colors(_segments(seg, segments), META)
+    vis = Visualizer(image, META, panel_width=PANEL)
+    grounded = _grounded()
+    wide = vis.draw_grounded_caption(grounded["text"], grounded["phrases"], colors, width=800)
+    narrow = vis.draw_grounded_caption(grounded["text"], grounded["phrases"], colors)
+    assert wide.shape[1] == 800 and narrow.shape[1] == W  # default: the image width
+    assert narrow.shape[0] > wide.shape[0]  # wrapped to more lines
+    assert all(_has_color(narrow, colors[k]) for k in (3, 4, 7))
+    # A phrase without a segment, or with one not drawn, looks like the rest of the text.
+    plain = vis.draw_grounded_caption(GROUNDED_TEXT, [], colors, width=800)
+    unknown = [dict(p, segment_ids=[99]) for p in grounded["phrases"]]
+    np.testing.assert_array_equal(
+        vis.draw_grounded_caption(GROUNDED_TEXT, unknown, colors, width=800), plain
+    )
+    np.testing.assert_array_equal(
+        vis.draw_grounded_caption(GROUNDED_TEXT, grounded["phrases"][3:], colors, width=800),
+        plain,
+    )
+    # Offsets past the text are clipped; the first of several ids that has a colour counts.
+    odd = [{"start": 0, "end": 10_000, "segment_ids": [99, 4]}]
+    assert _has_color(vis.draw_grounded_caption("a square", odd, colors, width=200), colors[4])
+
+
 def test_metadata_must_answer_class_names_itself():
     image, _, _ = _scene()
     with pytest.raises(TypeError, match="Metadata"):

@@ -470,12 +470,14 @@ class DenseCaptionHead(nn.Module):
         memory: torch.Tensor,
         input_ids: torch.Tensor,
         memory_valid: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+        return_memory: bool = False,
+    ):
         """Full (uncached) pass -> text states [N, t, C].
 
         Args:
             memory: [N, M, C]; input_ids: Long[N, t].
             memory_valid: Bool[N, M], False on memory padding (None: no padding).
+            return_memory: also return the memory's last-layer states [N, M, C] (first).
         """
         num_memory = memory.shape[1]
         x = torch.cat([memory, self.embeddings(input_ids)], dim=1)
@@ -485,6 +487,8 @@ class DenseCaptionHead(nn.Module):
             mask = mask[None, None] & self._key_padding(memory_valid, input_ids.shape[1])
         for layer in self.layers:
             x, _ = layer(x, attn_mask=mask)
+        if return_memory:
+            return x[:, :num_memory], x[:, num_memory:]
         return x[:, num_memory:]
 
     def forward(
@@ -618,15 +622,39 @@ class DenseCaptionHead(nn.Module):
             Long[N, L] (L <= max_length) rows ``[BOS] words [EOS] [PAD]...`` (no [EOS] where
             the length ran out); with ``return_scores`` also Float[N].
         """
+        # [N, M, C], Bool[N, M] or None
+        memory, memory_valid = self.encode_scene_memory(query_feats, global_feats, scene)
+        return self.generate_from_memory(
+            memory,
+            memory_valid,
+            max_length=max_length,
+            num_beams=num_beams,
+            use_cache=use_cache,
+            suppress_repeat=suppress_repeat,
+            return_scores=return_scores,
+        )
+
+    @torch.no_grad()
+    def generate_from_memory(
+        self,
+        memory: torch.Tensor,
+        memory_valid: Optional[torch.Tensor] = None,
+        *,
+        max_length: Optional[int] = None,
+        num_beams: int = 1,
+        use_cache: bool = True,
+        suppress_repeat: bool = True,
+        return_scores: bool = False,
+    ):
+        """:meth:`generate` from encoded memory tokens: ``memory`` [N, M, C] and
+        ``memory_valid`` Bool[N, M] (False on padding; None: no padding). Same arguments and
+        results as :meth:`generate`."""
         max_length = self.max_length if max_length is None else max_length
         if not 2 <= max_length <= self.max_length:
             raise ValueError(f"max_length must be in [2, {self.max_length}], got {max_length}")
-        num_objects = query_feats.shape[0]
+        num_objects = memory.shape[0]
         beams = num_beams
-        device = query_feats.device
-
-        # [N, M, C], Bool[N, M] or None
-        memory, memory_valid = self.encode_scene_memory(query_feats, global_feats, scene)
+        device = memory.device
         if beams > 1:
             # [N*B, M, C]: the beams of one object are adjacent rows.
             memory = memory.repeat_interleave(beams, dim=0)

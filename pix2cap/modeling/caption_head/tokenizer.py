@@ -13,10 +13,19 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Union
 
 import torch
 
+from pix2cap.data.caption_formats import (
+    PHRASE_CLOSE,
+    PHRASE_OPEN,
+    SEG_TOKEN,
+    STUFF_SEG_TOKEN,
+    split_markup,
+)
+
 if TYPE_CHECKING:  # transformers is imported on first use: it is slow to import
     from transformers import BertTokenizerFast
 
 __all__ = [
+    "GroundedMarkupCodec",
     "build_caption_tokenizer",
     "caption_vocab_kwargs",
     "encode_captions",
@@ -151,6 +160,100 @@ def decode(
         end = row.index(eos, start) if eos in row[start:] else len(row)
         rows.append(row[start:end])
     return tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+
+
+#: The grounded-caption markup tokens, in the order of the ``[unusedN]`` slots they take.
+MARKUP_TOKENS = (PHRASE_OPEN, PHRASE_CLOSE, SEG_TOKEN, STUFF_SEG_TOKEN)
+
+
+class GroundedMarkupCodec:
+    """Token ids of grounded-caption markup (``<p> phrase </p> [SEG]``) over a caption tokenizer.
+
+    Each markup token is one id. A vocabulary with BERT's ``[unused0]`` ... ``[unused3]`` slots
+    (the full 30,522-piece one) gives them those ids, so its size is unchanged; a vocabulary
+    without them (a closed-domain subset such as the shapes one) gets four new ids after its
+    last piece. The text between markup tokens is tokenized as usual; WordPiece splits on
+    whitespace, so this matches tokenizing the whole text with the markup as added tokens,
+    without mutating the shared (cached) tokenizer.
+
+    Args:
+        tokenizer: the caption tokenizer (``build_caption_tokenizer``).
+    """
+
+    def __init__(self, tokenizer: "BertTokenizerFast"):
+        self.tokenizer = tokenizer
+        vocab = tokenizer.get_vocab()
+        slots = [f"[unused{i}]" for i in range(len(MARKUP_TOKENS))]
+        if all(slot in vocab for slot in slots):
+            ids = [vocab[slot] for slot in slots]
+            self.vocab_size = len(tokenizer)
+        else:
+            ids = list(range(len(tokenizer), len(tokenizer) + len(MARKUP_TOKENS)))
+            self.vocab_size = len(tokenizer) + len(MARKUP_TOKENS)
+        self.markup_ids = dict(zip(MARKUP_TOKENS, ids))
+        self._markup_of_id = {i: token for token, i in self.markup_ids.items()}
+
+    @property
+    def seg_token_ids(self) -> tuple[int, int]:
+        """Ids of ``[SEG]`` (things) and ``[SEG_STUFF]`` (stuff)."""
+        return self.markup_ids[SEG_TOKEN], self.markup_ids[STUFF_SEG_TOKEN]
+
+    def vocab_kwargs(self) -> dict:
+        """The head's vocabulary arguments (``caption_vocab_kwargs``, markup included)."""
+        return {**caption_vocab_kwargs(self.tokenizer), "vocab_size": self.vocab_size}
+
+    def _ids(self, markup: str) -> List[int]:
+        """Token ids of one markup text, without [CLS]/[SEP]."""
+        pieces = split_markup(markup)
+        texts = [p for p in pieces if p not in self.markup_ids]
+        encoded = iter(
+            self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        )
+        ids: List[int] = []
+        for piece in pieces:
+            ids.extend([self.markup_ids[piece]] if piece in self.markup_ids else next(encoded))
+        return ids
+
+    def count_tokens(self, markup: str) -> int:
+        """Length of ``markup`` in tokens, [CLS] and [SEP] included."""
+        return len(self._ids(markup)) + 2
+
+    def encode(self, markups: Sequence[str], max_length: int) -> torch.Tensor:
+        """``[CLS] tokens [SEP] [PAD]...`` rows of ``max_length`` (too long: cut, [SEP] kept).
+
+        Returns:
+            Long[N, max_length].
+        """
+        tok = self.tokenizer
+        rows = torch.full((len(markups), max_length), tok.pad_token_id, dtype=torch.long)
+        for i, markup in enumerate(markups):
+            ids = [tok.cls_token_id, *self._ids(markup)[: max_length - 2], tok.sep_token_id]
+            rows[i, : len(ids)] = torch.tensor(ids)
+        return rows
+
+    def decode(self, ids: Union[torch.Tensor, Sequence[Sequence[int]]]) -> List[str]:
+        """Token rows -> markup texts (cut at the first [SEP]; [CLS]/[PAD] dropped)."""
+        tok = self.tokenizer
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        texts = []
+        for row in ids:
+            row = [int(i) for i in row]
+            if tok.sep_token_id in row:
+                row = row[: row.index(tok.sep_token_id)]
+            parts: List[str] = []
+            run: List[int] = []
+            for token_id in row + [None]:
+                if token_id is None or token_id in self._markup_of_id:
+                    if run:
+                        parts.append(tok.decode(run, skip_special_tokens=True))
+                        run = []
+                    if token_id is not None:
+                        parts.append(self._markup_of_id[token_id])
+                else:
+                    run.append(token_id)
+            texts.append(" ".join(p for p in parts if p))
+        return texts
 
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")

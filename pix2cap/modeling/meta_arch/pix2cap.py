@@ -24,11 +24,19 @@ from torch import nn
 
 from pix2cap.config.config import ConfigError, configurable
 from pix2cap.data import MetadataCatalog  # the package: it registers the built-in datasets
+from pix2cap.data.caption_formats import (
+    SEG_TOKEN,
+    STUFF_SEG_TOKEN,
+    grounded_to_markup,
+    markup_to_grounded,
+    truncate_markup,
+)
 from pix2cap.structures import ImageList
 
 from ..backbone import BACKBONE_REGISTRY
 from ..caption_head import (
     CAPTION_HEAD_REGISTRY,
+    GroundedMarkupCodec,
     SceneContext,
     build_caption_tokenizer,
     caption_vocab_kwargs,
@@ -87,6 +95,11 @@ class Pix2Cap(nn.Module):
       each segment: ``id``, ``category_id`` (contiguous), ``isthing``, ``score``, ``bbox``
       ``[x, y, w, h]``, ``query_index`` (int: the decoder query it came from) and, with
       captioning on, ``caption`` (str); ``pix2cap.structures.PanopticResult`` reads it;
+    * ``"grounded_caption"`` (with a grounded caption head): ``{"text", "tagged", "phrases"}``,
+      the image's detailed caption, the same in ``<ids:phrase>`` form with the ids of
+      ``panoptic_seg``'s segments, and per grounded phrase ``phrase``, ``start``/``end``
+      (offsets into ``text``), ``segment_ids`` and ``score``; with ``grounded_phrase_masks``
+      on also ``"grounded_phrase_masks"``: Bool[P, height, width], each phrase's SEG mask;
     * ``"sem_seg"``: Float[K, height, width] class scores;
     * ``"instances"``: ``Instances`` with ``pred_masks``, ``pred_boxes`` (XYXY), ``scores``,
       ``pred_classes`` (thing classes only, top ``detections_per_image``).
@@ -118,6 +131,13 @@ class Pix2Cap(nn.Module):
         deep_supervision: bool = True,
         tokenizer: Any = None,
         vocab_file: Optional[str] = None,
+        grounded_head: Optional[nn.Module] = None,
+        grounded_loss_weights: Optional[dict] = None,
+        grounded_max_length: int = 320,
+        grounded_num_beams: int = 1,
+        grounded_stuff_seg: bool = True,
+        grounded_tie_threshold: float = 0.5,
+        grounded_phrase_masks: bool = False,
     ):
         """
         Args:
@@ -150,6 +170,17 @@ class Pix2Cap(nn.Module):
                 caption head was sized for; None: built on first use from ``vocab_file``.
                 Either way it is checked against the head's vocabulary and special ids.
             vocab_file: ``vocab.txt`` or tokenizer folder; None: the packaged vocabulary.
+            grounded_head: a ``GroundedCaptionHead`` (None: no grounded caption); its
+                vocabulary is the caption tokenizer's plus the markup tokens.
+            grounded_loss_weights: weights of ``loss_grounded_caption``,
+                ``loss_grounded_select``, ``loss_grounded_mask`` and ``loss_grounded_dice``.
+            grounded_max_length: grounded caption tokens, markup and [CLS]/[SEP] included;
+                longer targets are cut at a sentence end (never inside a phrase).
+            grounded_num_beams: decoding of the grounded caption.
+            grounded_stuff_seg: stuff phrases end in ``[SEG_STUFF]`` (thing ones in ``[SEG]``).
+            grounded_tie_threshold: a SEG mask is tied to each kept segment it covers at least
+                this share of (none: to the one it overlaps most, by IoU).
+            grounded_phrase_masks: also return each phrase's own SEG mask.
         """
         super().__init__()
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
@@ -199,6 +230,30 @@ class Pix2Cap(nn.Module):
         params = inspect.signature(transformer_decoder.forward).parameters
         self._decoder_takes_mask = "mask" in params
         self._scene_memory = getattr(caption_head, "memory", "query_global") == "scene"
+        self.grounded_head = grounded_head
+        self.grounded_loss_weights = dict(
+            grounded_loss_weights
+            or {
+                "loss_grounded_caption": 1.0,
+                "loss_grounded_select": 1.0,
+                "loss_grounded_mask": 1.0,
+                "loss_grounded_dice": 1.0,
+            }
+        )
+        self.grounded_max_length = grounded_max_length
+        self.grounded_num_beams = grounded_num_beams
+        self.grounded_stuff_seg = grounded_stuff_seg
+        self.grounded_tie_threshold = grounded_tie_threshold
+        self.grounded_phrase_masks = grounded_phrase_masks
+        self._grounded_codec: Optional[GroundedMarkupCodec] = None
+        if grounded_head is not None:
+            if grounded_max_length > grounded_head.max_length:
+                raise ValueError(
+                    f"grounded_max_length={grounded_max_length} exceeds the grounded head's "
+                    f"max_length={grounded_head.max_length}"
+                )
+            if tokenizer is not None:
+                self._grounded_codec = self._checked_codec(GroundedMarkupCodec(self._tokenizer))
         if caption_on and not panoptic_on:
             logger.warning("Captions are made for panoptic segments; PANOPTIC_ON is off, so none.")
 
@@ -251,6 +306,26 @@ class Pix2Cap(nn.Module):
             caption_scene_masks=head_cfg.SCENE_TRAIN_MASKS,
         )
 
+        grounded = cfg.MODEL.GROUNDED_HEAD
+        grounded_kwargs: dict = {}
+        if grounded.ENABLED:
+            grounded_kwargs = {
+                "grounded_head": CAPTION_HEAD_REGISTRY.get(grounded.NAME)(
+                    cfg, codec=GroundedMarkupCodec(tokenizer)
+                ),
+                "grounded_loss_weights": {
+                    "loss_grounded_caption": grounded.CAPTION_WEIGHT,
+                    "loss_grounded_select": grounded.SELECT_WEIGHT,
+                    "loss_grounded_mask": grounded.MASK_WEIGHT,
+                    "loss_grounded_dice": grounded.DICE_WEIGHT,
+                },
+                "grounded_max_length": grounded.MAX_LENGTH,
+                "grounded_num_beams": grounded.NUM_BEAMS,
+                "grounded_stuff_seg": grounded.STUFF_SEG,
+                "grounded_tie_threshold": grounded.TIE_THRESHOLD,
+                "grounded_phrase_masks": grounded.RETURN_PHRASE_MASKS,
+            }
+
         dataset_names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
         thing_ids = thing_ids_from_metadata(dataset_names)
         if not thing_ids:
@@ -291,6 +366,7 @@ class Pix2Cap(nn.Module):
             "deep_supervision": mf.DEEP_SUPERVISION,
             "tokenizer": tokenizer,
             "vocab_file": head_cfg.VOCAB_FILE or None,
+            **grounded_kwargs,
         }
 
     # -----------------------------------------------------------------------------------------
@@ -304,6 +380,28 @@ class Pix2Cap(nn.Module):
         if self._tokenizer is None:
             self._tokenizer = self._checked_tokenizer(build_caption_tokenizer(self.vocab_file))
         return self._tokenizer
+
+    @property
+    def grounded_codec(self) -> GroundedMarkupCodec:
+        """Token ids of the grounded caption markup, over the caption tokenizer."""
+        if self._grounded_codec is None:
+            self._grounded_codec = self._checked_codec(GroundedMarkupCodec(self.tokenizer))
+        return self._grounded_codec
+
+    def _checked_codec(self, codec: GroundedMarkupCodec) -> GroundedMarkupCodec:
+        """``codec``, after checking that the grounded head was sized for its ids."""
+        head = self.grounded_head
+        if head is not None and codec.vocab_size != head.vocab_size:
+            raise ValueError(
+                f"the grounded caption vocabulary ({self.vocab_file or 'packaged'} + markup) "
+                f"has {codec.vocab_size} tokens but the grounded head {head.vocab_size}"
+            )
+        if head is not None and list(codec.seg_token_ids) != head.seg_token_ids.tolist():
+            raise ValueError(
+                f"the grounded head's SEG ids {head.seg_token_ids.tolist()} are not the "
+                f"markup's {list(codec.seg_token_ids)}"
+            )
+        return codec
 
     def _checked_tokenizer(self, tokenizer):
         """``tokenizer``, after checking that the caption head can use its token ids."""
@@ -336,7 +434,10 @@ class Pix2Cap(nn.Module):
             outputs = self._predict(image_list, self.image_frames(batched_inputs))
             if not self.deep_supervision:
                 outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-            return self.criterion.weighted(self.criterion(outputs, targets))
+            losses = self.criterion.weighted(self.criterion(outputs, targets))
+            if self.grounded_head is not None:
+                losses.update(self._grounded_losses(batched_inputs, image_list, outputs, targets))
+            return losses
         outputs = self._predict(image_list, self.image_frames(batched_inputs))
         return self.inference(batched_inputs, image_list, outputs)
 
@@ -379,7 +480,10 @@ class Pix2Cap(nn.Module):
             aux["global_features"] = global_features
         if self._scene_memory:
             outputs["pixel_features"] = [*multi_scale_features, mask_features]
+        if self._scene_memory or self.grounded_head is not None:
             outputs["grid_window"] = self.grid_windows(image_list, frames).to(mask_features.device)
+        if self.grounded_head is not None:
+            outputs["mask_features"] = mask_features
         return outputs
 
     @staticmethod
@@ -534,6 +638,8 @@ class Pix2Cap(nn.Module):
             results.append(result)
         if self.caption_on and panoptic:
             self._caption_segments(outputs, panoptic, image_list)
+        if self.grounded_head is not None and self.panoptic_on:
+            self._grounded_captions(outputs, results, image_list)
         return results
 
     def _caption_segments(
@@ -600,3 +706,229 @@ class Pix2Cap(nn.Module):
             [level[b] for level in outputs["pixel_features"]],
             window=outputs["grid_window"][b],
         )
+
+    # -----------------------------------------------------------------------------------------
+    # Grounded caption (PGC)
+    # -----------------------------------------------------------------------------------------
+    def _grounded_losses(
+        self,
+        batched_inputs: list[dict],
+        image_list: ImageList,
+        outputs: dict,
+        targets: list[dict],
+    ) -> dict[str, torch.Tensor]:
+        """Weighted ``loss_grounded_*`` of a training batch.
+
+        The memory's slots are the image's ground-truth segments in the order its caption
+        first names them, each read through the query Hungarian-matched to it (the final
+        decoder layer's matching) and its ground-truth mask, as the dense caption head's scene
+        memory is in training.
+        """
+        tokens, slot_rows, seg_slots, seg_masks, seg_valid = self.prepare_grounded_targets(
+            batched_inputs, image_list
+        )
+        final = {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"]}
+        indices = self.criterion.matcher(final, targets)
+        queries, slot_masks = [], []
+        for b, (src, tgt) in enumerate(indices):
+            query_of_row = dict(zip(tgt.tolist(), src.tolist()))
+            rows = slot_rows[b]
+            matched = torch.tensor([r in query_of_row for r in rows.tolist()], dtype=torch.bool)
+            # A segment left without a query (more segments than queries) has no slot.
+            rows = rows[matched]
+            seg_slots[b] = seg_slots[b][:, matched]
+            queries.append(torch.tensor([query_of_row[r] for r in rows.tolist()], dtype=torch.long))
+            slot_masks.append(targets[b]["masks"][rows.to(self.device)].float())
+        memory, valid = self._slot_memory(outputs, queries, slot_masks)
+        losses = self.grounded_head.losses(
+            memory, valid, tokens, slot_masks, seg_slots, seg_masks, seg_valid
+        )
+        return {k: v * self.grounded_loss_weights.get(k, 1.0) for k, v in losses.items()}
+
+    def _slot_memory(
+        self, outputs: dict, queries: list[torch.Tensor], slot_masks: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grounded head's memory: per image the slots' queries Long[n_b] (into the final
+        decoder outputs) and their masks [n_b, H_pad, W_pad]."""
+        device = outputs["query_features"].device
+        queries = [q.to(device) for q in queries]
+        return self.grounded_head.image_memory(
+            [outputs["query_features"][b, q] for b, q in enumerate(queries)],
+            [outputs["pred_logits"][b, q] for b, q in enumerate(queries)],
+            slot_masks,
+            outputs["mask_features"],
+            outputs["global_features"],
+            outputs.get("grid_window"),
+        )
+
+    def prepare_grounded_targets(self, batched_inputs: list[dict], image_list: ImageList):
+        """Grounded caption targets of a training batch.
+
+        Each input's ``grounded_caption`` (``parse_grounded_caption``'s dict, its segment ids
+        those of the input's ``instances.gt_segment_ids``) becomes ``<p> phrase </p> [SEG]``
+        markup, cut at a sentence end to ``grounded_max_length`` tokens; each SEG's targets
+        are the phrase's segments that survived the crop.
+
+        Returns:
+            ``(tokens, slot_rows, seg_slots, seg_masks, seg_valid)``: tokens Long[B, T] (a row
+            of [PAD] for an input without a grounded caption); per image, Long[n_b] the
+            non-crowd segments (rows of :meth:`prepare_targets`' targets) in the order the
+            caption first names them, the unnamed ones after; Bool[S_b, n_b] the segments each
+            SEG names; Bool[S_b, H_pad, W_pad] their union; Bool[S_b] (False: every segment of
+            the phrase was cropped away, so no selection or mask loss).
+        """
+        codec = self.grounded_codec
+        height, width = image_list.tensor.shape[-2:]
+        markups, has_caption = [], []
+        slot_rows, seg_slots, seg_masks, seg_valid = [], [], [], []
+        for index, x in enumerate(batched_inputs):
+            grounded = x.get("grounded_caption")
+            if grounded is not None and not isinstance(grounded, dict):
+                raise TypeError(
+                    f"training input {x.get('file_name', index)!r}: 'grounded_caption' must be "
+                    f"the loader's parsed dict, got {type(grounded).__name__}"
+                )
+            instances = x["instances"]
+            keep = torch.ones(len(instances), dtype=torch.bool)
+            if instances.has("gt_iscrowd"):
+                keep = ~instances.gt_iscrowd.cpu().bool()
+            ids = instances.gt_segment_ids.tolist() if instances.has("gt_segment_ids") else []
+            # Target row (crowd segments dropped, as in prepare_targets) of each segment id.
+            row_of = {}
+            for i, k in zip(ids, keep.tolist()):
+                if k:
+                    row_of[int(i)] = len(row_of)
+            classes = instances.gt_classes[keep].tolist()
+
+            def seg_token(segment_ids: list[int]) -> str:
+                present = [classes[row_of[i]] for i in segment_ids if i in row_of]
+                stuff = bool(present) and all(c not in self.thing_ids for c in present)
+                return STUFF_SEG_TOKEN if self.grounded_stuff_seg and stuff else SEG_TOKEN
+
+            if not grounded or not grounded.get("text"):
+                markup, segs = "", []
+            else:
+                markup, segs = grounded_to_markup(grounded, seg_token)
+                markup, segs = truncate_markup(
+                    markup, segs, codec.count_tokens, self.grounded_max_length
+                )
+            markups.append(markup)
+            has_caption.append(bool(markup))
+            # Slots: the segments in the order of first mention, then the others.
+            order = list(dict.fromkeys(row_of[i] for seg in segs for i in seg if i in row_of))
+            order += [r for r in range(len(row_of)) if r not in set(order)]
+            slot_of_row = {r: k for k, r in enumerate(order)}
+            slots = torch.zeros((len(segs), len(order)), dtype=torch.bool)
+            for s_index, segment_ids in enumerate(segs):
+                for i in segment_ids:
+                    if i in row_of:
+                        slots[s_index, slot_of_row[row_of[i]]] = True
+            gt_masks = instances.gt_masks[keep.to(instances.gt_masks.device)]
+            h, w = image_list.image_sizes[index]
+            masks = torch.zeros((len(segs), height, width), dtype=torch.bool, device=self.device)
+            for s_index in range(len(segs)):
+                rows = [order[k] for k in slots[s_index].nonzero().flatten().tolist()]
+                if rows:
+                    masks[s_index, :h, :w] = gt_masks[rows].to(self.device).bool().any(dim=0)
+            slot_rows.append(torch.tensor(order, dtype=torch.long))
+            seg_slots.append(slots)
+            seg_masks.append(masks)
+            seg_valid.append(slots.any(dim=1))
+        tokens = codec.encode(markups, self.grounded_max_length)
+        tokens[~torch.tensor(has_caption, dtype=torch.bool)] = self.tokenizer.pad_token_id
+        length = int((tokens != self.tokenizer.pad_token_id).sum(1).max()) if len(tokens) else 0
+        tokens = tokens[:, : max(length, 2)].to(self.device)
+        return tokens, slot_rows, seg_slots, seg_masks, seg_valid
+
+    @staticmethod
+    def _slot_order(segment_masks: torch.Tensor, segments_info: list[dict]) -> list[int]:
+        """The order of an image's kept segments in the grounded head's memory: stuff first,
+        top to bottom (by mask centroid), then things left to right."""
+        height, width = segment_masks.shape[-2:]
+        ys = torch.arange(height, device=segment_masks.device, dtype=torch.float32)
+        xs = torch.arange(width, device=segment_masks.device, dtype=torch.float32)
+        area = segment_masks.flatten(1).sum(1).clamp(min=1)
+        cy = (segment_masks.sum(2) * ys).sum(1) / area
+        cx = (segment_masks.sum(1) * xs).sum(1) / area
+        keys = [
+            (bool(info.get("isthing")), float(cx[k] if info.get("isthing") else cy[k]), k)
+            for k, info in enumerate(segments_info)
+        ]
+        return [k for _, _, k in sorted(keys)]
+
+    def _grounded_captions(
+        self, outputs: dict, results: list[dict], image_list: ImageList
+    ) -> None:
+        """Write ``grounded_caption`` (and optionally ``grounded_phrase_masks``) into every
+        result: the kept segments are the memory's slots, one decoding call for the batch, and
+        each SEG tied to the segments it selects."""
+        queries, slot_masks, orders = [], [], []
+        padded_h, padded_w = image_list.tensor.shape[-2:]
+        for b, result in enumerate(results):
+            panoptic_seg, segments_info = result["panoptic_seg"]
+            ids = torch.tensor([info["id"] for info in segments_info], device=panoptic_seg.device)
+            masks = panoptic_seg[None] == ids[:, None, None]  # [n, height, width]
+            order = self._slot_order(masks, segments_info)
+            queries.append(
+                torch.tensor([segments_info[k]["query_index"] for k in order], dtype=torch.long)
+            )
+            grid = masks[order].float()
+            h, w = image_list.image_sizes[b]
+            if grid.shape[0] and tuple(grid.shape[-2:]) != (h, w):
+                grid = F.interpolate(grid[:, None], size=(h, w), mode="bilinear")[:, 0]
+            slot_masks.append(F.pad(grid, (0, padded_w - w, 0, padded_h - h)))
+            orders.append(order)
+        memory, valid = self._slot_memory(outputs, queries, slot_masks)
+        tokens, scores, selections, seg_kinds = self.grounded_head.generate_grounded(
+            memory, valid, max_length=self.grounded_max_length, num_beams=self.grounded_num_beams
+        )
+        markups = self.grounded_codec.decode(tokens)
+        stuff_id = self.grounded_codec.markup_ids[STUFF_SEG_TOKEN]
+        for b, result in enumerate(results):
+            panoptic_seg, segments_info = result["panoptic_seg"]
+            slot_info = [segments_info[k] for k in orders[b]]
+            stuff = (seg_kinds[b] == stuff_id).tolist()
+            ties = [
+                self._tie_segments(selections[b][s], slot_info, stuff[s])
+                for s in range(selections[b].shape[0])
+            ]
+            grounded = markup_to_grounded(markups[b], [[i for i, _ in t] for t in ties])
+            masks = []
+            for phrase in grounded["phrases"]:
+                s = phrase.pop("seg_index")
+                tied = ties[s] if s is not None and s < len(ties) else []
+                phrase["score"] = max((p for _, p in tied), default=None)
+                union = torch.zeros(panoptic_seg.shape, dtype=torch.bool)
+                for segment_id, _ in tied:
+                    union |= (panoptic_seg == segment_id).cpu()
+                masks.append(union)
+            grounded["caption_score"] = float(scores[b])
+            result["grounded_caption"] = grounded
+            if self.grounded_phrase_masks:
+                result["grounded_phrase_masks"] = (
+                    torch.stack(masks) if masks else torch.zeros((0, *panoptic_seg.shape), dtype=torch.bool)
+                )
+
+    def _tie_segments(
+        self, selection: torch.Tensor, slot_info: list[dict], stuff: bool
+    ) -> list[tuple[int, float]]:
+        """The segments a SEG stands for, as ``(segment id, selection probability)``.
+
+        Every slot of the SEG's kind (stuff for ``[SEG_STUFF]``, things for ``[SEG]``; any
+        kind when the image has none of it) selected with at least ``grounded_tie_threshold``;
+        when none is, the most selected slot of that kind.
+
+        Args:
+            selection: Float[n] the SEG's selection probability of each slot.
+            slot_info: the slots' ``segments_info`` entries, in slot order.
+            stuff: the SEG is a ``[SEG_STUFF]``.
+        """
+        kind = [k for k, info in enumerate(slot_info) if bool(info.get("isthing")) != stuff]
+        candidates = kind or list(range(len(slot_info)))
+        if not candidates:
+            return []
+        probs = selection.float().cpu().tolist()
+        tied = [k for k in candidates if probs[k] >= self.grounded_tie_threshold]
+        if not tied:
+            tied = [max(candidates, key=lambda k: probs[k])]
+        return [(int(slot_info[k]["id"]), probs[k]) for k in tied]

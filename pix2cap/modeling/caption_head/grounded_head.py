@@ -1,0 +1,373 @@
+"""Grounded caption head: one detailed caption per image whose phrases point at segments.
+
+The PGC task of COCONut-PanCap (PanCaper), in GLaMM / LISA's form. The head writes the image's
+caption with each grounded phrase marked up as ``<p> phrase </p> [SEG]`` (``[SEG_STUFF]`` for a
+stuff phrase), and the decoder state at each SEG token becomes the phrase's mask.
+
+The decoder is the dense caption head's (same BERT-style blocks, KV-cached decoding), with its
+own depth and maximum length. Its memory, per image, is a global token (the max-pooled
+coarsest pixel-decoder level) and one *slot* per segment: the segment's query feature plus what
+the query predicts, read off detached outputs (its class probabilities, the box of its mask in
+the original image's normalised coordinates, the mask-pooled mask features: its look), plus a
+learned slot position. In training the slots are the ground-truth segments in the order the
+caption first names them (each read through the query matched to it); at inference the kept
+segments, stuff top-down and then things left to right. The order gives the decoder a
+monotone path through the image; without it, on shapes, the head wrote the wrong stuff region
+for most images.
+
+A SEG state scores every slot (``seg_selection``); its mask is the noisy-OR union of the slot
+masks under those scores, so it is read from the same mask features as the panoptic masks,
+and a phrase naming several segments ("two blue circles") selects several slots. At inference
+the selected slots are the phrase's ``segment_ids``. A SEG that regresses a mask embedding of
+its own (LISA's form) learned far slower at this scale: on shapes its masks were still at a
+dice loss of 0.5 after 600 of 1,200 iterations, and 8 % of the ground-truth phrases were
+recalled at the end.
+
+Training: label-smoothed cross-entropy of the markup, BCE of each SEG's slot selection, and
+point-sampled BCE + dice of its union mask against the union of the ground-truth segments its
+phrase names.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pix2cap.config.config import configurable
+
+from ..mask_losses import dice_loss, sigmoid_ce_loss
+from ..point_sampling import point_sample
+from .build import CAPTION_HEAD_REGISTRY
+from .scene_memory import BOX_FEATURE_DIM, box_features, mask_boxes, mask_pool
+from .text_decoder import DenseCaptionHead, MemoryProjection, _layout_embedding
+from .tokenizer import GroundedMarkupCodec, build_caption_tokenizer
+
+__all__ = ["GroundedCaptionHead"]
+
+
+@CAPTION_HEAD_REGISTRY.register()
+class GroundedCaptionHead(DenseCaptionHead):
+    """Writes one grounded caption per image and, for each of its SEG tokens, the segments
+    (hence the mask) its phrase names.
+
+    Use :meth:`image_memory` to build the memory from decoder outputs, :meth:`losses` in
+    training and :meth:`generate_grounded` at inference. Token conventions as the dense head:
+    ``[BOS] markup [EOS] [PAD]...``, markup ids from :class:`GroundedMarkupCodec`.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        query_dim: int,
+        global_dim: int,
+        mask_dim: int,
+        num_classes: int,
+        seg_token_ids: Sequence[int],
+        hidden_size: int = 768,
+        num_layers: int = 6,
+        num_heads: int = 12,
+        intermediate_size: int = 3072,
+        dropout: float = 0.1,
+        max_length: int = 320,
+        vocab_size: int = 30522,
+        label_smoothing: float = 0.1,
+        bottleneck_dim: int = 256,
+        bottleneck_grad_scale: float = 1.0 / 3.0,
+        bos_token_id: int = 101,
+        eos_token_id: int = 102,
+        pad_token_id: int = 0,
+        layer_norm_eps: float = 1e-12,
+        num_points: int = 12544,
+        max_slots: int = 64,
+    ):
+        """
+        Args:
+            query_dim: D of the transformer decoder's query features.
+            global_dim: Dg of the global image feature.
+            mask_dim: Cm of the mask features (a slot's look is pooled from them).
+            num_classes: K; the class probabilities of a query have K + 1 entries.
+            seg_token_ids: the ids of the SEG tokens (``GroundedMarkupCodec.seg_token_ids``).
+            hidden_size, num_layers, num_heads, intermediate_size, dropout: decoder shape.
+            max_length: longest caption in tokens, markup, [BOS] and [EOS] included.
+            vocab_size: the caption vocabulary with the markup tokens.
+            label_smoothing: of the caption cross-entropy.
+            bottleneck_dim, bottleneck_grad_scale: of the memory projections.
+            bos_token_id, eos_token_id, pad_token_id: [CLS], [SEP], [PAD].
+            layer_norm_eps: of every LayerNorm.
+            num_points: points per image (uniform) of the SEG mask loss.
+            max_slots: most segments an image's memory holds.
+        """
+        super().__init__(
+            query_dim=query_dim,
+            global_dim=global_dim,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            intermediate_size=intermediate_size,
+            dropout=dropout,
+            max_length=max_length,
+            vocab_size=vocab_size,
+            label_smoothing=label_smoothing,
+            bottleneck_dim=bottleneck_dim,
+            bottleneck_grad_scale=bottleneck_grad_scale,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            layer_norm_eps=layer_norm_eps,
+        )
+        if not seg_token_ids:
+            raise ValueError("the grounded caption head needs the ids of its SEG tokens")
+        self.num_classes = num_classes
+        self.num_points = num_points
+        self.max_slots = max_slots
+        self.register_buffer(
+            "seg_token_ids", torch.tensor(list(seg_token_ids), dtype=torch.long), persistent=False
+        )
+        new = nn.ModuleDict(
+            {
+                "look": MemoryProjection(
+                    mask_dim, bottleneck_dim, hidden_size, bottleneck_grad_scale, layer_norm_eps
+                ),
+                "classes": nn.Linear(num_classes + 1, hidden_size),
+                "box": _layout_embedding(BOX_FEATURE_DIM, hidden_size, layer_norm_eps),
+                "types": nn.Embedding(2, hidden_size),  # segment token, global token
+                # A segment's place in the memory's order (the order its caption is written in).
+                "slots": nn.Embedding(max_slots, hidden_size),
+                # SEG state x query state -> how much of the query's mask the phrase covers.
+                "seg_query": nn.Linear(hidden_size, hidden_size),
+                "seg_key": nn.Linear(hidden_size, hidden_size),
+            }
+        )
+        new.apply(self._init_weights)
+        self.look_proj = new["look"]
+        self.class_embed = new["classes"]
+        self.box_embed = new["box"]
+        self.memory_type_embeddings = new["types"]
+        self.slot_embeddings = new["slots"]
+        self.seg_query = new["seg_query"]
+        self.seg_key = new["seg_key"]
+        # Starts low: a SEG selects nothing until its phrase's masks teach it what to select.
+        self.seg_bias = nn.Parameter(torch.tensor(-2.0))
+
+    @classmethod
+    def from_config(cls, cfg, codec: Optional[GroundedMarkupCodec] = None):
+        """Keyword arguments from ``cfg.MODEL.GROUNDED_HEAD``; the vocabulary is
+        ``MODEL.CAPTION_HEAD.VOCAB_FILE``'s with the markup tokens (``codec``)."""
+        head = cfg.MODEL.GROUNDED_HEAD
+        mf = cfg.MODEL.MASK_FORMER
+        if codec is None:
+            codec = GroundedMarkupCodec(build_caption_tokenizer(cfg.MODEL.CAPTION_HEAD.VOCAB_FILE))
+        return {
+            "query_dim": mf.HIDDEN_DIM,
+            "global_dim": cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM,
+            "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
+            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "seg_token_ids": codec.seg_token_ids,
+            "hidden_size": head.HIDDEN_SIZE,
+            "num_layers": head.NUM_LAYERS,
+            "num_heads": head.NUM_HEADS,
+            "intermediate_size": head.INTERMEDIATE_SIZE,
+            "dropout": head.DROPOUT,
+            "max_length": head.MAX_LENGTH,
+            "label_smoothing": head.LABEL_SMOOTHING,
+            "bottleneck_dim": cfg.MODEL.CAPTION_HEAD.BOTTLENECK_DIM,
+            "bottleneck_grad_scale": cfg.MODEL.CAPTION_HEAD.BOTTLENECK_GRAD_SCALE,
+            "num_points": mf.TRAIN_NUM_POINTS,
+            "max_slots": max(64, cfg.TEST.DETECTIONS_PER_IMAGE),
+            **codec.vocab_kwargs(),
+        }
+
+    # -----------------------------------------------------------------------------------------
+    def image_memory(
+        self,
+        query_feats: Sequence[torch.Tensor],
+        class_logits: Sequence[torch.Tensor],
+        slot_masks: Sequence[torch.Tensor],
+        mask_features: torch.Tensor,
+        global_feats: torch.Tensor,
+        windows: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The memory of each image: the global token, then one token per segment slot.
+
+        Args:
+            query_feats: per image [n_b, D], the query feature of each slot's segment.
+            class_logits: per image [n_b, K+1], those queries' class logits.
+            slot_masks: per image [n_b, h, w], the slots' masks as probabilities (or 0/1), on
+                the padded grid (any resolution); read without gradient.
+            mask_features: [B, Cm, h', w'] the pixel decoder's mask features.
+            global_feats: [B, Dg].
+            windows: Float[B, 4], where each padded grid lies in its original image
+                (``Pix2Cap.grid_windows``); None: the grid is the image.
+
+        Returns:
+            memory [B, 1 + S, C] (S = the most slots of an image) and Bool[B, 1 + S], False on
+            padding.
+        """
+        batch = len(query_feats)
+        dtype = global_feats.dtype
+        num_slots = max((int(q.shape[0]) for q in query_feats), default=0)
+        if num_slots > self.max_slots:
+            raise ValueError(f"{num_slots} segments exceed the head's max_slots={self.max_slots}")
+        types = self.memory_type_embeddings.weight.to(dtype)
+        memory = global_feats.new_zeros((batch, 1 + num_slots, types.shape[1]))
+        valid = torch.zeros((batch, 1 + num_slots), dtype=torch.bool, device=global_feats.device)
+        memory[:, 0] = self.global_proj(global_feats) + types[1]
+        valid[:, 0] = True
+        for b in range(batch):
+            n = int(query_feats[b].shape[0])
+            if n == 0:
+                continue
+            probs = slot_masks[b].detach().float()
+            window = None if windows is None else windows[b]
+            boxes = mask_boxes(probs, window, largest_part=True).to(dtype)  # [n, 6]
+            look = mask_pool(probs, mask_features[b].float()).to(dtype)  # [n, Cm]
+            classes = class_logits[b].detach().float().softmax(-1).to(dtype)
+            memory[b, 1 : 1 + n] = (
+                self.query_proj(query_feats[b])
+                + self.look_proj(look)
+                + self.class_embed(classes)
+                + self.box_embed(box_features(boxes))
+                + self.slot_embeddings.weight[:n].to(dtype)
+                + types[0]
+            )
+            valid[b, 1 : 1 + n] = True
+        return memory, valid
+
+    def seg_selection(self, seg_states: torch.Tensor, slot_states: torch.Tensor) -> torch.Tensor:
+        """Selection logits of each SEG over the slots: [S, C] x [n, C] -> [S, n]."""
+        scale = 1.0 / math.sqrt(seg_states.shape[-1])
+        logits = self.seg_query(seg_states) @ self.seg_key(slot_states).transpose(0, 1) * scale
+        return logits.float() + self.seg_bias.float()
+
+    @staticmethod
+    def union_probs(selection: torch.Tensor, slot_probs: torch.Tensor) -> torch.Tensor:
+        """Noisy-OR of the slot masks under each SEG's selection.
+
+        Args:
+            selection: [S, n] in [0, 1]; slot_probs: [n, *] mask probabilities.
+
+        Returns:
+            [S, *]: ``1 - prod_k (1 - selection[s, k] * slot_probs[k])``.
+        """
+        flat = slot_probs.flatten(1)  # [n, P]
+        miss = (1.0 - selection[:, :, None] * flat[None]).clamp(min=1e-6)  # [S, n, P]
+        return (1.0 - miss.log().sum(1).exp()).view(selection.shape[0], *slot_probs.shape[1:])
+
+    def _seg_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Bool[B, t]: where the input is a SEG token."""
+        return torch.isin(input_ids, self.seg_token_ids)
+
+    def losses(
+        self,
+        memory: torch.Tensor,
+        memory_valid: torch.Tensor,
+        tokens: torch.Tensor,
+        slot_masks: Sequence[torch.Tensor],
+        seg_slots: Sequence[torch.Tensor],
+        seg_masks: Sequence[torch.Tensor],
+        seg_valid: Sequence[torch.Tensor],
+    ) -> Dict[str, torch.Tensor]:
+        """Teacher-forced caption, SEG selection and SEG mask losses of a batch.
+
+        Args:
+            memory, memory_valid: from :meth:`image_memory`.
+            tokens: Long[B, T] ``[BOS] markup [EOS] [PAD]...`` (an image without a grounded
+                caption: a row of [PAD], it adds nothing).
+            slot_masks: per image [n_b, H, W] the slots' masks (0/1 or probabilities).
+            seg_slots: per image Bool[S_b, n_b], the slots each SEG's phrase names (S_b = the
+                SEG tokens of row b, in order).
+            seg_masks: per image Bool[S_b, H, W], the union of each SEG's segments.
+            seg_valid: per image Bool[S_b]; False where every segment of the phrase was
+                cropped away (its words are still learned, its mask is not).
+
+        Returns:
+            ``loss_grounded_caption`` (cross-entropy over non-pad targets),
+            ``loss_grounded_select`` (BCE of the SEGs' slot selection),
+            ``loss_grounded_mask`` and ``loss_grounded_dice`` (BCE and dice of the selected
+            union at ``num_points`` uniform points per image, mean over valid SEGs).
+        """
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        memory_states, states = self._decode_text(memory, inputs, memory_valid, return_memory=True)
+        logits = self.lm_logits(states)
+        if bool((targets != self.pad_token_id).any()):
+            loss_text = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(),
+                targets.reshape(-1),
+                ignore_index=self.pad_token_id,
+                label_smoothing=self.label_smoothing,
+            )
+        else:
+            loss_text = logits.sum() * 0.0
+
+        is_seg = self._seg_positions(inputs)
+        num_masks = max(sum(int(v.sum()) for v in seg_valid), 1)
+        zero = states.sum() * 0.0
+        loss_select, loss_mask, loss_dice = zero, zero.clone(), zero.clone()
+        for b in range(tokens.shape[0]):
+            seg_states = states[b, is_seg[b]]  # [S_b, C], the SEGs in order
+            count = min(seg_states.shape[0], len(seg_valid[b]))
+            valid = seg_valid[b][:count].to(states.device)
+            n = int(slot_masks[b].shape[0])
+            if not bool(valid.any()) or n == 0:
+                continue
+            select_logits = self.seg_selection(
+                seg_states[:count][valid], memory_states[b, 1 : 1 + n]
+            )  # [S, n]
+            select_target = seg_slots[b][:count][valid.to(seg_slots[b].device)]
+            loss_select = loss_select + F.binary_cross_entropy_with_logits(
+                select_logits, select_target.to(select_logits).float(), reduction="none"
+            ).mean(1).sum() / num_masks
+            coords = torch.rand(1, self.num_points, 2, device=states.device)
+            slot_probs = point_sample(slot_masks[b][:, None].float().to(states.device), coords.expand(n, -1, -1))[:, 0]
+            target = seg_masks[b][:count][valid.to(seg_masks[b].device)].to(states.device)
+            target = point_sample(target[:, None].float(), coords.expand(target.shape[0], -1, -1))
+            probs = self.union_probs(select_logits.sigmoid(), slot_probs).clamp(1e-6, 1 - 1e-6)
+            mask_logits = torch.logit(probs)  # [S, P]
+            loss_mask = loss_mask + sigmoid_ce_loss(mask_logits, target[:, 0], num_masks)
+            loss_dice = loss_dice + dice_loss(mask_logits, target[:, 0], num_masks)
+        return {
+            "loss_grounded_caption": loss_text,
+            "loss_grounded_select": loss_select,
+            "loss_grounded_mask": loss_mask,
+            "loss_grounded_dice": loss_dice,
+        }
+
+    @torch.no_grad()
+    def generate_grounded(
+        self,
+        memory: torch.Tensor,
+        memory_valid: torch.Tensor,
+        *,
+        max_length: Optional[int] = None,
+        num_beams: int = 1,
+    ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+        """Write each image's markup and read its SEG tokens' slot selections (eval mode).
+
+        Args:
+            memory, memory_valid: from :meth:`image_memory`.
+            max_length, num_beams: as :meth:`generate`.
+
+        Returns:
+            tokens Long[B, L], scores Float[B] (mean token log-probability), per image the
+            SEGs' selection probabilities [S_b, n_b] over its slots and the SEG token ids
+            Long[S_b] (thing or stuff kind), in the order the SEG tokens were written.
+        """
+        tokens, scores = self.generate_from_memory(
+            memory, memory_valid, max_length=max_length, num_beams=num_beams, return_scores=True
+        )
+        # One teacher-forced pass over the written tokens gives the state at every SEG (the
+        # state a SEG had when it was the newest token: attention is causal).
+        memory_states, states = self._decode_text(memory, tokens, memory_valid, return_memory=True)
+        is_seg = self._seg_positions(tokens)
+        selections, kinds = [], []
+        for b in range(tokens.shape[0]):
+            n = int(memory_valid[b].sum()) - 1
+            logits = self.seg_selection(states[b, is_seg[b]], memory_states[b, 1 : 1 + n])
+            selections.append(logits.sigmoid())
+            kinds.append(tokens[b, is_seg[b]])
+        return tokens, scores, selections, kinds
