@@ -115,6 +115,7 @@ _C.MODEL.GROUNDED_HEAD.CAPTION_WEIGHT = 1.0  # Weight of loss_grounded_caption.
 _C.MODEL.GROUNDED_HEAD.SELECT_WEIGHT = 1.0  # Weight of loss_grounded_select (BCE of the segments each SEG selects).
 _C.MODEL.GROUNDED_HEAD.MASK_WEIGHT = 1.0  # Weight of loss_grounded_mask (BCE of the SEG's mask, the union of what it selects).
 _C.MODEL.GROUNDED_HEAD.DICE_WEIGHT = 1.0  # Weight of loss_grounded_dice (dice of that mask).
+_C.MODEL.GROUNDED_HEAD.COPY_CAPTIONS = False  # The memory also holds each segment's dense caption, and words are a mix of generated and copied ones (pointer-generator; greedy decoding).
 _C.MODEL.GROUNDED_HEAD.STUFF_SEG = True  # Stuff phrases end in [SEG_STUFF], thing phrases in [SEG].
 _C.MODEL.GROUNDED_HEAD.TIE_THRESHOLD = 0.5  # A SEG is tied to each kept segment it selects with at least this probability (none: to its most selected one).
 _C.MODEL.GROUNDED_HEAD.RETURN_PHRASE_MASKS = False  # Also return each phrase's mask ("grounded_phrase_masks", the union of its tied segments).

@@ -27,7 +27,7 @@ SHAPES_VOCAB = os.path.join(REPO, "configs", "shapes", "shapes_vocab.txt")
 MAX_GROUNDED = 48
 
 
-def tiny_grounded_head(codec):
+def tiny_grounded_head(codec, **kwargs):
     """A tiny grounded caption head for ``codec``'s vocabulary."""
     return GroundedCaptionHead(
         query_dim=32,
@@ -42,13 +42,15 @@ def tiny_grounded_head(codec):
         max_length=MAX_GROUNDED,
         num_points=64,
         **codec.vocab_kwargs(),
+        **kwargs,
     )
 
 
-def grounded_model(seed=0, **overrides):
+def grounded_model(seed=0, copy_captions=False, **overrides):
     """The tiny Pix2Cap of test_pix2cap with a tiny grounded caption head."""
     torch.manual_seed(seed)
-    head = tiny_grounded_head(GroundedMarkupCodec(build_caption_tokenizer()))
+    codec = GroundedMarkupCodec(build_caption_tokenizer())
+    head = tiny_grounded_head(codec, copy_captions=copy_captions, max_slot_caption_length=12)
     overrides.setdefault("grounded_max_length", MAX_GROUNDED)
     return tiny_model(seed=seed, grounded_head=head, **overrides)
 
@@ -199,8 +201,9 @@ def test_flip_mirrors_phrase_words_and_masks(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Losses and inference
 # ---------------------------------------------------------------------------------------------
-def test_grounded_losses_fall_in_a_few_steps():
-    model = grounded_model()
+@pytest.mark.parametrize("copy_captions", [False, True])
+def test_grounded_losses_fall_in_a_few_steps(copy_captions):
+    model = grounded_model(copy_captions=copy_captions)
     model.train()
     batch = [grounded_input(seed=0), grounded_input(seed=1)]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -226,8 +229,9 @@ def test_grounded_losses_fall_in_a_few_steps():
         assert last < 0.6 * first, (key, first, last)
 
 
-def test_eval_output_references_panoptic_segments():
-    model = grounded_model(grounded_phrase_masks=True)
+@pytest.mark.parametrize("copy_captions", [False, True])
+def test_eval_output_references_panoptic_segments(copy_captions):
+    model = grounded_model(grounded_phrase_masks=True, copy_captions=copy_captions)
     model.eval()
     with torch.no_grad():
         out = model([{"image": grounded_input()["image"], "height": 64, "width": 64}])[0]
@@ -244,6 +248,24 @@ def test_eval_output_references_panoptic_segments():
     for phrase, mask in zip(grounded["phrases"], masks):
         union = torch.isin(panoptic_seg, torch.tensor(phrase["segment_ids"], dtype=torch.int32))
         assert torch.equal(mask, union)
+
+
+def test_copy_mix_is_a_distribution_over_the_vocabulary():
+    head = tiny_grounded_head(
+        GroundedMarkupCodec(build_caption_tokenizer()), copy_captions=True, max_slot_caption_length=12
+    )
+    torch.manual_seed(0)
+    hidden, memory = torch.randn(2, 3, 32), torch.randn(2, 5, 32)
+    copy_ids = torch.tensor([[-1, 2003, 2417, -1, 2003], [-1, -1, -1, -1, -1]])
+    probs = head.copy_log_probs(hidden, memory, copy_ids).exp()
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 3), atol=1e-4)  # + 1e-9 per word
+    # With the gate shut, all mass is on the copyable words of the row.
+    torch.nn.init.constant_(head.copy_gate.bias, -50.0)
+    probs = head.copy_log_probs(hidden, memory, copy_ids).exp()
+    assert torch.allclose(probs[0][:, [2003, 2417]].sum(-1), torch.ones(3), atol=1e-4)
+    # Nothing to copy in row 1: the vocabulary distribution alone.
+    vocab = head.lm_logits(hidden[1]).softmax(-1)
+    assert torch.allclose(probs[1], vocab, atol=1e-6)
 
 
 def test_seg_selections_tie_to_segments_of_their_kind():

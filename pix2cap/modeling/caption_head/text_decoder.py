@@ -568,7 +568,7 @@ class DenseCaptionHead(nn.Module):
         cache: KVCache,
         memory_valid: Optional[torch.Tensor] = None,
     ):
-        """One new token per row: Long[N, 1] at ``position`` -> ([N, V] logits, extended cache).
+        """One new token per row: Long[N, 1] at ``position`` -> ([N, C] state, extended cache).
 
         memory_valid: Bool[N, M] of the cached memory, False on padding (None: no padding).
         """
@@ -581,7 +581,14 @@ class DenseCaptionHead(nn.Module):
         for layer, past_kv in zip(self.layers, cache):
             x, kv = layer(x, attn_mask=mask, past_kv=past_kv)
             new_cache.append(kv)
-        return self.lm_logits(x[:, -1]), new_cache
+        return x[:, -1], new_cache
+
+    def next_token_logits(
+        self, hidden: torch.Tensor, memory: torch.Tensor, memory_valid: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """[N, C] decoder states of the newest tokens -> [N, V] next-token logits (or log-
+        probabilities). A head that reads words from its memory overrides this."""
+        return self.lm_logits(hidden)
 
     def _mask_logits(self, logits: torch.Tensor, prev_tokens: torch.Tensor, suppress_repeat: bool):
         """Forbid [BOS], [PAD] and (optionally) the previous token. logits [N, V] float."""
@@ -672,9 +679,10 @@ class DenseCaptionHead(nn.Module):
 
         for step in range(max_length - 1):
             if use_cache:
-                logits, cache = self._cached_step(tokens[:, -1:], step, cache, memory_valid)
+                hidden, cache = self._cached_step(tokens[:, -1:], step, cache, memory_valid)
             else:
-                logits = self.lm_logits(self._decode_text(memory, tokens, memory_valid)[:, -1])
+                hidden = self._decode_text(memory, tokens, memory_valid)[:, -1]
+            logits = self.next_token_logits(hidden, memory, memory_valid)
             logits = self._mask_logits(logits.float(), tokens[:, -1], suppress_repeat)
             log_probs = F.log_softmax(logits, dim=-1)  # [rows, V]
 

@@ -727,9 +727,18 @@ class Pix2Cap(nn.Module):
         tokens, slot_rows, seg_slots, seg_masks, seg_valid = self.prepare_grounded_targets(
             batched_inputs, image_list
         )
+        # Each target row's caption: its segment's ground-truth description.
+        row_captions = []
+        for x in batched_inputs:
+            instances = x["instances"]
+            texts = list(instances.gt_captions) if instances.has("gt_captions") else None
+            texts = texts if texts is not None else [""] * len(instances)
+            if instances.has("gt_iscrowd"):
+                texts = [t for t, crowd in zip(texts, instances.gt_iscrowd.tolist()) if not crowd]
+            row_captions.append(texts)
         final = {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"]}
         indices = self.criterion.matcher(final, targets)
-        queries, slot_masks = [], []
+        queries, slot_masks, captions = [], [], []
         for b, (src, tgt) in enumerate(indices):
             query_of_row = dict(zip(tgt.tolist(), src.tolist()))
             rows = slot_rows[b]
@@ -739,19 +748,33 @@ class Pix2Cap(nn.Module):
             seg_slots[b] = seg_slots[b][:, matched]
             queries.append(torch.tensor([query_of_row[r] for r in rows.tolist()], dtype=torch.long))
             slot_masks.append(targets[b]["masks"][rows.to(self.device)].float())
-        memory, valid = self._slot_memory(outputs, queries, slot_masks)
+            captions.append([row_captions[b][r] for r in rows.tolist()])
+        memory, valid, copy_ids = self._slot_memory(outputs, queries, slot_masks, captions)
         losses = self.grounded_head.losses(
-            memory, valid, tokens, slot_masks, seg_slots, seg_masks, seg_valid
+            memory, valid, tokens, slot_masks, seg_slots, seg_masks, seg_valid, copy_ids=copy_ids
         )
         return {k: v * self.grounded_loss_weights.get(k, 1.0) for k, v in losses.items()}
 
     def _slot_memory(
-        self, outputs: dict, queries: list[torch.Tensor], slot_masks: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The grounded head's memory: per image the slots' queries Long[n_b] (into the final
-        decoder outputs) and their masks [n_b, H_pad, W_pad]."""
+        self,
+        outputs: dict,
+        queries: list[torch.Tensor],
+        slot_masks: list[torch.Tensor],
+        captions: list[list[str]],
+    ):
+        """The grounded head's memory (``image_memory``'s memory, valid, copy ids): per image
+        the slots' queries Long[n_b] (into the final decoder outputs), their masks [n_b, H_pad,
+        W_pad] and their captions (read by a head with ``copy_captions``)."""
         device = outputs["query_features"].device
         queries = [q.to(device) for q in queries]
+        slot_captions = None
+        if getattr(self.grounded_head, "copy_captions", False):
+            flat = [c for per_image in captions for c in per_image]
+            tokens = encode_captions(flat, self.max_caption_length, tokenizer=self.tokenizer)
+            if tokens.numel():
+                length = int((tokens != self.tokenizer.pad_token_id).sum(1).max())
+                tokens = tokens[:, : max(length, 2)]
+            slot_captions = list(tokens.to(device).split([len(c) for c in captions]))
         return self.grounded_head.image_memory(
             [outputs["query_features"][b, q] for b, q in enumerate(queries)],
             [outputs["pred_logits"][b, q] for b, q in enumerate(queries)],
@@ -759,6 +782,7 @@ class Pix2Cap(nn.Module):
             outputs["mask_features"],
             outputs["global_features"],
             outputs.get("grid_window"),
+            slot_captions=slot_captions,
         )
 
     def prepare_grounded_targets(self, batched_inputs: list[dict], image_list: ImageList):
@@ -862,7 +886,7 @@ class Pix2Cap(nn.Module):
         """Write ``grounded_caption`` (and optionally ``grounded_phrase_masks``) into every
         result: the kept segments are the memory's slots, one decoding call for the batch, and
         each SEG tied to the segments it selects."""
-        queries, slot_masks, orders = [], [], []
+        queries, slot_masks, orders, captions = [], [], [], []
         padded_h, padded_w = image_list.tensor.shape[-2:]
         for b, result in enumerate(results):
             panoptic_seg, segments_info = result["panoptic_seg"]
@@ -878,9 +902,15 @@ class Pix2Cap(nn.Module):
                 grid = F.interpolate(grid[:, None], size=(h, w), mode="bilinear")[:, 0]
             slot_masks.append(F.pad(grid, (0, padded_w - w, 0, padded_h - h)))
             orders.append(order)
-        memory, valid = self._slot_memory(outputs, queries, slot_masks)
+            # The slots' dense captions, written just before (empty without captioning).
+            captions.append([segments_info[k].get("caption", "") for k in order])
+        memory, valid, copy_ids = self._slot_memory(outputs, queries, slot_masks, captions)
         tokens, scores, selections, seg_kinds = self.grounded_head.generate_grounded(
-            memory, valid, max_length=self.grounded_max_length, num_beams=self.grounded_num_beams
+            memory,
+            valid,
+            max_length=self.grounded_max_length,
+            num_beams=self.grounded_num_beams,
+            copy_ids=copy_ids,
         )
         markups = self.grounded_codec.decode(tokens)
         stuff_id = self.grounded_codec.markup_ids[STUFF_SEG_TOKEN]
