@@ -268,6 +268,37 @@ def test_copy_mix_is_a_distribution_over_the_vocabulary():
     assert torch.allclose(probs[1], vocab, atol=1e-6)
 
 
+@pytest.mark.parametrize("source, expected", [(7, {4: 1}), (8, {})])
+def test_a_phrase_copied_from_a_captions_subject_is_that_slots(source, expected):
+    """Memory: global, 2 slots, 2 captions of 3 tokens ([CLS] w1 w2): slot 1's caption starts
+    at 6, its first word at 7. A one-word phrase copied from 7 belongs to slot 1; one copied
+    from 8 (mid-caption: a relation target) keeps its SEG's selection."""
+    codec = GroundedMarkupCodec(build_caption_tokenizer())
+    head = tiny_grounded_head(
+        codec,
+        copy_captions=True,
+        max_slot_caption_length=12,
+        phrase_open_token_id=codec.markup_ids["<p>"],
+    )
+    with torch.no_grad():
+        for linear in (head.copy_query, head.copy_key):
+            linear.weight.copy_(torch.eye(32))
+            linear.bias.zero_()
+        head.copy_gate.bias.fill_(-50.0)  # everything copied
+    state = torch.ones(32)
+    states = state.expand(1, 6, 32).clone()
+    memory = torch.zeros(1, 9, 32)
+    memory[0, source] = 10.0  # the one key the (constant) query matches
+    copy_ids = torch.tensor([[-1, -1, -1, -1, 2003, 2417, -1, 2003, 2417]])
+    p_open, p_close = codec.markup_ids["<p>"], codec.markup_ids["</p>"]
+    seg = codec.markup_ids["[SEG]"]
+    tokens = torch.tensor([[101, p_open, 2003, p_close, seg, 102]])
+    found = head._copied_subjects(tokens, states, memory, copy_ids, [2])[0]
+    assert {position: slot for position, (slot, _) in found.items()} == expected
+    for _, share in found.values():
+        assert share == pytest.approx(1.0)
+
+
 def test_seg_selections_tie_to_segments_of_their_kind():
     model = grounded_model()
     slots = [

@@ -52,7 +52,7 @@ from ..point_sampling import point_sample
 from .build import CAPTION_HEAD_REGISTRY
 from .scene_memory import BOX_FEATURE_DIM, box_features, mask_boxes, mask_pool
 from .text_decoder import DenseCaptionHead, MemoryProjection, _layout_embedding
-from .tokenizer import GroundedMarkupCodec, build_caption_tokenizer
+from .tokenizer import PHRASE_OPEN, GroundedMarkupCodec, build_caption_tokenizer
 
 __all__ = ["GroundedCaptionHead"]
 
@@ -94,6 +94,7 @@ class GroundedCaptionHead(DenseCaptionHead):
         max_slots: int = 64,
         copy_captions: bool = False,
         max_slot_caption_length: int = 40,
+        phrase_open_token_id: Optional[int] = None,
     ):
         """
         Args:
@@ -115,6 +116,9 @@ class GroundedCaptionHead(DenseCaptionHead):
                 captions), and every next word is a mix of the vocabulary distribution and a
                 copy distribution over those captions' words (a pointer-generator).
             max_slot_caption_length: longest slot caption the memory holds, in tokens.
+            phrase_open_token_id: the id of ``<p>``; with ``copy_captions``, a phrase copied
+                from the start of a slot's caption is tied to that slot (see
+                :meth:`generate_grounded`). None: SEG selection alone.
         """
         super().__init__(
             query_dim=query_dim,
@@ -140,6 +144,7 @@ class GroundedCaptionHead(DenseCaptionHead):
         self.num_points = num_points
         self.max_slots = max_slots
         self.copy_captions = copy_captions
+        self.phrase_open_token_id = phrase_open_token_id
         self._copy_ids: Optional[torch.Tensor] = None  # set while generate_grounded decodes
         self.register_buffer(
             "seg_token_ids", torch.tensor(list(seg_token_ids), dtype=torch.long), persistent=False
@@ -213,6 +218,7 @@ class GroundedCaptionHead(DenseCaptionHead):
             "num_points": mf.TRAIN_NUM_POINTS,
             "max_slots": max(64, cfg.TEST.DETECTIONS_PER_IMAGE),
             "copy_captions": head.COPY_CAPTIONS,
+            "phrase_open_token_id": codec.markup_ids[PHRASE_OPEN],
             "max_slot_caption_length": cfg.MODEL.CAPTION_HEAD.MAX_LENGTH,
             **codec.vocab_kwargs(),
         }
@@ -463,6 +469,7 @@ class GroundedCaptionHead(DenseCaptionHead):
         max_length: Optional[int] = None,
         num_beams: int = 1,
         copy_ids: Optional[torch.Tensor] = None,
+        slot_counts: Optional[Sequence[int]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
         """Write each image's markup and read its SEG tokens' slot selections (eval mode).
 
@@ -470,6 +477,14 @@ class GroundedCaptionHead(DenseCaptionHead):
             memory, memory_valid: from :meth:`image_memory`.
             max_length, num_beams: as :meth:`generate` (greedy only with ``copy_captions``).
             copy_ids: with ``copy_captions``, :meth:`image_memory`'s copy ids.
+            slot_counts: the number of slots of each image (None: every valid memory token
+                after the global one is a slot, as without ``copy_captions``).
+
+        A phrase at least half of whose words were copied (copy share >= 0.5), word i from
+        word i of the same slot's caption (the caption's subject), is that slot's own: its
+        SEG's selection becomes that slot alone (with the mean copy share as probability). The words then name the
+        segment they were read from; relation targets, copied from the middle of a caption,
+        keep the SEG's selection.
 
         Returns:
             tokens Long[B, L], scores Float[B] (mean token log-probability), per image the
@@ -490,10 +505,68 @@ class GroundedCaptionHead(DenseCaptionHead):
         # state a SEG had when it was the newest token: attention is causal).
         memory_states, states = self._decode_text(memory, tokens, memory_valid, return_memory=True)
         is_seg = self._seg_positions(tokens)
+        if slot_counts is None:
+            slot_counts = [int(v.sum()) - 1 for v in memory_valid]
+        provenance = None
+        if self.copy_captions and copy_ids is not None and self.phrase_open_token_id is not None:
+            provenance = self._copied_subjects(tokens, states, memory, copy_ids, slot_counts)
         selections, kinds = [], []
         for b in range(tokens.shape[0]):
-            n = int(memory_valid[b].sum()) - 1
-            logits = self.seg_selection(states[b, is_seg[b]], memory_states[b, 1 : 1 + n])
-            selections.append(logits.sigmoid())
+            n = int(slot_counts[b])
+            selection = self.seg_selection(
+                states[b, is_seg[b]], memory_states[b, 1 : 1 + n]
+            ).sigmoid()
+            if provenance is not None:
+                for s, position in enumerate(is_seg[b].nonzero().flatten().tolist()):
+                    slot, share = provenance[b].get(position, (None, 0.0))
+                    if slot is not None and slot < n:
+                        selection[s] = 0.0
+                        selection[s, slot] = share
+            selections.append(selection)
             kinds.append(tokens[b, is_seg[b]])
         return tokens, scores, selections, kinds
+
+    def _copied_subjects(
+        self,
+        tokens: torch.Tensor,
+        states: torch.Tensor,
+        memory: torch.Tensor,
+        copy_ids: torch.Tensor,
+        slot_counts: Sequence[int],
+    ) -> List[Dict[int, Tuple[int, float]]]:
+        """Per image, {SEG position: (slot, mean copy share)} for the phrases at least half of
+        whose words were copied, word i from word i of the same slot's caption."""
+        num_slots = max(slot_counts, default=0)
+        if num_slots == 0:
+            return [{} for _ in range(tokens.shape[0])]
+        length = (memory.shape[1] - 1 - num_slots) // num_slots
+        scale = 1.0 / math.sqrt(states.shape[-1])
+        scores = self.copy_query(states) @ self.copy_key(memory).transpose(1, 2) * scale
+        scores = scores.float().masked_fill(~(copy_ids >= 0)[:, None, :], float("-inf"))
+        source = scores.argmax(-1)  # [B, t]: the memory token each step copies most from
+        share = 1.0 - self.copy_gate(states).float().sigmoid()[..., 0]  # [B, t]
+        result: List[Dict[int, Tuple[int, float]]] = []
+        for b in range(tokens.shape[0]):
+            found: Dict[int, Tuple[int, float]] = {}
+            row = tokens[b].tolist()
+            open_at = None
+            for position, token in enumerate(row):
+                if token == self.phrase_open_token_id:
+                    open_at = position
+                elif token in self.seg_token_ids.tolist() and open_at is not None:
+                    # Word i of the phrase (token open_at + 1 + i) is predicted by the state at
+                    # open_at + i; it votes for slot k if copied from word i of k's caption.
+                    num_words = max(position - open_at - 2, 0)  # minus <p> and </p>
+                    votes: Dict[int, List[float]] = {}
+                    for i in range(num_words):
+                        j = int(source[b, open_at + i]) - 1 - num_slots
+                        if length and j >= 0 and j % length == i + 1:
+                            if float(share[b, open_at + i]) >= 0.5:
+                                votes.setdefault(j // length, []).append(float(share[b, open_at + i]))
+                    if votes:
+                        slot, shares = max(votes.items(), key=lambda kv: len(kv[1]))
+                        if 2 * len(shares) >= num_words:
+                            found[position] = (slot, sum(shares) / len(shares))
+                    open_at = None
+            result.append(found)
+        return result

@@ -911,6 +911,7 @@ class Pix2Cap(nn.Module):
             max_length=self.grounded_max_length,
             num_beams=self.grounded_num_beams,
             copy_ids=copy_ids,
+            slot_counts=[len(order) for order in orders],
         )
         markups = self.grounded_codec.decode(tokens)
         stuff_id = self.grounded_codec.markup_ids[STUFF_SEG_TOKEN]
