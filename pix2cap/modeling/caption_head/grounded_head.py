@@ -544,7 +544,7 @@ class GroundedCaptionHead(DenseCaptionHead):
         scores = self.copy_query(states) @ self.copy_key(memory).transpose(1, 2) * scale
         scores = scores.float().masked_fill(~(copy_ids >= 0)[:, None, :], float("-inf"))
         source = scores.argmax(-1)  # [B, t]: the memory token each step copies most from
-        share = 1.0 - self.copy_gate(states).float().sigmoid()[..., 0]  # [B, t]
+        share = 1.0 - self.copy_gate(states).detach().float().sigmoid()[..., 0]  # [B, t]
         result: List[Dict[int, Tuple[int, float]]] = []
         for b in range(tokens.shape[0]):
             found: Dict[int, Tuple[int, float]] = {}
