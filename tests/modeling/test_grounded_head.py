@@ -230,15 +230,40 @@ def test_grounded_losses_fall_in_a_few_steps(copy_captions):
 
 
 @pytest.mark.parametrize("copy_captions", [False, True])
-def test_eval_output_references_panoptic_segments(copy_captions):
-    model = grounded_model(grounded_phrase_masks=True, copy_captions=copy_captions)
+def test_eval_output_references_panoptic_segments(copy_captions, monkeypatch):
+    # Thresholds of 0 keep a segment even from the untrained decoder.
+    model = grounded_model(
+        grounded_phrase_masks=True,
+        copy_captions=copy_captions,
+        object_mask_threshold=0.0,
+        overlap_threshold=0.0,
+    )
     model.eval()
+    # An untrained head writes no markup: have it write two grounded phrases (the SEG states,
+    # selections, ties and masks after that are the head's own).
+    codec = model.grounded_codec
+    written = codec.encode(["<p> a red circle </p> [SEG] lies on <p> grass </p> [SEG_STUFF]."], 16)
+    head = model.grounded_head
+
+    def generate(memory, memory_valid=None, **kwargs):
+        tokens = written.expand(memory.shape[0], -1)
+        return tokens, torch.zeros(memory.shape[0])
+
+    monkeypatch.setattr(head, "generate_from_memory", generate)
     with torch.no_grad():
         out = model([{"image": grounded_input()["image"], "height": 64, "width": 64}])[0]
     grounded = out["grounded_caption"]
-    assert set(grounded) >= {"text", "tagged", "phrases"}
+    assert grounded["text"] == "a red circle lies on grass."
     panoptic_seg, segments_info = out["panoptic_seg"]
     ids = {s["id"] for s in segments_info}
+    assert [p["phrase"] for p in grounded["phrases"]] == ["a red circle", "grass"]
+    stuff = {s["id"] for s in segments_info if not s["isthing"]}
+    assert stuff  # the kept segment of this seed is stuff
+    # Every SEG is tied to at least one kept segment, of its kind where there is one.
+    assert all(p["segment_ids"] for p in grounded["phrases"])
+    assert set(grounded["phrases"][1]["segment_ids"]) <= stuff
+    tags = [",".join(map(str, p["segment_ids"])) for p in grounded["phrases"]]
+    assert grounded["tagged"] == f"<{tags[0]}:a red circle> lies on <{tags[1]}:grass>."
     for phrase in grounded["phrases"]:
         assert set(phrase) == {"phrase", "start", "end", "segment_ids", "score"}
         assert grounded["text"][phrase["start"] : phrase["end"]] == phrase["phrase"]

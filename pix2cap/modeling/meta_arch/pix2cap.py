@@ -99,7 +99,9 @@ class Pix2Cap(nn.Module):
       the image's detailed caption, the same in ``<ids:phrase>`` form with the ids of
       ``panoptic_seg``'s segments, and per grounded phrase ``phrase``, ``start``/``end``
       (offsets into ``text``), ``segment_ids`` and ``score``; with ``grounded_phrase_masks``
-      on also ``"grounded_phrase_masks"``: Bool[P, height, width], each phrase's SEG mask;
+      on also ``"grounded_phrase_masks"``: Bool[P, height, width], each phrase's mask (the
+      union of its tied segments); ``caption_score`` is the caption's mean token
+      log-probability;
     * ``"sem_seg"``: Float[K, height, width] class scores;
     * ``"instances"``: ``Instances`` with ``pred_masks``, ``pred_boxes`` (XYXY), ``scores``,
       ``pred_classes`` (thing classes only, top ``detections_per_image``).
@@ -731,8 +733,8 @@ class Pix2Cap(nn.Module):
         row_captions = []
         for x in batched_inputs:
             instances = x["instances"]
-            texts = list(instances.gt_captions) if instances.has("gt_captions") else None
-            texts = texts if texts is not None else [""] * len(instances)
+            has = instances.has("gt_captions")
+            texts = list(instances.gt_captions) if has else [""] * len(instances)
             if instances.has("gt_iscrowd"):
                 texts = [t for t, crowd in zip(texts, instances.gt_iscrowd.tolist()) if not crowd]
             row_captions.append(texts)
@@ -840,7 +842,8 @@ class Pix2Cap(nn.Module):
             has_caption.append(bool(markup))
             # Slots: the segments in the order of first mention, then the others.
             order = list(dict.fromkeys(row_of[i] for seg in segs for i in seg if i in row_of))
-            order += [r for r in range(len(row_of)) if r not in set(order)]
+            named = set(order)
+            order += [r for r in range(len(row_of)) if r not in named]
             slot_of_row = {r: k for k, r in enumerate(order)}
             slots = torch.zeros((len(segs), len(order)), dtype=torch.bool)
             for s_index, segment_ids in enumerate(segs):
