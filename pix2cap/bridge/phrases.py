@@ -17,10 +17,9 @@ through their ``name`` (tag) and ``caption`` only.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
-from pix2cap.data.text import ARTICLES, NUMBER_WORDS
+from pix2cap.data.text import DETERMINERS, PHRASE_END, caption_words, noun_forms
 
 __all__ = [
     "caption_attributes",
@@ -31,48 +30,14 @@ __all__ = [
     "names_tag",
 ]
 
-# Words that open a noun phrase: articles, demonstratives, quantifiers, possessives and the
-# numbers one to ten.
-DETERMINERS = (
-    ARTICLES
-    | set(NUMBER_WORDS[1:11])
-    | {"this", "that", "these", "those", "some", "several", "many", "another", "each", "every"}
-    | {"its", "his", "her", "their"}
-)
-# Words that end a noun phrase: prepositions, verbs and conjunctions typical of region captions.
-PHRASE_END = {
-    "on", "in", "at", "to", "of", "with", "by", "near", "next", "beside", "behind", "under",
-    "over", "above", "below", "between", "inside", "outside", "covering", "holding", "sitting",
-    "standing", "lying", "is", "are", "was", "were", "and", "or", "that", "which", "who",
-    "while", "from", "into", "onto", "against", "along", "across", "around", "for", "wearing",
-    "carrying", "riding", "looking", "has", "have", "being", "there", "where",
-}
-_WORD_RE = re.compile(r"[a-z0-9][a-z0-9'\-]*")
-
-
-def caption_words(text: str) -> list[str]:
-    """The lower-case words of ``text``."""
-    return _WORD_RE.findall(text.lower())
-
-
-def _noun_forms(tag: str) -> set[str]:
-    last = tag.lower().split()[-1] if tag.strip() else ""
-    if not last:
-        return set()
-    forms = {last, last + "s", last + "es"}
-    if last.endswith("y"):
-        forms.add(last[:-1] + "ies")
-    return forms
-
-
 def names_tag(words: list[str], tag: str) -> bool:
     """Whether ``words`` hold the tag's noun (its last word, singular or plural)."""
-    return not _noun_forms(tag).isdisjoint(words)
+    return not noun_forms(tag).isdisjoint(words)
 
 
 def head_index(words: list[str], tag: str) -> int | None:
     """Index of the head noun in ``words`` (module docstring), or None."""
-    forms = _noun_forms(tag)
+    forms = noun_forms(tag)
     end = len(words)
     for k, word in enumerate(words):
         if k > 0 and word in PHRASE_END:
@@ -120,7 +85,7 @@ def mentions(
     out: list[tuple[int, int, int | None]] = []
     for k in range(head + 1, len(words)):
         candidates = [
-            j for j, other in enumerate(entities) if j != index and words[k] in _noun_forms(other.name)
+            j for j, other in enumerate(entities) if j != index and words[k] in noun_forms(other.name)
         ]
         if not candidates:
             continue

@@ -118,6 +118,8 @@ _C.MODEL.GROUNDED_HEAD.DICE_WEIGHT = 1.0  # Weight of loss_grounded_dice (dice o
 _C.MODEL.GROUNDED_HEAD.COPY_CAPTIONS = False  # The memory also holds each segment's dense caption, and words are a mix of generated and copied ones (pointer-generator; greedy decoding).
 _C.MODEL.GROUNDED_HEAD.STUFF_SEG = True  # Stuff phrases end in [SEG_STUFF], thing phrases in [SEG].
 _C.MODEL.GROUNDED_HEAD.TIE_THRESHOLD = 0.5  # A SEG is tied to each kept segment it selects with at least this probability (none: to its most selected one).
+_C.MODEL.GROUNDED_HEAD.CAPTION_AGREEMENT = True  # A learned SEG selection is checked against the segments' dense captions: moved to segments whose caption subject the phrase fits, none when it fits none.
+_C.MODEL.GROUNDED_HEAD.MENTION_TIES = True  # Words written outside the markup that name exactly one segment by that check ("is in the sky.") become phrases tied to it.
 _C.MODEL.GROUNDED_HEAD.RETURN_PHRASE_MASKS = False  # Also return each phrase's mask ("grounded_phrase_masks", the union of its tied segments).
 
 # A per-pixel classifier that exercises the data and training pipeline end to end. It is a

@@ -106,6 +106,7 @@ __all__ = [
     "SEG_TOKEN",
     "STUFF_SEG_TOKEN",
     "grounded_to_markup",
+    "markup_sentence_openers",
     "markup_to_grounded",
     "split_markup",
     "truncate_markup",
@@ -654,6 +655,22 @@ def markup_to_grounded(
             cursor = phrase["end"]
     tagged.append(text[cursor:])
     return {"text": text, "tagged": "".join(tagged), "phrases": phrases}
+
+
+def markup_sentence_openers(markup: str) -> list[bool]:
+    """For each SEG token of ``markup``, in order: whether its phrase opens a sentence (no
+    text before it, or the text before it ends in ``.``, ``!`` or ``?``)."""
+    openers: list[bool] = []
+    previous = ""  # the last piece of text or markup before the current one
+    opener = False
+    for piece in split_markup(markup):
+        if piece == PHRASE_OPEN:
+            opener = previous == "" or previous[-1] in ".!?"
+        elif piece in (SEG_TOKEN, STUFF_SEG_TOKEN):
+            openers.append(opener)
+            opener = False
+        previous = piece if piece not in (SEG_TOKEN, STUFF_SEG_TOKEN, PHRASE_CLOSE) else previous
+    return openers
 
 
 _SENTENCE_END_RE = re.compile(r"[.!?](?=\s|$)")

@@ -23,6 +23,10 @@ __all__ = [
     "DEMONSTRATIVES",
     "POSSESSIVE_DETERMINERS",
     "QUANTIFIERS",
+    "DETERMINERS",
+    "PHRASE_END",
+    "caption_words",
+    "noun_forms",
     "WORD_RE",
     "LOWERCASE_LETTERS_RE",
     "number_word",
@@ -56,6 +60,41 @@ DEMONSTRATIVES = frozenset({"this", "that", "these", "those"})
 POSSESSIVE_DETERMINERS = frozenset({"its", "their", "his", "her", "our"})
 # Determiners that pick some or each of a kind.
 QUANTIFIERS = frozenset({"some", "another", "each", "every"})
+
+# Words that open a noun phrase: articles, demonstratives, quantifiers, possessives and the
+# numbers one to ten.
+DETERMINERS = (
+    ARTICLES
+    | set(NUMBER_WORDS[1:11])
+    | {"this", "that", "these", "those", "some", "several", "many", "another", "each", "every"}
+    | {"its", "his", "her", "their"}
+)
+# Words that end a noun phrase: prepositions, verbs and conjunctions typical of region captions.
+PHRASE_END = {
+    "on", "in", "at", "to", "of", "with", "by", "near", "next", "beside", "behind", "under",
+    "over", "above", "below", "between", "inside", "outside", "covering", "holding", "sitting",
+    "standing", "lying", "is", "are", "was", "were", "and", "or", "that", "which", "who",
+    "while", "from", "into", "onto", "against", "along", "across", "around", "for", "wearing",
+    "carrying", "riding", "looking", "has", "have", "being", "there", "where",
+}
+_CAPTION_WORD_RE = re.compile(r"[a-z0-9][a-z0-9'\-]*")
+
+
+def caption_words(text: str) -> list[str]:
+    """The lower-case words of ``text``."""
+    return _CAPTION_WORD_RE.findall(text.lower())
+
+
+def noun_forms(tag: str) -> set[str]:
+    """The forms a tag's noun (its last word) takes in captions: itself and its plurals."""
+    last = tag.lower().split()[-1] if tag.strip() else ""
+    if not last:
+        return set()
+    forms = {last, last + "s", last + "es"}
+    if last.endswith("y"):
+        forms.add(last[:-1] + "ies")
+    return forms
+
 
 # A word: an ASCII letter, then letters, apostrophes or hyphens ("don't", "left-hand").
 WORD_RE = re.compile(r"[A-Za-z][A-Za-z'\-]*")

@@ -14,6 +14,7 @@ from pix2cap.data.caption_formats import (
     STUFF_SEG_TOKEN,
     grid_text_to_pancap,
     grounded_to_markup,
+    markup_sentence_openers,
     markup_to_grounded,
     normalized_box_to_grid,
     truncate_markup,
@@ -461,6 +462,18 @@ def test_generated_markup_that_is_not_well_formed():
     out = markup_to_grounded("<p> a cat </p> [SEG]", [])
     assert (out["tagged"], out["phrases"][0]["segment_ids"]) == ("a cat", [])
     assert markup_to_grounded("", None) == {"text": "", "tagged": "", "phrases": []}
+
+
+def test_sentence_openers_of_each_seg():
+    markup = (
+        "<p> Light sky </p> [SEG_STUFF] covers the top above <p> grass </p> [SEG_STUFF]. "
+        "<p> Two squares </p> [SEG] appear! <p> A red star </p> [SEG] <p> the grass </p> [SEG] "
+        "is on it. Then <p> a dog </p> [SEG]. <p> open end"
+    )
+    # A phrase right after another, or after words of its sentence, opens nothing; the
+    # unclosed phrase has no SEG.
+    assert markup_sentence_openers(markup) == [True, False, True, True, False, False]
+    assert markup_sentence_openers("") == []
 
 
 def test_long_targets_are_cut_at_a_sentence_boundary_never_inside_a_phrase():

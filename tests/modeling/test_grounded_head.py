@@ -18,6 +18,7 @@ from pix2cap.modeling.caption_head import (
     GroundedMarkupCodec,
     build_caption_tokenizer,
 )
+from pix2cap.modeling.meta_arch.pix2cap import Pix2Cap
 from pix2cap.structures import ImageList
 from tests.data.test_mapper import _make_dict, _mapper
 from tests.modeling.test_pix2cap import NUM_CLASSES, make_input, tiny_model
@@ -134,8 +135,9 @@ def test_targets_multi_segment_cropped_and_stuff_phrases():
     # "two shapes" (1, 2), "green grass" (3, stuff), "a red circle" (1), "a blue square" (2),
     # "a bird" (9: not in the image, cropped away).
     assert kinds == [thing_seg, stuff_seg, thing_seg, thing_seg, thing_seg]
-    assert slot_rows[0].tolist() == [0, 1, 2]  # first named: 1 and 2, then 3
-    assert seg_slots[0].int().tolist() == [[1, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 0, 0]]
+    # Stuff 3 (row 2) first; then 1, the only thing opening a sentence alone; then 2.
+    assert slot_rows[0].tolist() == [2, 0, 1]
+    assert seg_slots[0].int().tolist() == [[0, 1, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]]
     masks = x["instances"].gt_masks
     assert seg_valid[0].tolist() == [True, True, True, True, False]
     assert torch.equal(seg_masks[0][0, :64, :64], masks[0] | masks[1])
@@ -147,13 +149,22 @@ def test_targets_multi_segment_cropped_and_stuff_phrases():
     assert "<p> a bird </p> [SEG] flew away." in text
 
 
-def test_slots_follow_the_order_the_caption_names_segments():
+def test_slots_follow_the_order_the_caption_describes_segments():
     model = grounded_model()
     x = grounded_input(caption="<3:Grass> lies under <2:a blue square>.")
     _, slot_rows, seg_slots, _, _ = _targets(model, [x])
     # Segment 3 (row 2) first, then 2 (row 1), then the unnamed 1 (row 0).
     assert slot_rows[0].tolist() == [2, 1, 0]
     assert seg_slots[0].int().tolist() == [[1, 0, 0], [0, 1, 0]]
+    # Things go in the order they are described (open a sentence), not first named: 2 is
+    # named first, as a relation target, but 1 is described first.
+    x = grounded_input(
+        caption="<3:Grass> lies under <2:a blue square>. <1:A red circle> is above "
+        "<2:the square>. <2:A blue square> is small."
+    )
+    _, slot_rows, seg_slots, _, _ = _targets(model, [x])
+    assert slot_rows[0].tolist() == [2, 0, 1]
+    assert seg_slots[0].int().tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 0], [0, 0, 1], [0, 0, 1]]
     # A crowd segment is no slot (nor a target of prepare_targets).
     x["instances"].gt_iscrowd = torch.tensor([True, False, False])
     _, slot_rows, seg_slots, _, _ = _targets(model, [x])
@@ -324,6 +335,48 @@ def test_a_phrase_copied_from_a_captions_subject_is_that_slots(source, expected)
         assert share == pytest.approx(1.0)
 
 
+def test_unmarked_mentions_are_tied_in_the_order_of_their_segs():
+    slots = [
+        {"id": 7, "category_id": 6, "score": 0.99, "caption": "green grass covering the bottom"},
+        {"id": 1, "category_id": 2, "score": 0.8, "caption": "a white triangle on the grass"},
+    ]
+    names = ["circle", "square", "triangle", "star", "sky", "wall", "grass"]
+    markup = "<p> a white triangle </p> [SEG] is on the grass near <p> x </p> [SEG] ."
+    ties = [[(1, 0.9)], [(7, 0.4)]]
+    out, new_ties = Pix2Cap._mention_ties(markup, ties, slots, names)
+    assert out == (
+        "<p> a white triangle </p> [SEG] is on <p> the grass </p> [SEG] near <p> x </p> [SEG] ."
+    )
+    assert new_ties == [[(1, 0.9)], [(7, pytest.approx(0.99))], [(7, 0.4)]]
+    # The class name is a second name: the segment the panoptic head calls a square.
+    out, new_ties = Pix2Cap._mention_ties("near the white square", [], slots, names)
+    assert out == "near the white square"  # slot 1 is a triangle by class and caption
+    slots[1]["category_id"] = 1
+    out, new_ties = Pix2Cap._mention_ties("near the white square", [], slots, names)
+    assert out == "near <p> the white square </p> [SEG]" and new_ties == [[(1, pytest.approx(0.8))]]
+
+
+def test_slot_caption_summaries_pool_each_slots_own_words():
+    """Memory: global, 2 slots, 2 captions of 3 tokens; slot 1 has no caption words."""
+    head = tiny_grounded_head(
+        GroundedMarkupCodec(build_caption_tokenizer()), copy_captions=True, max_slot_caption_length=12
+    )
+    torch.nn.init.zeros_(head.caption_pool.weight)  # uniform pooling
+    memory = torch.randn(1, 9, 32)
+    valid = torch.tensor([[True, True, True, True, True, False, False, False, False]])
+    summaries = head.slot_caption_summaries(memory, valid, num_slots=2)
+    assert len(summaries) == 1 and summaries[0].shape == (2, 32)
+    assert torch.allclose(summaries[0][0], memory[0, 3:5].mean(0), atol=1e-6)
+    assert torch.equal(summaries[0][1], torch.zeros(32))
+    # They change the selection of slot 0 only.
+    seg, slots = torch.randn(1, 32), memory[0, 1:3]
+    change = head.seg_selection(seg, slots, summaries[0]) - head.seg_selection(seg, slots)
+    bias = head.seg_query(seg) @ head.seg_caption_key.bias[:, None] / 32**0.5
+    assert not torch.allclose(change[0, 0], bias[0, 0])
+    assert torch.allclose(change[0, 1], bias[0, 0], atol=1e-5)  # zeros: the key's bias alone
+    assert head.slot_caption_summaries(memory[:, :3], valid[:, :3], num_slots=2) is None
+
+
 def test_seg_selections_tie_to_segments_of_their_kind():
     model = grounded_model()
     slots = [
@@ -340,6 +393,34 @@ def test_seg_selections_tie_to_segments_of_their_kind():
     # An image without stuff: a [SEG_STUFF] may tie to a thing.
     assert model._tie_segments(weak[1:], slots[1:], stuff=True) == [(1, pytest.approx(0.2))]
     assert model._tie_segments(torch.zeros(0), [], stuff=False) == []
+
+
+def test_learned_selections_are_checked_against_the_segments_captions():
+    """A learned SEG selection that its phrase does not describe moves to a segment it does;
+    one copied from a segment's caption, or naming nothing decoded, is kept or dropped."""
+    slots = [
+        {"id": 7, "caption": "green grass covering the bottom of the image"},
+        {"id": 1, "caption": "a large white solid circle below the green star"},
+        {"id": 2, "caption": "a small green dotted star to the left of the white circle"},
+    ]
+    markup = (
+        "<p> a large white solid circle </p> [SEG] is below <p> the green star </p> [SEG] on "
+        "<p> the grass </p> [SEG_STUFF] near <p> the red square </p> [SEG]."
+    )
+    selection = torch.tensor(
+        [[0.0, 0.9, 0.0], [0.0, 0.8, 0.4], [0.7, 0.0, 0.0], [0.0, 0.6, 0.0]]
+    )
+    ties = [[(1, 0.9)], [(1, 0.8)], [(7, 0.7)], [(1, 0.6)]]
+    copied = torch.tensor([True, False, False, False])
+    out = Pix2Cap._agreeing_ties(markup, ties, selection, copied, slots)
+    assert out[0] == [(1, 0.9)]  # copied: kept
+    assert out[1] == [(2, pytest.approx(0.4))]  # "the green star" is segment 2, not the circle
+    assert out[2] == [(7, pytest.approx(0.7))]  # agrees
+    assert out[3] == [(1, pytest.approx(0.6))]  # "square" heads no caption: cannot be judged, kept
+    selection[1] = torch.tensor([0.0, 0.8, 0.0])
+    markup = markup.replace("the green star", "the yellow star")
+    out = Pix2Cap._agreeing_ties(markup, ties, selection, copied, slots)
+    assert out[1] == []  # no yellow star was decoded: ungrounded
 
 
 def test_slot_order_is_stuff_top_down_then_things_left_to_right():

@@ -10,12 +10,16 @@ coarsest pixel-decoder level) and one *slot* per segment: the segment's query fe
 the query predicts, read off detached outputs (its class probabilities, the box of its mask in
 the original image's normalised coordinates, the mask-pooled mask features: its look), plus a
 learned slot position. In training the slots are the ground-truth segments in the order the
-caption first names them (each read through the query matched to it); at inference the kept
-segments, stuff top-down and then things left to right. The order gives the decoder a
-monotone path through the image; without it, on shapes, the head wrote the wrong stuff region
-for most images.
+caption describes them (stuff as first named, then things in the order they open sentences),
+each read through the query matched to it; at inference the kept segments, stuff top-down and
+then things left to right. The order gives the decoder a monotone path through the image:
+without it, on shapes, the head wrote the wrong stuff region for most images; with things in
+order of first mention (relation targets interleaved) rather than of description, it skipped
+and repeated objects.
 
-A SEG state scores every slot (``seg_selection``); its mask is the noisy-OR union of the slot
+A SEG state scores every slot (``seg_selection``: its query against the slot's state and,
+with ``copy_captions``, an attention-pooled summary of the slot's caption words, so "the
+green star" can be matched to the slot whose caption says "a small green dotted star"); its mask is the noisy-OR union of the slot
 masks under those scores, so it is read from the same mask features as the panoptic masks,
 and a phrase naming several segments ("two blue circles") selects several slots. At inference
 the selected slots are the phrase's ``segment_ids``. A SEG that regresses a mask embedding of
@@ -149,6 +153,7 @@ class GroundedCaptionHead(DenseCaptionHead):
         self.register_buffer(
             "seg_token_ids", torch.tensor(list(seg_token_ids), dtype=torch.long), persistent=False
         )
+
         new = nn.ModuleDict(
             {
                 "look": MemoryProjection(
@@ -173,6 +178,9 @@ class GroundedCaptionHead(DenseCaptionHead):
                     "copy_query": nn.Linear(hidden_size, hidden_size),
                     "copy_key": nn.Linear(hidden_size, hidden_size),
                     "copy_gate": nn.Linear(hidden_size, 1),
+                    # Which of a slot's caption words sum it up for selection, and their key.
+                    "caption_pool": nn.Linear(hidden_size, 1),
+                    "seg_caption_key": nn.Linear(hidden_size, hidden_size),
                 }
             )
         new.apply(self._init_weights)
@@ -189,6 +197,8 @@ class GroundedCaptionHead(DenseCaptionHead):
             self.copy_query = new["copy_query"]
             self.copy_key = new["copy_key"]
             self.copy_gate = new["copy_gate"]
+            self.caption_pool = new["caption_pool"]
+            self.seg_caption_key = new["seg_caption_key"]
         # Starts low: a SEG selects nothing until its phrase's masks teach it what to select.
         self.seg_bias = nn.Parameter(torch.tensor(-2.0))
 
@@ -351,11 +361,48 @@ class GroundedCaptionHead(DenseCaptionHead):
             return super().next_token_logits(hidden, memory, memory_valid)
         return self.copy_log_probs(hidden[:, None], memory, self._copy_ids)[:, 0]
 
-    def seg_selection(self, seg_states: torch.Tensor, slot_states: torch.Tensor) -> torch.Tensor:
-        """Selection logits of each SEG over the slots: [S, C] x [n, C] -> [S, n]."""
+    def seg_selection(
+        self,
+        seg_states: torch.Tensor,
+        slot_states: torch.Tensor,
+        slot_captions: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Selection logits of each SEG over the slots: [S, C] x [n, C] -> [S, n].
+
+        ``slot_captions`` ([n, C], :meth:`slot_caption_summaries`) add to the slots' keys.
+        """
         scale = 1.0 / math.sqrt(seg_states.shape[-1])
-        logits = self.seg_query(seg_states) @ self.seg_key(slot_states).transpose(0, 1) * scale
+        keys = self.seg_key(slot_states)
+        if slot_captions is not None:
+            keys = keys + self.seg_caption_key(slot_captions)
+        logits = self.seg_query(seg_states) @ keys.transpose(0, 1) * scale
         return logits.float() + self.seg_bias.float()
+
+    def slot_caption_summaries(
+        self, memory: torch.Tensor, memory_valid: torch.Tensor, num_slots: int
+    ) -> Optional[List[torch.Tensor]]:
+        """Per image [S, C]: each slot's caption words (its memory tokens, as
+        :meth:`image_memory` lays them out) pooled by a learned attention; None without
+        ``copy_captions`` or captions. A slot without caption words sums up to zeros.
+
+        Args:
+            memory: [B, M, C]; memory_valid: Bool[B, M]; num_slots: S, the memory's slots.
+        """
+        if not self.copy_captions or num_slots == 0:
+            return None
+        length = (memory.shape[1] - 1 - num_slots) // num_slots
+        if length <= 0:
+            return None
+        start = 1 + num_slots
+        words = memory[:, start : start + num_slots * length].reshape(
+            memory.shape[0], num_slots, length, -1
+        )  # [B, S, L, C]
+        valid = memory_valid[:, start : start + num_slots * length].reshape(
+            memory.shape[0], num_slots, length
+        )
+        scores = self.caption_pool(words)[..., 0].float().masked_fill(~valid, float("-inf"))
+        weights = torch.nan_to_num(scores.softmax(-1), nan=0.0).to(words.dtype)
+        return list((weights[..., None] * words).sum(2))
 
     @staticmethod
     def union_probs(selection: torch.Tensor, slot_probs: torch.Tensor) -> torch.Tensor:
@@ -428,6 +475,9 @@ class GroundedCaptionHead(DenseCaptionHead):
             )
 
         is_seg = self._seg_positions(inputs)
+        summaries = self.slot_caption_summaries(
+            memory, memory_valid, max((int(m.shape[0]) for m in slot_masks), default=0)
+        )
         num_masks = max(sum(int(v.sum()) for v in seg_valid), 1)
         zero = states.sum() * 0.0
         loss_select, loss_mask, loss_dice = zero, zero.clone(), zero.clone()
@@ -439,7 +489,9 @@ class GroundedCaptionHead(DenseCaptionHead):
             if not bool(valid.any()) or n == 0:
                 continue
             select_logits = self.seg_selection(
-                seg_states[:count][valid], memory_states[b, 1 : 1 + n]
+                seg_states[:count][valid],
+                memory_states[b, 1 : 1 + n],
+                None if summaries is None else summaries[b][:n],
             )  # [S, n]
             select_target = seg_slots[b][:count][valid.to(seg_slots[b].device)]
             loss_select = loss_select + F.binary_cross_entropy_with_logits(
@@ -470,7 +522,7 @@ class GroundedCaptionHead(DenseCaptionHead):
         num_beams: int = 1,
         copy_ids: Optional[torch.Tensor] = None,
         slot_counts: Optional[Sequence[int]] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
         """Write each image's markup and read its SEG tokens' slot selections (eval mode).
 
         Args:
@@ -487,9 +539,10 @@ class GroundedCaptionHead(DenseCaptionHead):
         keep the SEG's selection.
 
         Returns:
-            tokens Long[B, L], scores Float[B] (mean token log-probability), per image the
-            SEGs' selection probabilities [S_b, n_b] over its slots and the SEG token ids
-            Long[S_b] (thing or stuff kind), in the order the SEG tokens were written.
+            tokens Long[B, L], scores Float[B] (mean token log-probability), and per image, in
+            the order the SEG tokens were written: the SEGs' selection probabilities [S_b, n_b]
+            over its slots, the SEG token ids Long[S_b] (thing or stuff kind) and Bool[S_b],
+            True where the selection is the slot the phrase was copied from.
         """
         if self.copy_captions:
             if num_beams != 1:
@@ -510,21 +563,29 @@ class GroundedCaptionHead(DenseCaptionHead):
         provenance = None
         if self.copy_captions and copy_ids is not None and self.phrase_open_token_id is not None:
             provenance = self._copied_subjects(tokens, states, memory, copy_ids, slot_counts)
-        selections, kinds = [], []
+        summaries = self.slot_caption_summaries(
+            memory, memory_valid, max((int(n) for n in slot_counts), default=0)
+        )
+        selections, kinds, copied = [], [], []
         for b in range(tokens.shape[0]):
             n = int(slot_counts[b])
             selection = self.seg_selection(
-                states[b, is_seg[b]], memory_states[b, 1 : 1 + n]
+                states[b, is_seg[b]],
+                memory_states[b, 1 : 1 + n],
+                None if summaries is None else summaries[b][:n],
             ).sigmoid()
+            from_copy = torch.zeros(selection.shape[0], dtype=torch.bool)
             if provenance is not None:
                 for s, position in enumerate(is_seg[b].nonzero().flatten().tolist()):
                     slot, share = provenance[b].get(position, (None, 0.0))
                     if slot is not None and slot < n:
                         selection[s] = 0.0
                         selection[s, slot] = share
+                        from_copy[s] = True
             selections.append(selection)
             kinds.append(tokens[b, is_seg[b]])
-        return tokens, scores, selections, kinds
+            copied.append(from_copy)
+        return tokens, scores, selections, kinds, copied
 
     def _copied_subjects(
         self,

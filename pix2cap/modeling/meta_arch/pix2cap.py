@@ -28,6 +28,7 @@ from pix2cap.data.caption_formats import (
     SEG_TOKEN,
     STUFF_SEG_TOKEN,
     grounded_to_markup,
+    markup_sentence_openers,
     markup_to_grounded,
     truncate_markup,
 )
@@ -43,6 +44,7 @@ from ..caption_head import (
     decode,
     encode_captions,
 )
+from ..caption_head.phrase_ties import agreeing_slots, ground_unmarked_mentions
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
 from ..pixel_decoder import PIXEL_DECODER_REGISTRY
@@ -72,6 +74,25 @@ def thing_ids_from_metadata(dataset_names: Sequence[str]) -> set[int]:
         if mapping:
             return {int(v) for v in mapping.values()}
     return set()
+
+
+def class_names_from_metadata(dataset_names: Sequence[str]) -> Optional[list[str]]:
+    """Names of the contiguous class ids (``stuff_classes``: every class, detectron2's panoptic
+    convention) of the first named dataset that declares them; None when none does."""
+    for name in dataset_names:
+        names = MetadataCatalog.get(name).get("stuff_classes")
+        if names:
+            return [str(n) for n in names]
+    return None
+
+
+def _slot_class_names(
+    slot_info: list[dict], class_names: Optional[Sequence[str]]
+) -> Optional[list[str]]:
+    """Each slot's class name ("" without a ``category_id``), or None without names."""
+    if class_names is None:
+        return None
+    return [class_names[info["category_id"]] if "category_id" in info else "" for info in slot_info]
 
 
 @META_ARCH_REGISTRY.register()
@@ -140,6 +161,9 @@ class Pix2Cap(nn.Module):
         grounded_stuff_seg: bool = True,
         grounded_tie_threshold: float = 0.5,
         grounded_phrase_masks: bool = False,
+        grounded_caption_agreement: bool = True,
+        grounded_mention_ties: bool = True,
+        class_names: Optional[Sequence[str]] = None,
     ):
         """
         Args:
@@ -183,6 +207,15 @@ class Pix2Cap(nn.Module):
             grounded_tie_threshold: a SEG mask is tied to each kept segment it covers at least
                 this share of (none: to the one it overlaps most, by IoU).
             grounded_phrase_masks: also return each phrase's own SEG mask.
+            grounded_caption_agreement: a phrase whose SEG selection was learned (not copied
+                from a segment's caption) is checked against the kept segments' dense captions
+                (``phrase_ties.agreeing_slots``): tied to segments whose caption subject it
+                fits, ungrounded when it fits none. Needs ``caption_on``.
+            grounded_mention_ties: words the head wrote outside its markup that name exactly
+                one kept segment by that check ("is in the sky.") become phrases tied to it
+                (``phrase_ties.ground_unmarked_mentions``). Needs ``caption_on``.
+            class_names: the name of each contiguous class id, a second name of a segment
+                for those checks (None: captions only).
         """
         super().__init__()
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
@@ -247,6 +280,9 @@ class Pix2Cap(nn.Module):
         self.grounded_stuff_seg = grounded_stuff_seg
         self.grounded_tie_threshold = grounded_tie_threshold
         self.grounded_phrase_masks = grounded_phrase_masks
+        self.grounded_caption_agreement = grounded_caption_agreement
+        self.grounded_mention_ties = grounded_mention_ties
+        self.class_names = list(class_names) if class_names is not None else None
         self._grounded_codec: Optional[GroundedMarkupCodec] = None
         if grounded_head is not None:
             if grounded_max_length > grounded_head.max_length:
@@ -326,6 +362,8 @@ class Pix2Cap(nn.Module):
                 "grounded_stuff_seg": grounded.STUFF_SEG,
                 "grounded_tie_threshold": grounded.TIE_THRESHOLD,
                 "grounded_phrase_masks": grounded.RETURN_PHRASE_MASKS,
+                "grounded_caption_agreement": grounded.CAPTION_AGREEMENT,
+                "grounded_mention_ties": grounded.MENTION_TIES,
             }
 
         dataset_names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
@@ -335,6 +373,9 @@ class Pix2Cap(nn.Module):
                 "No thing classes found in the metadata of %s; every class is treated as stuff",
                 dataset_names or "any dataset (DATASETS.TRAIN/TEST are empty)",
             )
+        class_names = class_names_from_metadata(dataset_names)
+        if class_names is not None and len(class_names) != seg_head.NUM_CLASSES:
+            class_names = None  # not this model's classes: its captions alone name segments
         too_large = sorted(i for i in thing_ids if i >= seg_head.NUM_CLASSES)
         if too_large:
             raise ConfigError(
@@ -358,6 +399,7 @@ class Pix2Cap(nn.Module):
             "object_mask_threshold": mf.TEST.OBJECT_MASK_THRESHOLD,
             "overlap_threshold": mf.TEST.OVERLAP_THRESHOLD,
             "thing_ids": thing_ids,
+            "class_names": class_names,
             "semantic_on": mf.TEST.SEMANTIC_ON,
             "instance_on": mf.TEST.INSTANCE_ON,
             "panoptic_on": mf.TEST.PANOPTIC_ON,
@@ -722,7 +764,7 @@ class Pix2Cap(nn.Module):
         """Weighted ``loss_grounded_*`` of a training batch.
 
         The memory's slots are the image's ground-truth segments in the order its caption
-        first names them, each read through the query Hungarian-matched to it (the final
+        describes them (:meth:`_caption_slot_order`), each read through the query Hungarian-matched to it (the final
         decoder layer's matching) and its ground-truth mask, as the dense caption head's scene
         memory is in training.
         """
@@ -799,7 +841,7 @@ class Pix2Cap(nn.Module):
             ``(tokens, slot_rows, seg_slots, seg_masks, seg_valid)``: tokens Long[B, T] (a row
             of [PAD] for an input without a grounded caption); per image, Long[n_b] the
             non-crowd segments (rows of :meth:`prepare_targets`' targets) in the order the
-            caption first names them, the unnamed ones after; Bool[S_b, n_b] the segments each
+            caption describes them (:meth:`_caption_slot_order`); Bool[S_b, n_b] the segments each
             SEG names; Bool[S_b, H_pad, W_pad] their union; Bool[S_b] (False: every segment of
             the phrase was cropped away, so no selection or mask loss).
         """
@@ -840,10 +882,7 @@ class Pix2Cap(nn.Module):
                 )
             markups.append(markup)
             has_caption.append(bool(markup))
-            # Slots: the segments in the order of first mention, then the others.
-            order = list(dict.fromkeys(row_of[i] for seg in segs for i in seg if i in row_of))
-            named = set(order)
-            order += [r for r in range(len(row_of)) if r not in named]
+            order = self._caption_slot_order(markup, segs, row_of, classes)
             slot_of_row = {r: k for k, r in enumerate(order)}
             slots = torch.zeros((len(segs), len(order)), dtype=torch.bool)
             for s_index, segment_ids in enumerate(segs):
@@ -866,6 +905,29 @@ class Pix2Cap(nn.Module):
         length = int((tokens != self.tokenizer.pad_token_id).sum(1).max()) if len(tokens) else 0
         tokens = tokens[:, : max(length, 2)].to(self.device)
         return tokens, slot_rows, seg_slots, seg_masks, seg_valid
+
+    def _caption_slot_order(
+        self, markup: str, segs: list[list[int]], row_of: dict[int, int], classes: list[int]
+    ) -> list[int]:
+        """The target rows as the grounded head's slots in training, in the order the caption
+        describes them: stuff in the order it is first named; then things in the order they
+        open a sentence as its only segment (its subject: the k-th described thing is the k-th
+        thing slot, as at inference the k-th thing from the left), then the things only
+        named elsewhere, in order of first mention; then the segments never named."""
+        mentioned = list(dict.fromkeys(row_of[i] for seg in segs for i in seg if i in row_of))
+        subjects = list(
+            dict.fromkeys(
+                row_of[seg[0]]
+                for seg, opens in zip(segs, markup_sentence_openers(markup))
+                if opens and len(seg) == 1 and seg[0] in row_of
+            )
+        )
+        is_thing = [c in self.thing_ids for c in classes]
+        order = [r for r in mentioned if not is_thing[r]]
+        order += [r for r in subjects if is_thing[r]]
+        order += [r for r in mentioned if is_thing[r] and r not in set(subjects)]
+        named = set(order)
+        return order + [r for r in range(len(row_of)) if r not in named]
 
     @staticmethod
     def _slot_order(segment_masks: torch.Tensor, segments_info: list[dict]) -> list[int]:
@@ -908,7 +970,7 @@ class Pix2Cap(nn.Module):
             # The slots' dense captions, written just before (empty without captioning).
             captions.append([segments_info[k].get("caption", "") for k in order])
         memory, valid, copy_ids = self._slot_memory(outputs, queries, slot_masks, captions)
-        tokens, scores, selections, seg_kinds = self.grounded_head.generate_grounded(
+        tokens, scores, selections, seg_kinds, copied = self.grounded_head.generate_grounded(
             memory,
             valid,
             max_length=self.grounded_max_length,
@@ -926,7 +988,14 @@ class Pix2Cap(nn.Module):
                 self._tie_segments(selections[b][s], slot_info, stuff[s])
                 for s in range(selections[b].shape[0])
             ]
-            grounded = markup_to_grounded(markups[b], [[i for i, _ in t] for t in ties])
+            markup = markups[b]
+            if self.grounded_caption_agreement and self.caption_on:
+                ties = self._agreeing_ties(
+                    markup, ties, selections[b], copied[b], slot_info, self.class_names
+                )
+            if self.grounded_mention_ties and self.caption_on:
+                markup, ties = self._mention_ties(markup, ties, slot_info, self.class_names)
+            grounded = markup_to_grounded(markup, [[i for i, _ in t] for t in ties])
             masks = []
             for phrase in grounded["phrases"]:
                 s = phrase.pop("seg_index")
@@ -942,6 +1011,62 @@ class Pix2Cap(nn.Module):
                 result["grounded_phrase_masks"] = (
                     torch.stack(masks) if masks else torch.zeros((0, *panoptic_seg.shape), dtype=torch.bool)
                 )
+
+    @staticmethod
+    def _agreeing_ties(
+        markup: str,
+        ties: list[list[tuple[int, float]]],
+        selection: torch.Tensor,
+        copied: torch.Tensor,
+        slot_info: list[dict],
+        class_names: Optional[Sequence[str]] = None,
+    ) -> list[list[tuple[int, float]]]:
+        """``ties`` (per SEG, as :meth:`_tie_segments`) with each learned selection checked
+        against the slots' dense captions (``phrase_ties.agreeing_slots``); a SEG whose
+        selection was copied from a slot's caption keeps it.
+
+        Args:
+            markup: the decoded markup; selection: Float[S, n]; copied: Bool[S].
+            class_names: of the contiguous class ids (``category_id``), or None.
+        """
+        captions = [info.get("caption", "") for info in slot_info]
+        names = _slot_class_names(slot_info, class_names)
+        slot_of_id = {int(info["id"]): k for k, info in enumerate(slot_info)}
+        probs = selection.float().cpu()
+        out = list(ties)
+        for phrase in markup_to_grounded(markup)["phrases"]:
+            s = phrase["seg_index"]
+            if s is None or s >= len(ties) or bool(copied[s]):
+                continue
+            selected = [slot_of_id[i] for i, _ in ties[s]]
+            slots = agreeing_slots(phrase["phrase"], captions, selected, probs[s].tolist(), names)
+            out[s] = [(int(slot_info[k]["id"]), float(probs[s, k])) for k in slots]
+        return out
+
+    @staticmethod
+    def _mention_ties(
+        markup: str,
+        ties: list[list[tuple[int, float]]],
+        slot_info: list[dict],
+        class_names: Optional[Sequence[str]] = None,
+    ) -> tuple[str, list[list[tuple[int, float]]]]:
+        """The markup with the unmarked mentions of kept segments marked up
+        (``phrase_ties.ground_unmarked_mentions``) and the ties of its SEGs: the head's own,
+        and for each added one its segments, each with the segment's score."""
+        captions = [info.get("caption", "") for info in slot_info]
+        markup, sources = ground_unmarked_mentions(
+            markup, captions, _slot_class_names(slot_info, class_names)
+        )
+        own = iter(ties)
+        out = []
+        for slots in sources:
+            if slots is None:
+                out.append(next(own, []))
+            else:
+                out.append(
+                    [(int(slot_info[k]["id"]), float(slot_info[k].get("score", 1.0))) for k in slots]
+                )
+        return markup, out
 
     def _tie_segments(
         self, selection: torch.Tensor, slot_info: list[dict], stuff: bool
