@@ -101,7 +101,7 @@ from pix2cap.utils import comm
 from .build import EVALUATOR_REGISTRY
 from .caption_truth import CaptionVocabulary, caption_novelty, caption_truth
 from .evaluator import DatasetEvaluator
-from .meteor import MeteorScorer, find_java
+from .meteor import JavaNotFoundError, MeteorScorer, find_java
 from .results import print_results_table, write_results_json
 
 __all__ = [
@@ -530,6 +530,11 @@ def _capture_skip_reason() -> str:
     )
 
 
+def _no_meteor(queries: Sequence) -> list[float]:
+    """A METEOR stand-in for detection AP alone: 0 for every pair (its rows are dropped)."""
+    return [0.0] * len(queries)
+
+
 def caption_metrics(
     pairs: Sequence[tuple[str, str]],
     *,
@@ -550,7 +555,8 @@ def caption_metrics(
             and closed otherwise.
     Returns:
         ``BLEU-1``..``BLEU-4``, ``METEOR``, ``ROUGE-L``, ``CIDEr``, ``num_pairs``, optional
-        scaled keys, and ``skipped``: ``{metric: reason}`` for metrics not computed.
+        scaled keys, and ``skipped``: ``{metric: reason}`` for metrics not computed (all of
+        them, with the reason, when ``java`` is not on PATH).
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -574,7 +580,15 @@ def caption_metrics(
         results["skipped"] = skipped
         return results
 
-    find_java()  # a clear message instead of PTBTokenizer's bare FileNotFoundError
+    try:
+        find_java()  # PTBTokenizer would fail with a bare FileNotFoundError
+    except JavaNotFoundError as e:
+        # Every metric here reads PTB-tokenized text: all are skipped, the evaluation goes on.
+        for name in names + ["SPICE"]:
+            skipped[name] = str(e)
+        skipped["CAPTURE"] = _capture_skip_reason()
+        results["skipped"] = skipped
+        return results
     # One tokenizer run for both sides; keys keep predictions and references apart.
     raw = OrderedDict()
     for i, (pred, gt) in enumerate(pairs):
@@ -747,9 +761,21 @@ class DenseCaptionEvaluator(DatasetEvaluator):
             logger.warning("DenseCaptionEvaluator on %s got no images", self._dataset_name)
             return {}
         # Started first: the JVM loads its paraphrase table while the IoUs are computed.
-        scorer = MeteorScorer() if self._meteor_fn is None else None
+        scorer, no_meteor = None, None
+        if self._meteor_fn is None:
+            try:
+                scorer = MeteorScorer()
+            except (JavaNotFoundError, FileNotFoundError) as e:
+                no_meteor = str(e)
+                logger.warning(
+                    "Dense-caption evaluation of %s without METEOR (detection AP, caption truth "
+                    "and match counts only): %s", self._dataset_name, no_meteor,
+                )
         try:
             meteor_fn = self._meteor_fn if scorer is None else scorer
+            if no_meteor is not None:
+                # Detection AP has no METEOR threshold: any score serves its rows.
+                meteor_fn = _no_meteor
             mapped = densecap_map(
                 [im["pred"] for im in images],
                 [im["gt"] for im in images],
@@ -758,6 +784,12 @@ class DenseCaptionEvaluator(DatasetEvaluator):
                 meteor_thresholds=self._meteor_thresholds,
                 compat=self._compat,
             )
+            skipped: dict = OrderedDict()
+            if no_meteor is not None:
+                captioned = [k for k in mapped if k == "mAP" or k.startswith("AP@")]
+                for key in captioned:
+                    mapped.pop(key)
+                skipped["mAP"] = no_meteor
             pairs = mapped.pop("matched_pairs")
             counts = mapped.pop("match_counts")
             metrics: dict = OrderedDict(mapped)
@@ -768,11 +800,11 @@ class DenseCaptionEvaluator(DatasetEvaluator):
                 caps = caption_metrics(
                     pairs, total=counts["TP"] + counts["FP"] + counts["FN"], meteor=scorer
                 )
-                skipped = caps.pop("skipped")
+                skipped.update(caps.pop("skipped"))
                 caps.pop("num_pairs")
                 metrics.update(caps)
             else:
-                skipped = {"caption metrics": "compute_caption_metrics=False"}
+                skipped["caption metrics"] = "compute_caption_metrics=False"
             skipped.update(truth_skipped)
             metrics["skipped"] = skipped
         finally:

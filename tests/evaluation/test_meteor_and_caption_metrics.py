@@ -113,3 +113,14 @@ def test_missing_java_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(meteor_module.shutil, "which", lambda name: None)
     with pytest.raises(meteor_module.JavaNotFoundError, match="apt-get install default-jre-headless"):
         meteor_module.MeteorScorer()
+
+
+def test_caption_metrics_without_java_are_skipped_with_the_reason(monkeypatch):
+    from pix2cap.evaluation import meteor as meteor_module
+    from pix2cap.evaluation.densecap_evaluation import caption_metrics
+
+    monkeypatch.setattr(meteor_module.shutil, "which", lambda name: None)
+    out = caption_metrics([("a red circle", "a red circle on the grass")], total=2)
+    assert out["num_pairs"] == 1
+    for name in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"):
+        assert name not in out and "apt-get install default-jre-headless" in out["skipped"][name]

@@ -107,3 +107,31 @@ def test_eval_only_on_a_coconut_pancap_dataset(tiny_shapes, tmp_path):
     assert 0.0 <= grounded["mIoU"] <= 1.0 and 0.0 <= grounded["recall"] <= 1.0
     # Printed as tables, like the other tasks.
     assert "grounded_caption" in log and "mIoU" in log and "PQ" in log
+
+
+def test_eval_only_without_java_still_writes_what_needs_no_java(tiny_shapes, tmp_path):
+    """No `java` on PATH: METEOR and the PTB tokenizer are out, and only the metrics that need
+    them are skipped, each with the reason; PQ, detection AP, caption truth and grounding are
+    written."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = dict(tiny_shapes, PATH=str(empty))
+    out = tmp_path / "eval"
+    log = _train_net(
+        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "DATALOADER.NUM_WORKERS", "0",
+        "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD", "0.0", "OUTPUT_DIR", str(out),
+        flags=["--eval-only"], env=env,
+    )
+    assert "without METEOR" in log
+    results = json.loads((out / "inference" / "shapes_val_results.json").read_text())
+    assert {"PQ", "SQ", "RQ"} <= set(results["panoptic_seg"])
+    dense = results["dense_caption"]
+    assert "AP_det" in dense and "caption_truth" in dense
+    assert "mAP" not in dense and not any(k.startswith("AP@") for k in dense)
+    assert "java" in dense["skipped"]["mAP"]
+    # (The untrained model's segments match nothing: its caption metrics have no pairs.)
+    assert {"METEOR", "CIDEr", "BLEU-4"} <= set(dense["skipped"])
+    grounded = results["grounded_caption"]
+    assert {"mIoU", "recall", "AP50"} <= set(grounded)
+    for metric in ("METEOR", "CIDEr", "BLEU-4", "ROUGE-L"):
+        assert "java" in grounded["skipped"][metric]
