@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import time
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -123,9 +125,14 @@ def bench_inference(model, inputs, device) -> dict:
 
 def _hf_segmentation_modules(model, cfg):
     """Hugging Face Mask2Former pixel decoder + transformer module with the dimensions of
-    ``model`` (read from its config), and ``model``'s own modules loaded with their weights."""
-    from transformers import Mask2FormerConfig
-    from transformers.models.mask2former import modeling_mask2former as hf
+    ``model`` (read from its config), and ``model``'s own modules loaded with their weights.
+
+    Both come out of the public ``Mask2FormerModel``, so the installed release wires them as it
+    does for its own checkpoints (constructor arguments and projections differ between
+    releases). Its backbone is never run: a tiny ResNet config only gives the pixel decoder
+    ``model``'s feature channels.
+    """
+    from transformers import Mask2FormerConfig, Mask2FormerModel, ResNetConfig
 
     from pix2cap.modeling.pixel_decoder.msdeformattn import (
         load_hf_mask2former_pixel_decoder_weights,
@@ -138,7 +145,14 @@ def _hf_segmentation_modules(model, cfg):
     channels = [s.channels for s in model.backbone.output_shape().values()]
     seg, mf = cfg.MODEL.SEM_SEG_HEAD, cfg.MODEL.MASK_FORMER
     num_classes = seg.NUM_CLASSES
+    backbone = ResNetConfig(
+        embedding_size=8,
+        hidden_sizes=channels,
+        depths=[1] * len(channels),
+        out_features=[f"stage{i + 1}" for i in range(len(channels))],
+    )
     config = Mask2FormerConfig(
+        backbone_config=backbone,
         feature_size=seg.CONVS_DIM,
         mask_feature_size=seg.MASK_DIM,
         hidden_dim=mf.HIDDEN_DIM,
@@ -153,22 +167,30 @@ def _hf_segmentation_modules(model, cfg):
         enforce_input_projection=mf.ENFORCE_INPUT_PROJ,
         dropout=0.0,
     )
-    hf_pixel = hf.Mask2FormerPixelDecoder(config, feature_channels=channels)
-    hf_transformer = hf.Mask2FormerTransformerModule(in_features=config.feature_size, config=config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "resnet is not a supported backbone": it never runs
+        hf_model = Mask2FormerModel(config)
+    hf_pixel = hf_model.pixel_level_module.decoder
+    hf_transformer = hf_model.transformer_module
     hf_classes = torch.nn.Linear(config.hidden_dim, num_classes + 1)
-    container = torch.nn.Module()
-    container.pixel_level_module = torch.nn.Module()
-    container.pixel_level_module.decoder = hf_pixel
-    container.transformer_module = hf_transformer
     # Ours take HF's weights, so both compute the same function.
-    load_hf_mask2former_pixel_decoder_weights(pixel_decoder, container)
-    load_hf_mask2former_decoder_weights(decoder, container, class_predictor=hf_classes)
+    load_hf_mask2former_pixel_decoder_weights(pixel_decoder, hf_model)
+    load_hf_mask2former_decoder_weights(decoder, hf_model, class_predictor=hf_classes)
     device = next(model.parameters()).device
     return hf_pixel.to(device).eval(), hf_transformer.to(device).eval(), hf_classes.to(device)
 
 
 def bench_segmentation_path(model, cfg, inputs, device, repeats: int) -> dict:
-    hf_pixel, hf_transformer, hf_classes = _hf_segmentation_modules(model, cfg)
+    """Ours against Hugging Face's modules; ``{"skipped": reason}`` where the installed
+    transformers cannot build them or its weights do not map onto ours."""
+    try:
+        hf_pixel, hf_transformer, hf_classes = _hf_segmentation_modules(model, cfg)
+    except (ImportError, AttributeError, TypeError, KeyError, RuntimeError, ValueError) as e:
+        version = getattr(sys.modules.get("transformers"), "__version__", "(not importable)")
+        return {
+            "skipped": f"transformers {version}: its Mask2Former modules do not match "
+            f"pix2cap's ({type(e).__name__}: {e})"
+        }
     images = torch.stack([model._normalize(x["image"]) for x in inputs[:4]]).to(device)
     with torch.no_grad():
         features = model.backbone(images)

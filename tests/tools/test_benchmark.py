@@ -31,3 +31,29 @@ def test_caption_decoding_benchmark(memory):
     assert result["memory"] == memory and result["objects"] == 5
     assert result["tokens"] == 8 and result["same_tokens"]
     assert head.eos_token_id == 2  # restored after the run
+
+
+def test_segmentation_path_against_huggingface_or_skipped(monkeypatch):
+    """The HF modules come out of the public Mask2FormerModel and compute our function; where
+    the installed release's weights do not map onto ours, the comparison is skipped with the
+    reason instead of failing the benchmark."""
+    pytest.importorskip("transformers")
+    from pix2cap.config import load_cfg
+    from pix2cap.modeling import build_model
+
+    benchmark = _benchmark_module()
+    cfg = load_cfg(str(REPO / "configs" / "shapes" / "pix2cap_effl0.yaml"), [])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    inputs = [{"image": torch.rand(3, 64, 64) * 255} for _ in range(2)]
+    result = benchmark.bench_segmentation_path(model, cfg, inputs, torch.device("cpu"), 1)
+    assert result["batch"] == 2 and result["max_abs_logit_diff"] < 1e-4
+
+    def layout_changed(*args, **kwargs):
+        raise KeyError("weight names differ: missing ['input_proj.0.bias']")
+
+    import pix2cap.modeling.transformer_decoder.mask2former_decoder as decoder_module
+
+    monkeypatch.setattr(decoder_module, "load_hf_mask2former_decoder_weights", layout_changed)
+    result = benchmark.bench_segmentation_path(model, cfg, inputs, torch.device("cpu"), 1)
+    assert set(result) == {"skipped"} and "input_proj.0.bias" in result["skipped"]
