@@ -39,12 +39,11 @@ from typing import Optional
 from pix2cap.evaluation.pancapscore import (
     PancapScorer,
     SentenceTransformerEmbedder,
-    build_extractor,
     build_judge,
     load_wordnet,
 )
-from pix2cap.evaluation.pancapscore.extractors import ContentExtractor
-from pix2cap.evaluation.pancapscore.score import DIMENSION_KEYS, summarize
+from pix2cap.evaluation.pancapscore.extractors import extractor_for
+from pix2cap.evaluation.pancapscore.score import format_table, summarize
 from pix2cap.utils.file_io import atomic_write_json
 
 logger = logging.getLogger("pix2cap.eval_pancapscore")
@@ -78,41 +77,6 @@ def _load_entries(path: str, text_key: str, what: str) -> dict[str, dict]:
             raise SystemExit(f"{path}: entry [{i}]: image {entry['image_path']!r} appears twice")
         entries[key] = entry
     return entries
-
-
-class _AutoExtractor(ContentExtractor):
-    """Per image: ``structured`` when the prediction carries it, else the fallback."""
-
-    def __init__(self, fallback: ContentExtractor):
-        self.fallback = fallback
-        self.structured = build_extractor("structured")
-        self.name = f"auto(structured|{fallback.name})"
-        self.is_llm = False
-
-    def extract(self, text, structured=None, where="caption"):
-        if structured is not None:
-            return self.structured.extract(text, structured, where=where)
-        return self.fallback.extract(text, None, where=where)
-
-
-def _extractor(name: str, judge, for_gt: bool) -> ContentExtractor:
-    fallback = "llm" if judge.is_llm else "heuristic"
-    if name == "auto":
-        base = build_extractor(fallback, judge=judge)
-        return base if for_gt else _AutoExtractor(base)
-    if for_gt and name == "structured":
-        raise SystemExit("--gt-extractor structured: the ground truth is free text only")
-    return build_extractor(name, judge=judge)
-
-
-def format_table(mean: dict) -> str:
-    """The mean scores as a small text table."""
-    keys = list(DIMENSION_KEYS) + ["Overall"]
-    header = " | ".join(f"{k:>8}" for k in keys)
-    values = " | ".join(
-        f"{mean[k]:8.2f}" if mean.get(k) is not None else f"{'n/a':>8}" for k in keys
-    )
-    return f"{header}\n{'-' * len(header)}\n{values}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,10 +136,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if "llm" in (args.extractor, args.gt_extractor) and not judge.is_llm:
         raise SystemExit("--extractor llm needs --judge hf_local or openai_http")
 
+    try:
+        gt_extractor = extractor_for(args.gt_extractor, judge, for_gt=True)
+    except ValueError as e:
+        raise SystemExit(f"--gt-extractor {args.gt_extractor}: {e}") from None
     scorer = PancapScorer(
         judge=judge,
-        gt_extractor=_extractor(args.gt_extractor, judge, for_gt=True),
-        pred_extractor=_extractor(args.extractor, judge, for_gt=False),
+        gt_extractor=gt_extractor,
+        pred_extractor=extractor_for(args.extractor, judge, for_gt=False),
         embedder=embedder,
         synonyms=load_wordnet(),
     )

@@ -196,6 +196,19 @@ _C.SOLVER.AMP.DTYPE = "float16"  # Autocast dtype: "float16" or "bfloat16".
 _C.TEST = CN()
 _C.TEST.EVAL_PERIOD = 0  # Evaluate every this many iterations during training (0: only at the end).
 _C.TEST.DETECTIONS_PER_IMAGE = 100  # Cap on predicted segments per image.
+# SA-Pancap evaluation (evaluator_type "sapancap"): the bridge writes each image's panoptic
+# caption from the model's segments, PancapScore compares it with the ground truth.
+_C.TEST.PANCAP = CN()
+_C.TEST.PANCAP.WRITER = "template"  # Caption writer of the bridge: template, concat, concat_boxes, small_lm, hf_causal_lm.
+_C.TEST.PANCAP.LM_PATH = ""  # Model folder of a small_lm / hf_causal_lm writer.
+_C.TEST.PANCAP.MIN_SEGMENT_SCORE = 0.0  # Segments below this score are left out of the caption.
+_C.TEST.PANCAP.JUDGE = "structured"  # PancapScore judge: structured (no language model), hf_local, openai_http.
+_C.TEST.PANCAP.JUDGE_MODEL = ""  # hf_local: a local model folder; openai_http: the model name.
+_C.TEST.PANCAP.BASE_URL = ""  # openai_http: the server, e.g. http://host:8000/v1.
+_C.TEST.PANCAP.EXTRACTOR = "auto"  # Content extractor of the predictions: auto, llm, structured, heuristic.
+_C.TEST.PANCAP.GT_EXTRACTOR = "auto"  # Content extractor of the ground truth: auto, llm, heuristic.
+_C.TEST.PANCAP.EMBEDDER = ""  # Local sentence-transformers folder for entity names ("": the packaged all-MiniLM-L6-v2; "none": no embedding rule).
+_C.TEST.PANCAP.SIMILARITY_THRESHOLD = 0.85  # structured judge: cosine for a paraphrase to count.
 
 # ---------------------------------------------------------------------------------------------
 # Misc

@@ -182,7 +182,8 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
         ``EVALUATOR_REGISTRY.get(type)(dataset_name=..., output_dir=...)``, or ``None`` when
         the dataset declares no evaluator type or nothing is registered for it. An evaluator
         whose constructor takes ``train_dataset_names`` also gets ``cfg.DATASETS.TRAIN`` (to
-        tell captions copied from training data).
+        tell captions copied from training data); one with a ``from_config(cfg)`` classmethod
+        also gets the keyword arguments it returns.
     """
     metadata = MetadataCatalog.get(dataset_name)
     evaluator_type = metadata.get("evaluator_type")
@@ -197,6 +198,8 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
         return None
     evaluator_cls = EVALUATOR_REGISTRY.get(evaluator_type)
     kwargs = {}
+    if cfg is not None and hasattr(evaluator_cls, "from_config"):
+        kwargs.update(evaluator_cls.from_config(cfg))
     train_names = _train_dataset_names(cfg)
     if train_names and "train_dataset_names" in inspect.signature(evaluator_cls).parameters:
         kwargs["train_dataset_names"] = train_names

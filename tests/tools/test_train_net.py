@@ -25,6 +25,15 @@ def _train_net(*opts, flags=(), env):
     return result.stdout + result.stderr
 
 
+def _eval_only(dataset, out, env, *opts):
+    """--eval-only of the untrained shapes model on ``dataset`` at 64 px, into ``out``."""
+    return _train_net(
+        "DATASETS.TEST", f'("{dataset}",)', "INPUT.MIN_SIZE_TEST", "64",
+        "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out), *opts,
+        flags=["--eval-only"], env=env,
+    )
+
+
 @pytest.fixture
 def tiny_shapes(datasets_root):
     # A complete split on disk is used as it is, so the built-in names load these tiny ones.
@@ -93,11 +102,9 @@ def test_eval_only_on_a_coconut_pancap_dataset(tiny_shapes, tmp_path):
     os.rename(panoptic_root, root / "coconut" / "panoptic_val2017")
     os.rename(json_file, root / "coconut" / "annotations" / "coconut_pancap_val.json")
     out = tmp_path / "eval"
-    log = _train_net(
-        "DATASETS.TEST", '("coconut_pancap_val",)', "INPUT.MIN_SIZE_TEST", "64",
+    log = _eval_only(
+        "coconut_pancap_val", out, tiny_shapes,
         "INPUT.MAX_SIZE_TEST", "96", "MODEL.GROUNDED_HEAD.MAX_LENGTH", "32",
-        "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out),
-        flags=["--eval-only"], env=tiny_shapes,
     )
     results = json.loads((out / "inference" / "coconut_pancap_val_results.json").read_text())
     assert {"PQ", "SQ", "RQ"} <= set(results["panoptic_seg"])
@@ -117,10 +124,9 @@ def test_eval_only_without_java_still_writes_what_needs_no_java(tiny_shapes, tmp
     empty.mkdir()
     env = dict(tiny_shapes, PATH=str(empty))
     out = tmp_path / "eval"
-    log = _train_net(
-        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "DATALOADER.NUM_WORKERS", "0",
-        "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD", "0.0", "OUTPUT_DIR", str(out),
-        flags=["--eval-only"], env=env,
+    log = _eval_only(
+        "shapes_val", out, env,
+        "INPUT.MAX_SIZE_TEST", "64", "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD", "0.0",
     )
     assert "without METEOR" in log
     results = json.loads((out / "inference" / "shapes_val_results.json").read_text())
@@ -135,3 +141,33 @@ def test_eval_only_without_java_still_writes_what_needs_no_java(tiny_shapes, tmp
     assert {"mIoU", "recall", "AP50"} <= set(grounded)
     for metric in ("METEOR", "CIDEr", "BLEU-4", "ROUGE-L"):
         assert "java" in grounded["skipped"][metric]
+
+
+def test_eval_only_on_an_sapancap_dataset(tiny_shapes, tmp_path):
+    """An SA-Pancap-format split (the shapes generator's files) under the built-in
+    sapancap_val: --eval-only writes the bridge's captions in the official prediction form and
+    prints PancapScore's E / L / A / R / G / Overall with the setup that produced them."""
+    import shutil
+
+    root = Path(tiny_shapes["PIX2CAP_DATASETS"])
+    shapes, sapancap = root / "shapes", root / "sapancap"
+    shutil.copytree(shapes / "images" / "val", sapancap / "images" / "val")
+    for kind in ("data_list", "gtcaption"):
+        shutil.copy(shapes / "annotations" / f"sapancap_val_{kind}.json", sapancap)
+    out = tmp_path / "eval"
+    log = _eval_only(
+        "sapancap_val", out, tiny_shapes,
+        "INPUT.MAX_SIZE_TEST", "64", "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD", "0.0",
+    )
+    inference = out / "inference"
+    results = json.loads((inference / "sapancap_val_results.json").read_text())
+    score = results["pancapscore"]
+    for key in ("E", "L", "A", "R", "G", "Overall"):
+        assert key in score
+    assert score["num_images"] == 6 and score["official"] is False
+    assert "structured" in score["judge"]
+    predictions = json.loads((inference / "sapancap_val" / "pancap_predictions.json").read_text())
+    assert len(predictions) == 6
+    assert all(set(p) == {"image_path", "model_response"} for p in predictions)
+    assert predictions[0]["image_path"].startswith("images/val/")
+    assert "Overall" in log and "pancapscore" in log

@@ -20,12 +20,14 @@ from .content import (
 )
 from .extractors import (
     PANCAP_EXTRACTOR_REGISTRY,
+    AutoExtractor,
     ContentExtractor,
     HeuristicExtractor,
     LLMExtractor,
     StructuredExtractor,
     build_extractor,
     extraction_prompt,
+    extractor_for,
 )
 from .judges import (
     PANCAP_JUDGE_REGISTRY,
@@ -47,4 +49,4 @@ from .matching import (
     match_entities,
 )
 from .qa import QAQuestion, build_questions, negate_statement, parse_yes_no_answers
-from .score import PancapScorer, overall_score, precision_recall_f1, summarize
+from .score import PancapScorer, format_table, overall_score, precision_recall_f1, summarize

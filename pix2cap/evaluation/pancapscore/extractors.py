@@ -290,3 +290,36 @@ def build_extractor(name: str, judge=None, **kwargs) -> ContentExtractor:
     if PANCAP_EXTRACTOR_REGISTRY.canonical_name(name) == "LLMExtractor":
         kwargs["judge"] = judge
     return PANCAP_EXTRACTOR_REGISTRY.build(name, **kwargs)
+
+
+class AutoExtractor(ContentExtractor):
+    """Per caption: ``structured`` when it comes with its structured content (a pix2cap
+    prediction), else ``fallback``."""
+
+    def __init__(self, fallback: ContentExtractor):
+        self.fallback = fallback
+        self.structured = build_extractor("structured")
+        self.name = f"auto(structured|{fallback.name})"
+        self.is_llm = False
+
+    def extract(self, text, structured=None, where="caption"):
+        if structured is not None:
+            return self.structured.extract(text, structured, where=where)
+        return self.fallback.extract(text, None, where=where)
+
+
+def extractor_for(name: str, judge, for_gt: bool) -> ContentExtractor:
+    """The extractor of one side of PancapScore by option name: ``auto`` (``llm`` with an LLM
+    judge, else ``heuristic``; predictions read their structured content where they have it),
+    ``llm``, ``structured`` (predictions only) or ``heuristic``.
+
+    Raises:
+        ValueError: ``structured`` for the ground truth (free text only).
+    """
+    fallback = "llm" if judge.is_llm else "heuristic"
+    if name == "auto":
+        base = build_extractor(fallback, judge=judge)
+        return base if for_gt else AutoExtractor(base)
+    if for_gt and name == "structured":
+        raise ValueError("the ground-truth extractor cannot be 'structured': the ground truth is free text only")
+    return build_extractor(name, judge=judge)

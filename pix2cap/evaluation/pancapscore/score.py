@@ -287,3 +287,13 @@ def summarize(per_image: list[dict]) -> dict:
         for k in ("gt_extraction", "pred_extraction", "judge_answers")
     }
     return mean
+
+
+def format_table(mean: dict) -> str:
+    """The mean E / L / A / R / G / Overall scores as a small text table."""
+    keys = list(DIMENSION_KEYS) + ["Overall"]
+    header = " | ".join(f"{k:>8}" for k in keys)
+    values = " | ".join(
+        f"{mean[k]:8.2f}" if mean.get(k) is not None else f"{'n/a':>8}" for k in keys
+    )
+    return f"{header}\n{'-' * len(header)}\n{values}"
