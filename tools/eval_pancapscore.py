@@ -10,7 +10,10 @@
         --judge-model /models/Qwen2.5-14B-Instruct --output pancapscore.json
 
 Inputs: ground truth ``[{"image_path", "gt_response"}]`` (the official file) and predictions
-``[{"image_path", "model_response", "structured"?}]``, paired by ``image_path``. The
+``[{"image_path", "model_response", "structured"?}]``, paired by ``image_path``; or, with
+``--pancapchain-dir DIR --image-root ROOT``, PancapChain's own prediction folder (one JSON per
+image, boxes on the 0-1000 grid of the padded square), read as the authors'
+``agg_jsons_asv2togt.py`` aggregates it (``pix2cap.evaluation.pancapscore.pancapchain``). The
 optional ``structured`` field is pix2cap's own content (dict form of
 ``PanopticContent.from_dict``). A ground-truth image without a prediction is scored against
 an empty caption; a prediction without ground truth is ignored (both are counted and logged).
@@ -42,7 +45,9 @@ from pix2cap.evaluation.pancapscore import (
     build_judge,
     load_wordnet,
 )
+from pix2cap.data.errors import DatasetError
 from pix2cap.evaluation.pancapscore.extractors import extractor_for
+from pix2cap.evaluation.pancapscore.pancapchain import read_pancapchain_folder
 from pix2cap.evaluation.pancapscore.score import format_table, summarize
 from pix2cap.utils.file_io import atomic_write_json
 
@@ -81,7 +86,14 @@ def _load_entries(path: str, text_key: str, what: str) -> dict[str, dict]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pred", required=True, help="predictions JSON")
+    pred = p.add_mutually_exclusive_group(required=True)
+    pred.add_argument("--pred", help="predictions JSON ([{image_path, model_response}])")
+    pred.add_argument(
+        "--pancapchain-dir",
+        help="a PancapChain prediction folder (one JSON per image, grid boxes), read as the "
+        "authors' agg_jsons_asv2togt.py aggregates it; needs --image-root",
+    )
+    p.add_argument("--image-root", help="with --pancapchain-dir: the data root of its 'image' paths")
     p.add_argument("--gt", required=True, help="ground-truth JSON (official SA-Pancap file)")
     p.add_argument("--output", required=True, help="where to write the result JSON")
     p.add_argument("--judge", default="structured",
@@ -115,7 +127,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     gt = _load_entries(args.gt, "gt_response", "ground-truth")
-    pred = _load_entries(args.pred, "model_response", "prediction")
+    if args.pancapchain_dir:
+        if not args.image_root:
+            raise SystemExit("--pancapchain-dir needs --image-root (the images give the sizes)")
+        try:
+            entries = read_pancapchain_folder(args.pancapchain_dir, args.image_root)
+        except DatasetError as e:
+            raise SystemExit(str(e)) from None
+        pred = {os.path.normpath(e["image_path"]): e for e in entries}
+        source = args.pancapchain_dir
+    else:
+        pred = _load_entries(args.pred, "model_response", "prediction")
+        source = args.pred
 
     embedder = None
     if not args.no_embedder:
@@ -171,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 )
             )
         except ValueError as e:
-            raise SystemExit(f"{args.pred}: {e}") from None
+            raise SystemExit(f"{source}: {e}") from None
         if (n + 1) % 50 == 0:
             logger.info("scored %d / %d images", n + 1, len(keys))
     result = {

@@ -1,4 +1,5 @@
 import json
+import re
 import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -498,7 +499,8 @@ def test_minilm_embedder_cosines(minilm):
     assert m.rules == {(1, 1): "embedding"}
 
 
-def test_cli_end_to_end(tmp_path, minilm, monkeypatch, capsys):
+def _cli(minilm, monkeypatch):
+    """tools/eval_pancapscore.py as a module, its embedder the already loaded MiniLM."""
     import importlib.util
     import os
 
@@ -510,6 +512,11 @@ def test_cli_end_to_end(tmp_path, minilm, monkeypatch, capsys):
     spec.loader.exec_module(tool)
     # The CLI builds its own embedder; reuse the loaded one to keep the test fast.
     monkeypatch.setattr(tool, "SentenceTransformerEmbedder", lambda *a, **k: minilm)
+    return tool
+
+
+def test_cli_end_to_end(tmp_path, minilm, monkeypatch, capsys):
+    tool = _cli(minilm, monkeypatch)
 
     structured = HeuristicExtractor().extract(SHAPES_CAPTION).to_dict()
     gt = [{"image_path": "sam/a.jpg", "gt_response": SHAPES_CAPTION},
@@ -534,4 +541,33 @@ def test_cli_end_to_end(tmp_path, minilm, monkeypatch, capsys):
     (tmp_path / "bad.json").write_text(json.dumps([{"image_path": "x"}]))
     with pytest.raises(SystemExit, match="no key 'gt_response'"):
         tool.main(["--pred", str(tmp_path / "pred.json"), "--gt", str(tmp_path / "bad.json"),
+                   "--output", str(out)])
+
+
+def test_cli_reads_a_pancapchain_folder(tmp_path, minilm, monkeypatch):
+    from PIL import Image
+
+    tool = _cli(minilm, monkeypatch)
+    (tmp_path / "sam").mkdir()
+    Image.new("RGB", (100, 100)).save(tmp_path / "sam" / "a.jpg")
+    folder = tmp_path / "pred"
+    folder.mkdir()
+    # The ground truth's own caption with its boxes on PancapChain's grid (a square image:
+    # no padding, grid / 1000).
+    grid_caption = re.sub(
+        r"\[\[([\d.]+), ([\d.]+), ([\d.]+), ([\d.]+)\]\]",
+        lambda m: "<box>[[" + ", ".join(str(round(float(v) * 1000)) for v in m.groups()) + "]]</box>",
+        SHAPES_CAPTION,
+    )
+    (folder / "a.json").write_text(json.dumps({"image": "sam/a.jpg", "text": grid_caption}))
+    (tmp_path / "gt.json").write_text(
+        json.dumps([{"image_path": "sam/a.jpg", "gt_response": SHAPES_CAPTION}])
+    )
+    out = tmp_path / "score.json"
+    result = tool.main(["--pancapchain-dir", str(folder), "--image-root", str(tmp_path),
+                        "--gt", str(tmp_path / "gt.json"), "--output", str(out)])
+    assert result["per_image"][0]["Overall"] == pytest.approx(410.0)
+    assert result["missing_predictions"] == [] and result["unmatched_predictions"] == []
+    with pytest.raises(SystemExit, match="needs --image-root"):
+        tool.main(["--pancapchain-dir", str(folder), "--gt", str(tmp_path / "gt.json"),
                    "--output", str(out)])
