@@ -204,6 +204,8 @@ class SAPancapEvaluator(DatasetEvaluator):
         for key in list(DIMENSION_KEYS) + ["Overall"]:
             results[key] = mean[key]
         results["num_images"] = mean["num_images"]
+        # Images whose judge could not be reached (its retries spent) are not scored.
+        results["skipped_images"] = mean["skipped_images"]
         results["images_without_gt_caption"] = without_gt
         results["official"] = setup["official"]
         results["judge"] = setup["judge"]

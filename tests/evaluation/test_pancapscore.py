@@ -571,3 +571,34 @@ def test_cli_reads_a_pancapchain_folder(tmp_path, minilm, monkeypatch):
     with pytest.raises(SystemExit, match="needs --image-root"):
         tool.main(["--pancapchain-dir", str(folder), "--gt", str(tmp_path / "gt.json"),
                    "--output", str(out)])
+
+
+def test_an_image_whose_judge_cannot_be_reached_is_skipped_and_counted():
+    from pix2cap.evaluation.pancapscore import LLMJudge
+
+    class FlakyJudge(LLMJudge):
+        name = "flaky"
+
+        def __init__(self):
+            super().__init__(batch_size=4)
+            self.down = False
+
+        def _complete(self, prompt, max_new_tokens):
+            if self.down:
+                raise ConnectionError("the judge server is unreachable")
+            listing = prompt.split("Questions:\n", 1)[-1]
+            n = sum(1 for line in listing.splitlines() if line[:1].isdigit())
+            return "\n".join(f"{k + 1}. yes" for k in range(n))
+
+    judge = FlakyJudge()
+    scorer = PancapScorer(judge, HeuristicExtractor(), HeuristicExtractor())
+    reached = scorer.score_image(SHAPES_CAPTION, SHAPES_CAPTION, image_path="a")
+    judge.down = True
+    lost = scorer.score_image(SHAPES_CAPTION, SHAPES_CAPTION, image_path="b")
+    # A judge that says yes to everything gets the negated questions wrong: A, R, G at 50.
+    assert "skipped" not in reached and reached["Overall"] == pytest.approx(305.0)
+    # Scored as usual the questions would all be wrong; the image is left out instead.
+    assert lost["skipped"] is True and lost["judge_failed_requests"] >= 1
+    mean = summarize([reached, lost])
+    assert mean["num_images"] == 1 and mean["skipped_images"] == 1
+    assert mean["Overall"] == pytest.approx(305.0)

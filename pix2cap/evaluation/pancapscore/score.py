@@ -220,13 +220,23 @@ class PancapScorer:
         pred_structured: Optional[Mapping] = None,
         image_path: str = "",
     ) -> dict:
-        """Score one image from its two captions (and the prediction's structured content)."""
+        """Score one image from its two captions (and the prediction's structured content).
+
+        A judge call that failed for good (its retries spent: an unreachable server) would
+        score its questions as wrong; the image is then marked ``skipped`` (with
+        ``judge_failed_requests``) and :func:`summarize` leaves it out and counts it.
+        """
+        failed_before = self.judge.stats.get("failed_requests", 0)
         gt = self.gt_extractor.extract(gt_caption, None, where=f"{image_path} ground truth")
         pred = self.pred_extractor.extract(
             pred_caption, pred_structured, where=f"{image_path} prediction.structured"
         )
         result = self.score_contents(gt, pred)
         result["image_path"] = image_path
+        failed = self.judge.stats.get("failed_requests", 0) - failed_before
+        if failed:
+            result["skipped"] = True
+            result["judge_failed_requests"] = failed
         return result
 
     def evaluate(self, items: Iterable[Mapping]) -> dict:
@@ -265,8 +275,11 @@ def _count_rules(rules: Iterable[str]) -> dict[str, int]:
 
 
 def summarize(per_image: list[dict]) -> dict:
-    """Mean scores over images (module docstring rules)."""
-    mean: dict = {"num_images": len(per_image), "num_defined": {}}
+    """Mean scores over images (module docstring rules); images marked ``skipped`` (their
+    judge could not be reached) are left out and counted in ``skipped_images``."""
+    skipped = sum(1 for r in per_image if r.get("skipped"))
+    per_image = [r for r in per_image if not r.get("skipped")]
+    mean: dict = {"num_images": len(per_image), "skipped_images": skipped, "num_defined": {}}
     for key, name in DIMENSION_KEYS.items():
         values = [r[key] for r in per_image if r[key] is not None]
         mean[key] = sum(values) / len(values) if values else None
