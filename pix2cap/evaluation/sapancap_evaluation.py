@@ -17,8 +17,6 @@ import os
 from collections import OrderedDict
 from typing import Any, Optional, Sequence
 
-import numpy as np
-
 from pix2cap.bridge import PanopticCaptionBridge, build_caption_writer
 from pix2cap.data.catalog import DatasetCatalog, MetadataCatalog
 from pix2cap.utils import comm
@@ -147,7 +145,7 @@ class SAPancapEvaluator(DatasetEvaluator):
                 raise KeyError(
                     f"SA-Pancap evaluation needs 'panoptic_seg' in the output for {inp.get('image_id')!r}"
                 )
-            size = tuple(np.asarray(out["panoptic_seg"][0].cpu()).shape[-2:])
+            size = tuple(out["panoptic_seg"][0].shape[-2:])
             caption = self._bridge(out, size)
             self._predictions.append(
                 {

@@ -125,12 +125,18 @@ def agreeing_slots(
     candidates = [k for k, ok in enumerate(agree) if ok]
     if not candidates:
         return []
-    noun = [w for w in caption_words(phrase) if w not in DETERMINERS][-1]
-    names = list(class_names) if class_names is not None else [""] * len(captions)
-    if all(noun not in caption_subject(captions[k]) and noun != names[k] for k in candidates):
-        return candidates  # the plural of the segments' noun: each of them
+    if _is_plural(phrase, candidates, captions, class_names):
+        return candidates
     kept = [k for k in selected if agree[k]]
     return kept or [max(candidates, key=lambda k: probs[k])]
+
+
+def _is_plural(phrase, candidates, captions, class_names) -> bool:
+    """Whether the phrase's noun is the plural of its agreeing slots' noun ("two green stars"):
+    it is neither a word of their subjects nor their class name."""
+    noun = [w for w in caption_words(phrase) if w not in DETERMINERS][-1]
+    names = list(class_names) if class_names is not None else [""] * len(captions)
+    return all(noun not in caption_subject(captions[k]) and noun != names[k] for k in candidates)
 
 
 def ground_unmarked_mentions(
@@ -204,9 +210,7 @@ def _named_slots(phrase, captions, class_names) -> list[int]:
     """The slots a mention names: the one it agrees with, or every one for a plural; [] when
     it is ambiguous or names none."""
     agree = phrase_agreement(phrase, captions, class_names)
-    if agree is None or not any(agree):
-        return []
-    # A singular mention agreeing with several slots gets one of them back: ambiguous.
-    candidates = agreeing_slots(phrase, captions, [], [0.0] * len(captions), class_names)
-    unambiguous = len(candidates) > 1 or sum(agree) == 1
-    return candidates if unambiguous else []
+    candidates = [k for k, ok in enumerate(agree or []) if ok]
+    if len(candidates) == 1 or (candidates and _is_plural(phrase, candidates, captions, class_names)):
+        return candidates
+    return []  # names nothing, or a singular agreeing with several slots: ambiguous

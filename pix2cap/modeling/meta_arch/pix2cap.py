@@ -925,7 +925,8 @@ class Pix2Cap(nn.Module):
         is_thing = [c in self.thing_ids for c in classes]
         order = [r for r in mentioned if not is_thing[r]]
         order += [r for r in subjects if is_thing[r]]
-        order += [r for r in mentioned if is_thing[r] and r not in set(subjects)]
+        described = set(subjects)
+        order += [r for r in mentioned if is_thing[r] and r not in described]
         named = set(order)
         return order + [r for r in range(len(row_of)) if r not in named]
 
