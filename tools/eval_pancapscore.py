@@ -20,9 +20,16 @@ an empty caption; a prediction without ground truth is ignored (both are counted
 
 Extractors (``--extractor`` for predictions, ``--gt-extractor`` for ground truth): ``auto``
 uses the ``structured`` field when a prediction has one, else ``llm`` with a language-model
-judge, else ``heuristic``. Only ``llm`` extraction + an ``hf_local``/``openai_http`` judge +
-the all-mpnet-base-v2 embedder + WordNet is the official setup; any other run is labelled an
-approximation in the output (``setup.official`` and ``setup.approximation_note``).
+judge, else ``heuristic``; ``lines`` reads texts that already are extraction lines (the
+official content files: ``--gt-key all_content --pred-key all_content``), so two scorers can
+be compared on identical lines.
+
+``--protocol official`` (default) reads lines, compares names and averages empty sides as the
+authors' scorer does (``pix2cap.evaluation.pancapscore.protocol``); ``--protocol lenient`` is
+pix2cap's tolerant reading for free-form extractors. Only the official protocol with ``llm``
+extraction + an ``hf_local``/``openai_http`` judge + the all-mpnet-base-v2 embedder + WordNet
+is the official setup; any other run is labelled an approximation in the output
+(``setup.official`` and ``setup.approximation_note``).
 
 Output (written atomically): ``{"setup", "mean": {E, L, A, R, G, Overall, ...},
 "per_image": [...], "judge_stats", "missing_predictions", "unmatched_predictions"}``; a table
@@ -40,6 +47,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from pix2cap.evaluation.pancapscore import (
+    PROTOCOLS,
     PancapScorer,
     SentenceTransformerEmbedder,
     build_judge,
@@ -95,13 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--image-root", help="with --pancapchain-dir: the data root of its 'image' paths")
     p.add_argument("--gt", required=True, help="ground-truth JSON (official SA-Pancap file)")
+    p.add_argument("--gt-key", default="gt_response",
+                   help="the ground-truth entries' text key (all_content for content files)")
+    p.add_argument("--pred-key", default="model_response",
+                   help="the predictions' text key (all_content for content files)")
+    p.add_argument("--protocol", default="official", choices=list(PROTOCOLS),
+                   help="how lines are read, names compared and empty sides averaged")
     p.add_argument("--output", required=True, help="where to write the result JSON")
     p.add_argument("--judge", default="structured",
                    choices=["structured", "hf_local", "openai_http"])
     p.add_argument("--extractor", default="auto",
-                   choices=["auto", "llm", "structured", "heuristic"],
+                   choices=["auto", "llm", "lines", "structured", "heuristic"],
                    help="content extractor for predictions")
-    p.add_argument("--gt-extractor", default="auto", choices=["auto", "llm", "heuristic"],
+    p.add_argument("--gt-extractor", default="auto",
+                   choices=["auto", "llm", "lines", "heuristic"],
                    help="content extractor for the ground truth")
     p.add_argument("--judge-model", default=None,
                    help="hf_local: local model folder; openai_http: model name")
@@ -126,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    gt = _load_entries(args.gt, "gt_response", "ground-truth")
+    gt = _load_entries(args.gt, args.gt_key, "ground-truth")
     if args.pancapchain_dir:
         if not args.image_root:
             raise SystemExit("--pancapchain-dir needs --image-root (the images give the sizes)")
@@ -136,9 +151,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             raise SystemExit(str(e)) from None
         pred = {os.path.normpath(e["image_path"]): e for e in entries}
         source = args.pancapchain_dir
+        pred_key = "model_response"  # the reader's form, whatever --pred-key says
     else:
-        pred = _load_entries(args.pred, "model_response", "prediction")
+        pred = _load_entries(args.pred, args.pred_key, "prediction")
         source = args.pred
+        pred_key = args.pred_key
 
     embedder = None
     if not args.no_embedder:
@@ -160,15 +177,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit("--extractor llm needs --judge hf_local or openai_http")
 
     try:
-        gt_extractor = extractor_for(args.gt_extractor, judge, for_gt=True)
+        gt_extractor = extractor_for(args.gt_extractor, judge, for_gt=True, protocol=args.protocol)
     except ValueError as e:
         raise SystemExit(f"--gt-extractor {args.gt_extractor}: {e}") from None
     scorer = PancapScorer(
         judge=judge,
         gt_extractor=gt_extractor,
-        pred_extractor=extractor_for(args.extractor, judge, for_gt=False),
+        pred_extractor=extractor_for(args.extractor, judge, for_gt=False, protocol=args.protocol),
         embedder=embedder,
         synonyms=load_wordnet(),
+        protocol=args.protocol,
     )
     keys = list(gt)
     if args.limit is not None:
@@ -187,8 +205,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         try:
             per_image.append(
                 scorer.score_image(
-                    gt[k]["gt_response"],
-                    entry.get("model_response", ""),
+                    gt[k][args.gt_key],
+                    entry.get(pred_key, ""),
                     entry.get("structured"),
                     image_path=gt[k]["image_path"],
                 )
@@ -198,6 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if (n + 1) % 50 == 0:
             logger.info("scored %d / %d images", n + 1, len(keys))
     result = {
+        "protocol": scorer.protocol,
         "setup": scorer.setup.as_dict(),
         "mean": summarize(per_image),
         "per_image": per_image,

@@ -205,10 +205,11 @@ _C.TEST.PANCAP.MIN_SEGMENT_SCORE = 0.0  # Segments below this score are left out
 _C.TEST.PANCAP.JUDGE = "structured"  # PancapScore judge: structured (no language model), hf_local, openai_http.
 _C.TEST.PANCAP.JUDGE_MODEL = ""  # hf_local: a local model folder; openai_http: the model name.
 _C.TEST.PANCAP.BASE_URL = ""  # openai_http: the server, e.g. http://host:8000/v1.
-_C.TEST.PANCAP.EXTRACTOR = "auto"  # Content extractor of the predictions: auto, llm, structured, heuristic.
-_C.TEST.PANCAP.GT_EXTRACTOR = "auto"  # Content extractor of the ground truth: auto, llm, heuristic.
+_C.TEST.PANCAP.EXTRACTOR = "auto"  # Content extractor of the predictions: auto, llm, lines, structured, heuristic.
+_C.TEST.PANCAP.GT_EXTRACTOR = "auto"  # Content extractor of the ground truth: auto, llm, lines, heuristic.
 _C.TEST.PANCAP.EMBEDDER = ""  # Local sentence-transformers folder for entity names ("": the packaged all-MiniLM-L6-v2; "none": no embedding rule).
 _C.TEST.PANCAP.SIMILARITY_THRESHOLD = 0.85  # structured judge: cosine for a paraphrase to count.
+_C.TEST.PANCAP.PROTOCOL = "official"  # PancapScore protocol: official (the authors' parsing, names, averaging) or lenient.
 
 # ---------------------------------------------------------------------------------------------
 # Misc

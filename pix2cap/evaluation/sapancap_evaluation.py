@@ -61,6 +61,7 @@ class SAPancapEvaluator(DatasetEvaluator):
         extractor, gt_extractor: option names of :func:`extractor_for`.
         embedder: an embedder of entity names; default the packaged all-MiniLM-L6-v2.
         synonyms: a WordNet synonym scorer; default :func:`load_wordnet` (None without nltk data).
+        protocol: PancapScore's reading protocol, ``official`` (default) or ``lenient``.
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class SAPancapEvaluator(DatasetEvaluator):
         embedder: Any = "default",
         synonyms: Any = "default",
         similarity_threshold: float = 0.85,
+        protocol: str = "official",
     ):
         self._dataset_name = dataset_name
         self._output_dir = output_dir
@@ -93,10 +95,11 @@ class SAPancapEvaluator(DatasetEvaluator):
             judge = build_judge("structured", embedder=embedder, threshold=similarity_threshold)
         self._scorer = PancapScorer(
             judge=judge,
-            gt_extractor=extractor_for(gt_extractor, judge, for_gt=True),
-            pred_extractor=extractor_for(extractor, judge, for_gt=False),
+            gt_extractor=extractor_for(gt_extractor, judge, for_gt=True, protocol=protocol),
+            pred_extractor=extractor_for(extractor, judge, for_gt=False, protocol=protocol),
             embedder=embedder,
             synonyms=load_wordnet() if isinstance(synonyms, str) and synonyms == "default" else synonyms,
+            protocol=protocol,
         )
         self._judge = judge
         self.reset()
@@ -132,6 +135,7 @@ class SAPancapEvaluator(DatasetEvaluator):
             "gt_extractor": pancap.GT_EXTRACTOR,
             "embedder": embedder,
             "similarity_threshold": pancap.SIMILARITY_THRESHOLD,
+            "protocol": pancap.PROTOCOL,
         }
 
     def reset(self) -> None:
@@ -205,6 +209,9 @@ class SAPancapEvaluator(DatasetEvaluator):
         # Images whose judge could not be reached (its retries spent) are not scored.
         results["skipped_images"] = mean["skipped_images"]
         results["images_without_gt_caption"] = without_gt
+        results["protocol"] = setup["protocol"]
+        if "official_code_crashes" in mean:
+            results["official_code_crashes"] = mean["official_code_crashes"]
         results["official"] = setup["official"]
         results["judge"] = setup["judge"]
         results["extractor"] = f"{setup['extractor']['gt']} (gt), {setup['extractor']['pred']} (pred)"

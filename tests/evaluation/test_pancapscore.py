@@ -151,9 +151,13 @@ class _FakeEmbedder:
 
 
 def test_exact_names_beat_everything_and_pair_one_to_one():
-    m = match_entities(_ents("Dog", "cat"), _ents("cat", "dog "))
+    # The lenient protocol compares names after case and space normalisation.
+    m = match_entities(_ents("Dog", "cat"), _ents("cat", "dog "), protocol="lenient")
     assert sorted(m.pairs) == [(1, 2), (2, 1)]
     assert set(m.rules.values()) == {"name"}
+    # The official one compares exact strings, case included.
+    m = match_entities(_ents("Dog", "cat"), _ents("cat", "dog "))
+    assert m.pairs == [(2, 1)] and m.rules[(2, 1)] == "name"
 
 
 def test_synonym_rule_with_fake_provider():
@@ -370,6 +374,10 @@ def test_official_flag_only_for_full_llm_setup():
     assert official.setup.official is True
     no_wordnet = PancapScorer(judge, LLMExtractor(judge), LLMExtractor(judge), embedder=_Embedder())
     assert no_wordnet.setup.official is False
+    lenient = PancapScorer(judge, LLMExtractor(judge, protocol="lenient"),
+                           LLMExtractor(judge, protocol="lenient"), embedder=_Embedder(),
+                           synonyms=lambda a, b: 0.0, protocol="lenient")
+    assert lenient.setup.official is False and lenient.setup.protocol == "lenient"
     with pytest.raises(ValueError, match="language-model judge"):
         LLMExtractor(StructuredJudge())
 
@@ -542,6 +550,28 @@ def test_cli_end_to_end(tmp_path, minilm, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="no key 'gt_response'"):
         tool.main(["--pred", str(tmp_path / "pred.json"), "--gt", str(tmp_path / "bad.json"),
                    "--output", str(out)])
+
+
+def test_cli_scores_official_content_files_on_identical_lines(tmp_path, minilm, monkeypatch, capsys):
+    """Extraction lines in, by both protocols: official E/L follow the authors' rules."""
+    tool = _cli(minilm, monkeypatch)
+    gt_lines = "1 | entity -->> (whole, dog)\n2 | location -->> (entity 1, [0.0, 0.0, 0.5, 0.5])"
+    # A duplicate id: the official reading keeps the last name (dog), the lenient the first.
+    pred_lines = "1 | entity -->> (whole, skyscraper)\n1 | entity -->> (whole, dog)"
+    (tmp_path / "gt.json").write_text(json.dumps([{"image_path": "a.jpg", "all_content": gt_lines}]))
+    (tmp_path / "pred.json").write_text(
+        json.dumps([{"image_path": "a.jpg", "all_content": pred_lines}])
+    )
+    args = ["--pred", str(tmp_path / "pred.json"), "--gt", str(tmp_path / "gt.json"),
+            "--gt-key", "all_content", "--pred-key", "all_content",
+            "--extractor", "lines", "--gt-extractor", "lines"]
+    official = tool.main(args + ["--output", str(tmp_path / "official.json")])
+    assert official["protocol"] == "official" and official["setup"]["protocol"] == "official"
+    assert official["mean"]["E"] == 100.0 and official["mean"]["L"] == 0.0
+    assert "PancapScore (official protocol)" in capsys.readouterr().out
+    lenient = tool.main(args + ["--protocol", "lenient", "--output", str(tmp_path / "l.json")])
+    assert lenient["mean"]["E"] == 0.0  # skyscraper is not a dog
+    assert lenient["mean"]["L"] == 0.0 and lenient["mean"]["num_defined"]["L"] == 1
 
 
 def test_cli_reads_a_pancapchain_folder(tmp_path, minilm, monkeypatch):

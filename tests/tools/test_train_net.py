@@ -165,9 +165,12 @@ def test_eval_only_on_an_sapancap_dataset(tiny_shapes, tmp_path):
     for key in ("E", "L", "A", "R", "G", "Overall"):
         assert key in score
     assert score["num_images"] == 6 and score["official"] is False
+    assert score["protocol"] == "official" and set(score["official_code_crashes"]) == {
+        "no_entities", "no_gt_entities", "no_pred_entities"
+    }
     assert "structured" in score["judge"]
     predictions = json.loads((inference / "sapancap_val" / "pancap_predictions.json").read_text())
     assert len(predictions) == 6
     assert all(set(p) == {"image_path", "model_response"} for p in predictions)
     assert predictions[0]["image_path"].startswith("images/val/")
-    assert "Overall" in log and "pancapscore" in log
+    assert "Overall" in log and "pancapscore" in log and "PancapScore (official protocol)" in log

@@ -5,7 +5,10 @@ Pipeline per image: extract content from both captions (:mod:`.extractors`, line
 with a judge (:mod:`.qa`, :mod:`.judges`), combine into E/L/A/R/G F1 and
 ``Overall = E + L + A + R + 0.1 * G`` (:mod:`.score`). Without a language model (the
 ``structured`` judge, ``heuristic``/``structured`` extractors) the numbers are labelled an
-approximation. ``tools/eval_pancapscore.py`` runs it on SA-Pancap-style JSON files.
+approximation. Lines are read, names compared and empty sides averaged by a protocol
+(:mod:`.protocol`): ``official`` (default) reproduces the authors' scorer, ``lenient`` is
+pix2cap's tolerant reading. ``tools/eval_pancapscore.py`` runs it on SA-Pancap-style JSON
+files.
 """
 
 from .content import (
@@ -23,6 +26,7 @@ from .extractors import (
     AutoExtractor,
     ContentExtractor,
     HeuristicExtractor,
+    LinesExtractor,
     LLMExtractor,
     StructuredExtractor,
     build_extractor,
@@ -47,6 +51,15 @@ from .matching import (
     default_embedder_path,
     load_wordnet,
     match_entities,
+)
+from .protocol import (
+    DEFAULT_PROTOCOL,
+    PROTOCOLS,
+    check_protocol,
+    official_box_iou,
+    official_synonym_score,
+    parse_lines,
+    parse_official_lines,
 )
 from .qa import QAQuestion, build_questions, negate_statement, parse_yes_no_answers
 from .score import PancapScorer, format_table, overall_score, precision_recall_f1, summarize

@@ -11,8 +11,10 @@ items of global image state. The official extraction step writes one item per li
     21 | global -->> ("the scene feels tranquil")
 
 An entity's id is the ID of its ``entity`` line; the other items refer to it as
-``entity <id>``. :func:`parse_extraction` reads this format from language-model output that
-may be noisy: any line it cannot use is counted in ``PanopticContent.malformed``, never raised.
+``entity <id>``. Two parsers read this format and count every line they cannot use in
+``PanopticContent.malformed``, never raising: the official parser
+(:func:`~.protocol.parse_official_lines`, the default of scoring) and the *lenient* one here,
+:func:`parse_extraction`, for free-form language-model output.
 
 The same content can be handed over as a plain dict (:meth:`PanopticContent.from_dict`),
 which is how pix2cap's own structured predictions skip the language-model extraction.
@@ -350,9 +352,10 @@ def _unquote(text: str) -> str:
 
 
 def parse_extraction(text: str) -> PanopticContent:
-    """Read extraction lines (``ID | type -->> tuple``) into :class:`PanopticContent`.
+    """Read extraction lines (``ID | type -->> tuple``) by the *lenient* protocol.
 
-    Tolerant by design: the text usually comes from a language model. Blank lines, code
+    Tolerant by design, and so not the official reading (see :mod:`.protocol` for the
+    differences): the text usually comes from a language model. Blank lines, code
     fences and headings are skipped; every other line that is not a usable item -- no
     ``ID | type -->>`` prefix, an unknown type, a broken tuple, a bad box, an item about an
     entity that was never declared, a second entity with the same ID, a second location for

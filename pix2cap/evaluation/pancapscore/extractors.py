@@ -3,7 +3,11 @@
 Registered in :data:`PANCAP_EXTRACTOR_REGISTRY`; build one with :func:`build_extractor`:
 
 - ``llm``: the official route. A language-model judge (``hf_local`` or ``openai_http``) is
-  prompted to write the ``ID | type -->> tuple`` lines, which :func:`parse_extraction` reads.
+  prompted to write the ``ID | type -->> tuple`` lines, read by the protocol's parser
+  (:func:`~.protocol.parse_lines`: the official parser by default).
+- ``lines``: the text already *is* extraction lines (an official content file's
+  ``all_content``, or lines written by any other extractor), read by the protocol's parser --
+  how two scorers are compared on identical lines.
 - ``structured``: no extraction at all. pix2cap's own predictions already know their
   entities, boxes, attributes, relations and global items and hand them over in the dict
   form of :meth:`PanopticContent.from_dict`.
@@ -34,7 +38,8 @@ from pix2cap.data.text import (
 )
 from pix2cap.utils.registry import Registry
 
-from .content import Attribute, Entity, GlobalItem, PanopticContent, Relation, parse_extraction
+from .content import Attribute, Entity, GlobalItem, PanopticContent, Relation
+from .protocol import DEFAULT_PROTOCOL, check_protocol, parse_lines
 
 __all__ = [
     "PANCAP_EXTRACTOR_REGISTRY",
@@ -42,6 +47,7 @@ __all__ = [
     "LLMExtractor",
     "StructuredExtractor",
     "HeuristicExtractor",
+    "LinesExtractor",
     "build_extractor",
     "extraction_prompt",
 ]
@@ -97,12 +103,13 @@ class LLMExtractor(ContentExtractor):
     Args:
         judge: a judge with ``complete(prompt) -> str`` (``hf_local``/``openai_http``).
         max_new_tokens: generation budget per caption.
+        protocol: the parser of the written lines (``official`` or ``lenient``).
     """
 
     name = "llm"
     is_llm = True
 
-    def __init__(self, judge, max_new_tokens: int = 2048):
+    def __init__(self, judge, max_new_tokens: int = 2048, protocol: str = DEFAULT_PROTOCOL):
         if not getattr(judge, "is_llm", False):
             raise ValueError(
                 f"the llm extractor needs a language-model judge (hf_local or openai_http), "
@@ -110,10 +117,29 @@ class LLMExtractor(ContentExtractor):
             )
         self.judge = judge
         self.max_new_tokens = int(max_new_tokens)
+        self.protocol = check_protocol(protocol)
 
     def extract(self, text, structured=None, where="caption"):
         reply = self.judge.complete(extraction_prompt(text), max_new_tokens=self.max_new_tokens)
-        return parse_extraction(reply)
+        return parse_lines(reply, self.protocol)
+
+
+@PANCAP_EXTRACTOR_REGISTRY.register(aliases=("lines",))
+class LinesExtractor(ContentExtractor):
+    """The text is extraction lines already; read them by ``protocol``'s parser.
+
+    Counts as language-model extraction (``is_llm``) only when told the lines came from one
+    (``from_llm=True``, e.g. the official content files written by Qwen2.5-14B-Instruct).
+    """
+
+    name = "lines"
+
+    def __init__(self, protocol: str = DEFAULT_PROTOCOL, from_llm: bool = False):
+        self.protocol = check_protocol(protocol)
+        self.is_llm = bool(from_llm)
+
+    def extract(self, text, structured=None, where="caption"):
+        return parse_lines(text, self.protocol)
 
 
 @PANCAP_EXTRACTOR_REGISTRY.register(aliases=("structured",))
@@ -284,11 +310,17 @@ class HeuristicExtractor(ContentExtractor):
         return content
 
 
-def build_extractor(name: str, judge=None, **kwargs) -> ContentExtractor:
-    """An extractor by short name (``llm``, ``structured``, ``heuristic``) or class name;
-    ``llm`` takes the judge that will write the extraction lines."""
-    if PANCAP_EXTRACTOR_REGISTRY.canonical_name(name) == "LLMExtractor":
+def build_extractor(
+    name: str, judge=None, protocol: str = DEFAULT_PROTOCOL, **kwargs
+) -> ContentExtractor:
+    """An extractor by short name (``llm``, ``lines``, ``structured``, ``heuristic``) or class
+    name; ``llm`` takes the judge that will write the extraction lines, and the line readers
+    (``llm``, ``lines``) the ``protocol`` of their parser."""
+    canonical = PANCAP_EXTRACTOR_REGISTRY.canonical_name(name)
+    if canonical == "LLMExtractor":
         kwargs["judge"] = judge
+    if canonical in ("LLMExtractor", "LinesExtractor"):
+        kwargs["protocol"] = protocol
     return PANCAP_EXTRACTOR_REGISTRY.build(name, **kwargs)
 
 
@@ -301,6 +333,8 @@ class AutoExtractor(ContentExtractor):
         self.structured = build_extractor("structured")
         self.name = f"auto(structured|{fallback.name})"
         self.is_llm = False
+        if getattr(fallback, "protocol", None) is not None:
+            self.protocol = fallback.protocol
 
     def extract(self, text, structured=None, where="caption"):
         if structured is not None:
@@ -308,18 +342,21 @@ class AutoExtractor(ContentExtractor):
         return self.fallback.extract(text, None, where=where)
 
 
-def extractor_for(name: str, judge, for_gt: bool) -> ContentExtractor:
+def extractor_for(
+    name: str, judge, for_gt: bool, protocol: str = DEFAULT_PROTOCOL
+) -> ContentExtractor:
     """The extractor of one side of PancapScore by option name: ``auto`` (``llm`` with an LLM
     judge, else ``heuristic``; predictions read their structured content where they have it),
-    ``llm``, ``structured`` (predictions only) or ``heuristic``.
+    ``llm``, ``lines`` (the texts are extraction lines), ``structured`` (predictions only) or
+    ``heuristic``; line readers parse by ``protocol``.
 
     Raises:
         ValueError: ``structured`` for the ground truth (free text only).
     """
     fallback = "llm" if judge.is_llm else "heuristic"
     if name == "auto":
-        base = build_extractor(fallback, judge=judge)
+        base = build_extractor(fallback, judge=judge, protocol=protocol)
         return base if for_gt else AutoExtractor(base)
     if for_gt and name == "structured":
         raise ValueError("the ground-truth extractor cannot be 'structured': the ground truth is free text only")
-    return build_extractor(name, judge=judge)
+    return build_extractor(name, judge=judge, protocol=protocol)

@@ -3,10 +3,9 @@
 Cost of pairing a ground-truth entity with a predicted one (lower is better), following the
 official rules in order:
 
-1. identical names (case- and space-insensitive): ``-1000``;
-2. else, when a WordNet synonym provider is present, its score ``s`` > 0 (one name a
-   substring of the other counts 1, else the IoU of the two names' noun-synonym sets):
-   ``-100 * s``;
+1. identical names: ``-1000``;
+2. else a synonym score ``s`` > 0 (one name a substring of the other counts 1, else the IoU
+   of the two names' WordNet noun-synonym sets): ``-100 * s``;
 3. else the cosine similarity ``c`` of the names' sentence embeddings, if ``c >= 0.5``:
    ``-10 * c``;
 4. else no match: ``1e6``.
@@ -15,8 +14,14 @@ A pair that matched by name and whose boxes overlap with IoU >= 0.5 gains ``-IoU
 is a *location hit*. The Hungarian assignment (scipy) then picks pairs; pairs left at the
 no-match cost are dropped.
 
+How names are compared and boxes overlapped depends on the protocol
+(:mod:`.protocol`): ``official`` compares exact strings, applies the substring rule always
+and WordNet word by word, and computes IoU in float32; ``lenient`` compares names after case
+and punctuation normalisation, applies substring and synonyms only with WordNet (whole
+names), and computes IoU in float64.
+
 WordNet needs ``nltk`` and its WordNet corpus on disk; neither is downloaded here, so when
-they are missing the synonym rule is skipped and results say ``wordnet: unavailable``.
+they are missing the WordNet part of rule 2 is skipped and results say ``wordnet: unavailable``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from .content import Entity
+from .protocol import DEFAULT_PROTOCOL, check_protocol, official_box_iou, official_synonym_score
 
 __all__ = [
     "COST_SAME_NAME",
@@ -82,22 +88,23 @@ def box_iou(a: Optional[Sequence[float]], b: Optional[Sequence[float]]) -> float
 
 
 class WordNetSynonyms:
-    """The official synonym score over WordNet nouns.
+    """Synonym scores over WordNet nouns.
 
-    ``score(a, b)``: 1 if one normalised name is a substring of the other; else the IoU of
-    the sets of lemma names of all noun synsets of ``a`` and of ``b`` (multi-word names are
-    looked up with underscores, as WordNet stores them); 0 if either has no synset.
+    ``score(a, b)`` (the lenient protocol): 1 if one normalised name is a substring of the
+    other; else the IoU of the sets of lemma names of all noun synsets of ``a`` and of ``b``
+    (multi-word names are looked up with underscores, as WordNet stores them); 0 if either
+    has no synset. :meth:`official` is the official protocol's word-by-word score.
     """
 
     def __init__(self, wordnet):
-        self._wn = wordnet
+        self.wordnet = wordnet
         self._cache: dict[str, frozenset[str]] = {}
 
     def synonyms(self, name: str) -> frozenset[str]:
         key = normalize_name(name)
         if key not in self._cache:
             lemmas = set()
-            for synset in self._wn.synsets(key.replace(" ", "_"), pos=self._wn.NOUN):
+            for synset in self.wordnet.synsets(key.replace(" ", "_"), pos=self.wordnet.NOUN):
                 lemmas.update(lemma.lower() for lemma in synset.lemma_names())
             self._cache[key] = frozenset(lemmas)
         return self._cache[key]
@@ -109,6 +116,10 @@ class WordNetSynonyms:
         sa, sb = self.synonyms(na), self.synonyms(nb)
         union = sa | sb
         return len(sa & sb) / len(union) if union else 0.0
+
+    def official(self, a: str, b: str) -> float:
+        """The official protocol's score (:func:`~.protocol.official_synonym_score`)."""
+        return official_synonym_score(a, b, self.wordnet)
 
 
 def load_wordnet() -> Optional[WordNetSynonyms]:
@@ -189,18 +200,21 @@ class SentenceTransformerEmbedder:
         return np.stack([self._cache[t] for t in texts])
 
 
-def cosine_matrix(embedder: Embedder, a: list[str], b: list[str]) -> np.ndarray:
-    """Float[len(a), len(b)] cosine similarities of the embeddings of two text lists."""
+def cosine_matrix(
+    embedder: Embedder, a: list[str], b: list[str], dtype=np.float64
+) -> np.ndarray:
+    """Float[len(a), len(b)] cosine similarities of the embeddings of two text lists,
+    computed in ``dtype`` (the official scorer works in float32)."""
     if not a or not b:
-        return np.zeros((len(a), len(b)), dtype=np.float64)
-    vectors = np.asarray(_to_numpy(embedder(list(a) + list(b))), dtype=np.float64)
+        return np.zeros((len(a), len(b)), dtype=dtype)
+    vectors = np.asarray(_to_numpy(embedder(list(a) + list(b))), dtype=dtype)
     if vectors.ndim != 2 or vectors.shape[0] != len(a) + len(b):
         raise ValueError(
             f"the embedder returned shape {vectors.shape} for {len(a) + len(b)} texts; "
             "expected [N, D]"
         )
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    vectors = vectors / np.clip(norms, 1e-12, None)
+    vectors = vectors / np.clip(norms, 1e-12, None).astype(dtype)
     return vectors[: len(a)] @ vectors[len(a) :].T
 
 
@@ -243,33 +257,55 @@ def name_costs(
     pred_names: list[str],
     embedder: Optional[Embedder] = None,
     synonyms: Optional[SynonymProvider] = None,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Float[G, P] name costs (rules 1-4 of the module docstring) and Object[G, P] rule names
-    (``""`` where no rule matched)."""
+    """Float[G, P] name costs (rules 1-4 of the module docstring, read by ``protocol``) and
+    Object[G, P] rule names (``""`` where no rule matched)."""
+    official = check_protocol(protocol) == "official"
     g, p = len(gt_names), len(pred_names)
     cost = np.full((g, p), COST_NO_MATCH, dtype=np.float64)
     rule = np.full((g, p), "", dtype=object)
     if g == 0 or p == 0:
         return cost, rule
-    gn = [normalize_name(n) for n in gt_names]
-    pn = [normalize_name(n) for n in pred_names]
+    if official:
+        gn, pn = list(gt_names), list(pred_names)
+    else:
+        gn = [normalize_name(n) for n in gt_names]
+        pn = [normalize_name(n) for n in pred_names]
     undecided = np.ones((g, p), dtype=bool)
     for i in range(g):
         for j in range(p):
             if gn[i] == pn[j]:
                 cost[i, j], rule[i, j] = COST_SAME_NAME, "name"
                 undecided[i, j] = False
+                continue
+            if official:
+                score = _official_synonyms(gn[i], pn[j], synonyms)
             elif synonyms is not None:
                 score = float(synonyms(gt_names[i], pred_names[j]))
-                if score > 0:
-                    cost[i, j], rule[i, j] = -SYNONYM_WEIGHT * score, "synonym"
-                    undecided[i, j] = False
+            else:
+                continue
+            if score > 0:
+                cost[i, j], rule[i, j] = -SYNONYM_WEIGHT * score, "synonym"
+                undecided[i, j] = False
     if embedder is not None and undecided.any():
-        sim = cosine_matrix(embedder, gt_names, pred_names)
+        sim = cosine_matrix(
+            embedder, gt_names, pred_names, dtype=np.float32 if official else np.float64
+        ).astype(np.float64)
         hit = undecided & (sim >= EMBEDDING_THRESHOLD)
         cost[hit] = -EMBEDDING_WEIGHT * sim[hit]
         rule[hit] = "embedding"
     return cost, rule
+
+
+def _official_synonyms(a: str, b: str, synonyms: Optional[SynonymProvider]) -> float:
+    """The official rule 2: substring always, then WordNet (word by word) when available."""
+    if isinstance(synonyms, WordNetSynonyms):
+        return synonyms.official(a, b)
+    score = official_synonym_score(a, b)
+    if score == 0 and synonyms is not None:
+        score = float(synonyms(a, b))
+    return score
 
 
 def match_entities(
@@ -277,13 +313,16 @@ def match_entities(
     pred: Sequence[Entity],
     embedder: Optional[Embedder] = None,
     synonyms: Optional[SynonymProvider] = None,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> EntityMatch:
     """One-to-one matching of ground-truth and predicted entities (module docstring rules).
 
     Args:
         gt, pred: the two entity lists.
         embedder: ``list[str] -> Float[N, D]``; None skips the embedding rule.
-        synonyms: ``(a, b) -> score``; None skips the synonym rule (WordNet unavailable).
+        synonyms: ``(a, b) -> score`` (a :class:`WordNetSynonyms`, or any scorer); None:
+            WordNet unavailable (the official protocol still applies the substring rule).
+        protocol: ``"official"`` or ``"lenient"`` (:mod:`.protocol`).
     """
     result = EntityMatch(
         num_gt=len(gt),
@@ -293,12 +332,15 @@ def match_entities(
     )
     if not gt or not pred:
         return result
-    cost, rule = name_costs([e.name for e in gt], [e.name for e in pred], embedder, synonyms)
+    cost, rule = name_costs(
+        [e.name for e in gt], [e.name for e in pred], embedder, synonyms, protocol
+    )
+    overlap = official_box_iou if protocol == "official" else box_iou
     iou = np.zeros_like(cost)
     for i, g in enumerate(gt):
         for j, p in enumerate(pred):
-            if cost[i, j] < COST_NO_MATCH:
-                iou[i, j] = box_iou(g.box, p.box)
+            if cost[i, j] < COST_NO_MATCH and g.box is not None and p.box is not None:
+                iou[i, j] = overlap(g.box, p.box)
     located = iou >= LOCATION_IOU_THRESHOLD
     cost = np.where(located, cost - iou, cost)
     rows, cols = linear_sum_assignment(cost)

@@ -7,18 +7,21 @@ precision, recall and F1; the scores are F1 x 100 and
 
     Overall = E + L + A + R + 0.1 * G        (at most 410)
 
-The mean over images averages each dimension over the images where it is defined, and the
-mean Overall is the formula applied to those means (as the published tables are; a
-dimension defined for no image counts 0 there).
+The mean Overall is the formula applied to the dimension means, as the published tables are.
+How empty sides count depends on the protocol (:mod:`.protocol`):
 
-A dimension is undefined (None) for an image when neither side has an item of it. When only
-one side has items, the other side's ratio is undefined and F1 is 0: a prediction that
-leaves out a dimension the ground truth has, or invents one the ground truth lacks, earns
-nothing there. A per-image Overall is None when any of its five parts is undefined.
+- ``official`` (default): a side without items of a dimension makes that side's ratio 0, so
+  the image scores F1 0 there, and every image counts in every mean. Where the official code
+  would crash (a side without entities), entity F1 is 0 and the image is counted in
+  ``official_code_crashes``.
+- ``lenient``: a dimension is undefined (None) for an image when neither side has an item of
+  it and is left out of that mean; when only one side has items, F1 is 0. A per-image Overall
+  is None when any of its five parts is undefined.
 
-Every result carries the setup (judge, extractors, embedder, WordNet) and ``official``,
-True only for language-model extraction and judging with the all-mpnet-base-v2 embedder and
-WordNet -- anything else is an approximation and says so in ``approximation_note``.
+Every result carries the setup (protocol, judge, extractors, embedder, WordNet) and
+``official``, True only for the official protocol with language-model extraction and judging,
+the all-mpnet-base-v2 embedder and WordNet -- anything else is an approximation and says so
+in ``approximation_note``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from .content import PanopticContent
 from .extractors import ContentExtractor
 from .judges import PancapJudge
 from .matching import Embedder, SynonymProvider, match_entities
+from .protocol import CRASH_REASONS, DEFAULT_PROTOCOL, check_protocol
 from .qa import build_questions, score_answers
 
 __all__ = [
@@ -57,10 +61,14 @@ def overall_score(e: float, l: float, a: float, r: float, g: float) -> float:
 
 
 def precision_recall_f1(
-    precision: Optional[float], recall: Optional[float]
+    precision: Optional[float], recall: Optional[float], protocol: str = "lenient"
 ) -> dict[str, Optional[float]]:
-    """``{"precision", "recall", "f1"}`` in [0, 1]; the rules for undefined sides are in the
-    module docstring (both None -> f1 None; one None -> f1 0)."""
+    """``{"precision", "recall", "f1"}`` in [0, 1]; the rules for undefined (None) sides are
+    in the module docstring: ``lenient``: both None -> f1 None, one None -> f1 0;
+    ``official``: a None side is 0."""
+    if check_protocol(protocol) == "official":
+        precision = 0.0 if precision is None else precision
+        recall = 0.0 if recall is None else recall
     if precision is None and recall is None:
         f1 = None
     elif precision is None or recall is None:
@@ -76,6 +84,7 @@ def _ratio(hits: float, total: int) -> Optional[float]:
 
 @dataclass
 class _Setup:
+    protocol: str
     judge: str
     extractor: dict
     embedder: str
@@ -85,6 +94,7 @@ class _Setup:
 
     def as_dict(self) -> dict:
         return {
+            "protocol": self.protocol,
             "judge": self.judge,
             "extractor": dict(self.extractor),
             "embedder": self.embedder,
@@ -104,6 +114,8 @@ class PancapScorer:
             None skips that rule.
         synonyms: ``(a, b) -> score`` WordNet-style synonym scorer; None = unavailable.
         embedder_name: how results name the embedder (default: its ``name`` attribute).
+        protocol: ``"official"`` (default) or ``"lenient"`` (:mod:`.protocol`). Extractors
+            that read extraction lines must read them by the same protocol.
     """
 
     def __init__(
@@ -114,7 +126,16 @@ class PancapScorer:
         embedder: Optional[Embedder] = None,
         synonyms: Optional[SynonymProvider] = None,
         embedder_name: Optional[str] = None,
+        protocol: str = DEFAULT_PROTOCOL,
     ):
+        self.protocol = check_protocol(protocol)
+        for side, extractor in (("ground-truth", gt_extractor), ("prediction", pred_extractor)):
+            reads = getattr(extractor, "protocol", None)
+            if reads is not None and reads != self.protocol:
+                raise ValueError(
+                    f"the {side} extractor {extractor.name!r} reads lines by the {reads!r} "
+                    f"protocol but the scorer uses {self.protocol!r}"
+                )
         self.judge = judge
         self.gt_extractor = gt_extractor
         self.pred_extractor = pred_extractor
@@ -128,6 +149,11 @@ class PancapScorer:
 
     def _describe(self, embedder_name: str) -> _Setup:
         reasons = []
+        if self.protocol != "official":
+            reasons.append(
+                f"{self.protocol} protocol (tolerant parsing, normalised names, empty "
+                "dimensions left out of the means) instead of the official one"
+            )
         if not self.gt_extractor.is_llm or not self.pred_extractor.is_llm:
             reasons.append(
                 f"content extracted by {self.gt_extractor.name} (ground truth) and "
@@ -152,6 +178,7 @@ class PancapScorer:
                 reasons
             ) + f"; {common}"
         return _Setup(
+            protocol=self.protocol,
             judge=self.judge.describe(),
             extractor={"gt": self.gt_extractor.name, "pred": self.pred_extractor.name},
             embedder=embedder_name,
@@ -162,15 +189,18 @@ class PancapScorer:
 
     def score_contents(self, gt: PanopticContent, pred: PanopticContent) -> dict:
         """Per-dimension P/R/F1, the x100 scores and counts for one image's contents."""
-        match = match_entities(gt.entities, pred.entities, self.embedder, self.synonyms)
+        protocol = self.protocol
+        match = match_entities(
+            gt.entities, pred.entities, self.embedder, self.synonyms, protocol=protocol
+        )
         matched = len(match.pairs)
         hits = len(match.location_hits)
         dims = {
             "entity": precision_recall_f1(
-                _ratio(matched, match.num_pred), _ratio(matched, match.num_gt)
+                _ratio(matched, match.num_pred), _ratio(matched, match.num_gt), protocol
             ),
             "location": precision_recall_f1(
-                _ratio(hits, match.num_pred_boxes), _ratio(hits, match.num_gt_boxes)
+                _ratio(hits, match.num_pred_boxes), _ratio(hits, match.num_gt_boxes), protocol
             ),
         }
         # Recall: ground-truth items asked of the prediction; precision: the reverse.
@@ -182,7 +212,7 @@ class PancapScorer:
         precision = score_answers(questions, slots, answers, bad_p)
         for dimension in ("attribute", "relation", "global"):
             dims[dimension] = precision_recall_f1(
-                precision.ratio(dimension), recall.ratio(dimension)
+                precision.ratio(dimension), recall.ratio(dimension), protocol
             )
         scores = {
             key: None if dims[name]["f1"] is None else 100.0 * dims[name]["f1"]
@@ -190,8 +220,16 @@ class PancapScorer:
         }
         parts = [scores[k] for k in DIMENSION_KEYS]
         scores["Overall"] = None if any(v is None for v in parts) else overall_score(*parts)
+        crash = None
+        if protocol == "official" and not (match.num_gt and match.num_pred):
+            crash = (
+                "no_entities" if not (match.num_gt or match.num_pred)
+                else "no_gt_entities" if not match.num_gt else "no_pred_entities"
+            )
         return {
             **scores,
+            "protocol": protocol,
+            "official_code_crash": crash,
             "dimensions": dims,
             "counts": {
                 "gt_entities": match.num_gt,
@@ -277,9 +315,17 @@ def _count_rules(rules: Iterable[str]) -> dict[str, int]:
 def summarize(per_image: list[dict]) -> dict:
     """Mean scores over images (module docstring rules); images marked ``skipped`` (their
     judge could not be reached) are left out and counted in ``skipped_images``."""
+    protocols = sorted({r.get("protocol", "lenient") for r in per_image})
+    if len(protocols) > 1:
+        raise ValueError(f"cannot average images scored by different protocols: {protocols}")
     skipped = sum(1 for r in per_image if r.get("skipped"))
     per_image = [r for r in per_image if not r.get("skipped")]
-    mean: dict = {"num_images": len(per_image), "skipped_images": skipped, "num_defined": {}}
+    mean: dict = {
+        "protocol": protocols[0] if protocols else DEFAULT_PROTOCOL,
+        "num_images": len(per_image),
+        "skipped_images": skipped,
+        "num_defined": {},
+    }
     for key, name in DIMENSION_KEYS.items():
         values = [r[key] for r in per_image if r[key] is not None]
         mean[key] = sum(values) / len(values) if values else None
@@ -299,14 +345,28 @@ def summarize(per_image: list[dict]) -> dict:
         k: sum(r["malformed"][k] for r in per_image)
         for k in ("gt_extraction", "pred_extraction", "judge_answers")
     }
+    if mean["protocol"] == "official":
+        mean["official_code_crashes"] = {
+            reason: sum(1 for r in per_image if r.get("official_code_crash") == reason)
+            for reason in CRASH_REASONS
+        }
     return mean
 
 
 def format_table(mean: dict) -> str:
-    """The mean E / L / A / R / G / Overall scores as a small text table."""
+    """The mean E / L / A / R / G / Overall scores as a small text table, with the protocol
+    and, under the official one, the images where the official code would have crashed."""
     keys = list(DIMENSION_KEYS) + ["Overall"]
     header = " | ".join(f"{k:>8}" for k in keys)
     values = " | ".join(
         f"{mean[k]:8.2f}" if mean.get(k) is not None else f"{'n/a':>8}" for k in keys
     )
-    return f"{header}\n{'-' * len(header)}\n{values}"
+    lines = [f"PancapScore ({mean.get('protocol', DEFAULT_PROTOCOL)} protocol)", header,
+             "-" * len(header), values]
+    crashes = {k: v for k, v in (mean.get("official_code_crashes") or {}).items() if v}
+    if crashes:
+        lines.append(
+            "scored 0 where the official code would crash: "
+            + ", ".join(f"{n} image(s) {CRASH_REASONS[k].split(' (')[0]}" for k, n in crashes.items())
+        )
+    return "\n".join(lines)
