@@ -32,11 +32,11 @@ from typing import Any
 
 import pix2cap.data  # noqa: F401  (registers the built-in datasets and their metadata)
 from pix2cap.bridge import PanopticCaptionBridge, build_caption_writer
-from pix2cap.data.catalog import DatasetCatalog, MetadataCatalog
+from pix2cap.data.catalog import DatasetCatalog
 from pix2cap.data.detection_utils import read_image
 from pix2cap.data.errors import DatasetError
 from pix2cap.engine.defaults import collect_image_files, setup_cfg
-from pix2cap.engine.predictor import DefaultPredictor
+from pix2cap.engine.predictor import DefaultPredictor, class_metadata
 from pix2cap.utils.file_io import atomic_write_json
 from pix2cap.utils.logger import setup_logger
 
@@ -97,20 +97,6 @@ def collect_inputs(args) -> list[tuple[str, str]]:
     return [(path, path) for path in collect_image_files(args.input)]
 
 
-def class_metadata(cfg, predictor) -> Any:
-    """Metadata with class names: the predictor's, else ``DATASETS.TRAIN[0]``'s."""
-    metadata = getattr(predictor, "metadata", None)
-    if metadata is not None and metadata.get("stuff_classes"):
-        return metadata
-    if cfg is not None:
-        for name in cfg.DATASETS.TRAIN:
-            candidate = MetadataCatalog.get(name)
-            if candidate.get("stuff_classes"):
-                return candidate
-    logger.warning("No class names in the metadata: entities are tagged 'class <id>'")
-    return metadata
-
-
 def build_writer(args):
     if args.writer in ("template", "concat", "concat_boxes"):  # no language model
         return build_caption_writer(args.writer)
@@ -149,7 +135,7 @@ def main(args, predictor=None, cfg=None) -> tuple[list[dict], list[dict]]:
     os.makedirs(args.output, exist_ok=True)
     bridge = PanopticCaptionBridge(
         build_writer(args),
-        metadata=class_metadata(cfg, predictor),
+        metadata=class_metadata(cfg, getattr(predictor, "metadata", None)),
         extra_instance_threshold=args.extra_instance_threshold,
         min_segment_score=args.min_segment_score,
     )

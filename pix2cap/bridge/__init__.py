@@ -17,6 +17,9 @@
   (``template``, ``concat``, ``concat_boxes``); registry in :mod:`pix2cap.bridge.build`.
 * :mod:`pix2cap.bridge.lm_writers` -- the LM writers (``hf_causal_lm``, ``small_lm``) and
   constrained box decoding.
+* :mod:`pix2cap.bridge.decoded_pairs` -- the LM's training pairs from a model's decoded
+  segments (for captions without masks, e.g. SA-Pancap), with an on-disk cache of the
+  model's outputs.
 * :mod:`pix2cap.bridge.lm_training` -- training the small LM and LoRA adapters.
 * :mod:`pix2cap.bridge.copy_lm` -- the small LM's model: GPT-2 with a pointer head that copies
   from the prompt (imported on use, as it imports transformers).
@@ -29,6 +32,7 @@ from .bridge import (
     make_training_pairs,
 )
 from .build import CAPTION_WRITER_REGISTRY, build_caption_writer
+from .decoded_pairs import CachedDecoder, make_decoded_training_pairs, model_cache_key
 from .content import (
     DecodedEntity,
     PanopticContent,

@@ -22,7 +22,9 @@ segment or earlier extra of the same tag is below ``duplicate_iou`` (the same ob
 twice).
 
 :func:`make_training_pairs` builds the LM writers' training pairs from ground-truth segments
-the same way.
+the same way; for captions without masks (SA-Pancap),
+:func:`pix2cap.bridge.decoded_pairs.make_decoded_training_pairs` builds them from a model's
+decoded segments.
 """
 
 from __future__ import annotations
@@ -30,14 +32,14 @@ from __future__ import annotations
 import bisect
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from pix2cap.bridge.content import DecodedEntity, PanopticContent, build_content
-from pix2cap.bridge.mention_grounding import ground_mentions
+from pix2cap.bridge.mention_grounding import box_ious, ground_mentions
 from pix2cap.bridge.prompt import PromptFormat
 from pix2cap.bridge.stages import PancapStages, StageItem, build_stages, clean_tag
 from pix2cap.data.caption_formats import (
@@ -56,6 +58,7 @@ __all__ = [
     "make_training_pairs",
     "ground_truth_entities",
     "align_to_mentions",
+    "captioned_records",
 ]
 
 logger = logging.getLogger(__name__)
@@ -312,7 +315,11 @@ def ground_truth_entities(record: Mapping, bridge: PanopticCaptionBridge) -> lis
 
 
 def align_to_mentions(
-    boxes: Sequence[Sequence[int]], target: str, tolerance: int = 3
+    boxes: Sequence[Sequence[int]],
+    target: str,
+    tolerance: int = 3,
+    *,
+    min_iou: float | None = None,
 ) -> tuple[list[int], str]:
     """Line a ground-truth caption up with the entity list it is to be written from.
 
@@ -321,10 +328,19 @@ def align_to_mentions(
     box exactly: annotation boxes and boxes of the decoded masks may differ by a rounding unit,
     and an LM should learn to copy the listed box, not to guess the difference.
 
+    With ``min_iou`` the match is by box IoU instead: a caption box goes to the entity whose
+    box has the highest IoU with it (the first of equals), when that IoU is at least
+    ``min_iou``. This is the rule for entities a model decoded, whose boxes differ from the
+    annotation's by more than rounding. Either way a box left as written equals no listed box
+    (an equal box has gap 0 and IoU 1), so the snapped boxes of the result are exactly its
+    boxes found among ``boxes``.
+
     Args:
         boxes: the entities' grid boxes, in list order.
         target: the caption with grid boxes.
         tolerance: the largest per-coordinate difference that still counts as the same box.
+        min_iou: in (0, 1]: match by IoU (``tolerance`` is then not used); None: by
+            coordinate difference.
 
     Returns:
         ``(order, target)``: entity indices in the order the caption describes them, and the
@@ -333,7 +349,10 @@ def align_to_mentions(
         that ``"A star [[..]] is above the triangle [[..]]."`` places the triangle where its
         own sentence is; entities never mentioned follow in list order.
     """
+    if min_iou is not None and not 0.0 < min_iou <= 1.0:
+        raise ValueError(f"min_iou must be in (0, 1], got {min_iou}")
     boxes = [tuple(int(v) for v in b) for b in boxes]
+    rows = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     sentence_starts = [0] + [m.end() for m in re.finditer(r"[.!?]\s+", target)]
     first: dict[int, int] = {}
     as_subject: dict[int, int] = {}
@@ -344,11 +363,17 @@ def align_to_mentions(
         sentence = bisect.bisect_right(sentence_starts, start)
         is_subject = sentence not in sentences_with_subject
         sentences_with_subject.add(sentence)
-        gaps = [max(abs(a - b) for a, b in zip(box, cand)) for cand in boxes]
-        best = int(np.argmin(gaps)) if gaps else -1
+        if min_iou is None:
+            gaps = [max(abs(a - b) for a, b in zip(box, cand)) for cand in boxes]
+            best = int(np.argmin(gaps)) if gaps else -1
+            matched = best >= 0 and gaps[best] <= tolerance
+        else:
+            ious = box_ious(list(box), rows)
+            best = int(np.argmax(ious)) if len(ious) else -1
+            matched = best >= 0 and ious[best] >= min_iou
         pieces.append(target[cursor:start])
         cursor = end
-        if best < 0 or gaps[best] > tolerance:
+        if not matched:
             pieces.append(target[start:end])
             continue
         pieces.append(format_grid_box(boxes[best]))
@@ -359,6 +384,19 @@ def align_to_mentions(
     place = {k: as_subject.get(k, first[k]) for k in first}
     order = sorted(place, key=place.get) + [k for k in range(len(boxes)) if k not in place]
     return order, "".join(pieces)
+
+
+def captioned_records(dataset_dicts: Sequence[Mapping], user: str) -> Iterator[Mapping]:
+    """The records that have a ``panoptic_caption``, in order; once they are all given, a
+    warning says how many were skipped without one (``user`` names the caller)."""
+    skipped = 0
+    for record in dataset_dicts:
+        if record.get("panoptic_caption"):
+            yield record
+        else:
+            skipped += 1
+    if skipped:
+        logger.warning("%s: %d images without a panoptic_caption skipped", user, skipped)
 
 
 def make_training_pairs(
@@ -390,11 +428,7 @@ def make_training_pairs(
     """
     bridge = PanopticCaptionBridge(None, metadata=metadata, class_names=class_names, grid=grid)
     pairs = []
-    skipped = 0
-    for record in dataset_dicts:
-        if not record.get("panoptic_caption"):
-            skipped += 1
-            continue
+    for record in captioned_records(dataset_dicts, "make_training_pairs"):
         height, width = int(record["height"]), int(record["width"])
         entities = ground_truth_entities(record, bridge)
         target = pancap_text_to_grid(record["panoptic_caption"], width, height, grid)
@@ -410,6 +444,4 @@ def make_training_pairs(
                 "image_id": record.get("image_id"),
             }
         )
-    if skipped:
-        logger.warning("make_training_pairs: %d images without a panoptic_caption skipped", skipped)
     return pairs

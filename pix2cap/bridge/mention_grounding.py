@@ -30,7 +30,7 @@ from pix2cap.data.text import WORD_RE
 from .content import Entity, PanopticContent
 from .phrases import DETERMINERS, PHRASE_END, caption_words, names_tag
 
-__all__ = ["ground_mentions", "match_box", "mention_span"]
+__all__ = ["box_ious", "ground_mentions", "match_box", "mention_span"]
 
 # Words a mention never reaches back over: the predicate and conjunction words that end a
 # region caption's noun phrase, and the verbs a panoptic caption introduces entities with.
@@ -55,7 +55,7 @@ def mention_span(text: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
-def _ious(box: list[float], boxes: np.ndarray) -> np.ndarray:
+def box_ious(box: list[float], boxes: np.ndarray) -> np.ndarray:
     """Float[N]: IoU of ``box`` with each row of ``boxes`` [N, 4] (NaN rows: 0); a box equal
     to a row counts 1 even when both are empty."""
     if len(boxes) == 0:
@@ -90,7 +90,7 @@ def match_box(
         tie_iou: entities this close to the best IoU are ties.
     """
     rows = [e.box if e.box is not None else [np.nan] * 4 for e in entities]
-    ious = _ious(box, np.asarray(rows, dtype=np.float64).reshape(-1, 4))
+    ious = box_ious(box, np.asarray(rows, dtype=np.float64).reshape(-1, 4))
     if len(ious) == 0 or ious.max() < min_iou:
         return None
     words = caption_words(mention)

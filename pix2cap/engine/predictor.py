@@ -23,7 +23,7 @@ from pix2cap.data.catalog import Metadata, MetadataCatalog
 from pix2cap.data.transforms import ResizeShortestEdge
 from pix2cap.modeling.meta_arch.build import build_model
 
-__all__ = ["DefaultPredictor", "metadata_from_config"]
+__all__ = ["DefaultPredictor", "class_metadata", "metadata_from_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,22 @@ def metadata_from_config(cfg) -> Metadata:
         if len(names):
             return MetadataCatalog.get(names[0])
     return Metadata(name="__no_dataset__")
+
+
+def class_metadata(cfg, metadata: Metadata | None) -> Metadata | None:
+    """Metadata that names the model's classes: ``metadata`` when it has ``stuff_classes``,
+    else the first of ``cfg.DATASETS.TRAIN`` (``cfg`` may be None) whose metadata has them
+    (a test set such as SA-Pancap has no class vocabulary), else ``metadata`` with a warning
+    (classes are then tagged by number)."""
+    if metadata is not None and metadata.get("stuff_classes"):
+        return metadata
+    if cfg is not None:
+        for name in cfg.DATASETS.TRAIN:
+            candidate = MetadataCatalog.get(name)
+            if candidate.get("stuff_classes"):
+                return candidate
+    logger.warning("No class names in the metadata: entities are tagged 'class <id>'")
+    return metadata
 
 
 class DefaultPredictor:

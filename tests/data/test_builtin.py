@@ -13,6 +13,16 @@ from pix2cap.data.errors import DatasetError
 from tests.data.test_coco_panoptic import make_panoptic_fixture
 
 
+def test_every_builtin_dataset_has_a_registered_evaluator():
+    # An evaluator_type without an evaluator would make --eval-only run inference and report
+    # nothing.
+    from pix2cap.evaluation.build import EVALUATOR_REGISTRY
+
+    for name in BUILTIN_DATASETS:
+        evaluator_type = MetadataCatalog.get(name).get("evaluator_type")
+        assert evaluator_type in EVALUATOR_REGISTRY, (name, evaluator_type)
+
+
 @pytest.fixture
 def restore_registration():
     """Re-register with the environment's root afterwards, so a pinned root does not leak."""
