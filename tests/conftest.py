@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -12,6 +14,20 @@ def datasets_root(tmp_path, monkeypatch):
     root.mkdir()
     monkeypatch.setenv("PIX2CAP_DATASETS", str(root))
     return root
+
+
+@pytest.fixture
+def tiny_shapes(datasets_root):
+    """Six 64 x 64 shapes images per split under a fresh $PIX2CAP_DATASETS; returns the
+    environment for a subprocess (e.g. ``tools/train_net.py``) that trains on them."""
+    # Imported on use: every test session loads this file, few tests generate datasets.
+    from pix2cap.data.datasets.shapes import generate_shapes
+
+    # A complete split on disk is used as it is, so the built-in names load these tiny ones.
+    for split in ("train", "val"):
+        generate_shapes(str(datasets_root / "shapes"), split, num_images=6, image_size=64, seed=1)
+    env = dict(os.environ, PIX2CAP_DATASETS=str(datasets_root), OMP_NUM_THREADS="1")
+    return env
 
 
 @pytest.fixture(autouse=True)

@@ -35,6 +35,7 @@ from pix2cap.data.detection_utils import read_image
 from pix2cap.data.transforms import ResizeShortestEdge, apply_augmentations
 from pix2cap.modeling import build_model
 from pix2cap.modeling.caption_head import DenseCaptionHead
+from pix2cap.utils.cli import add_verbose_flag, main_guard
 from pix2cap.utils.file_io import atomic_write_text
 
 
@@ -282,6 +283,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-images", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", help="write the results as JSON here")
+    add_verbose_flag(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
     args = parser.parse_args(argv)
 
@@ -289,7 +291,7 @@ def main(argv=None) -> dict:
     device = torch.device(cfg.MODEL.DEVICE)
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
-        Checkpointer(model).load(cfg.MODEL.WEIGHTS)
+        Checkpointer(model, partial=cfg.MODEL.WEIGHTS_PARTIAL).load(cfg.MODEL.WEIGHTS)
     inputs = load_inputs(cfg, args.num_images)
 
     results = {
@@ -314,4 +316,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main, sys.argv[1:])

@@ -18,6 +18,7 @@ import numpy as np
 
 from pix2cap.evaluation.densecap_evaluation import caption_metrics, densecap_map, masks_to_rles
 from pix2cap.evaluation.meteor import MeteorScorer
+from pix2cap.utils.cli import add_verbose_flag, main_guard
 
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square"]
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--things", type=int, default=6, help="things per image (+2 stuff)")
     parser.add_argument("--seed", type=int, default=0)
+    add_verbose_flag(parser)
     args = parser.parse_args()
 
     rng = np.random.default_rng(args.seed)
@@ -160,4 +162,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

@@ -44,6 +44,7 @@ from pix2cap.evaluation.panoptic_evaluation import (
     PQStat,
     pq_compute_single,
 )
+from pix2cap.utils.cli import add_verbose_flag, main_guard
 
 
 def _voronoi(seeds: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -172,6 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each; the best counts")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     try:
         from panopticapi.evaluation import pq_compute
@@ -270,4 +272,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_guard(main, sys.argv[1:])

@@ -12,10 +12,12 @@ count) and the ``[PAD]`` / ``[CLS]`` / ``[SEP]`` ids (0, 2, 3) from that file's 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import pix2cap.data  # noqa: F401  (registers the built-in datasets)
 from pix2cap.data.catalog import DatasetCatalog
 from pix2cap.modeling.caption_head.tokenizer import build_subset_vocab
+from pix2cap.utils.cli import add_verbose_flag, main_guard
 from pix2cap.utils.file_io import atomic_write_text
 
 
@@ -36,6 +38,7 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--dataset", nargs="+", required=True, help="registered dataset names")
     parser.add_argument("--output", required=True, help="vocab.txt to write")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     captions = dataset_captions(args.dataset)
     if not captions:
@@ -47,4 +50,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main, sys.argv[1:])

@@ -25,6 +25,7 @@ from pix2cap.checkpoint.converters import (
     convert_efficientnet_lite0,
     find_efficientnet_lite0_weights,
 )
+from pix2cap.utils.cli import add_verbose_flag, main_guard
 from pix2cap.utils.file_io import atomic_write_bytes
 
 DEFAULT_OUTPUT = "model_zoo/backbones/tf_efficientnet_lite0.safetensors"
@@ -46,6 +47,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=DEFAULT_OUTPUT,
         help=f"safetensors file to write (default {DEFAULT_OUTPUT})",
     )
+    add_verbose_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -76,4 +78,4 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main_guard(main, sys.argv[1:])

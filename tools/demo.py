@@ -20,21 +20,29 @@ it is composed from the decoded segments and their captions, whatever the model 
 (:func:`pix2cap.bridge.grounded_writer.compose_grounded_caption`, the PGC baseline). The
 picture shows its text under the image, each grounded phrase in the colour of its segment.
 
+It also keeps ``out/results.jsonl`` (one line per finished image, the record of its
+``<stem>.json``, appended and flushed as the image is done), ``out/summary.json`` (``{"tool",
+"status", "images", "done", "resumed", "failed", "failures": [{"image", "error"}],
+"settings"}``) and ``out/log.txt``. Each run starts over by default (a demo is rerun to see
+the effect of a change); ``--resume`` continues an interrupted run instead, skipping the images
+whose line and files are there, provided the settings (config, weights file, ``--confidence``,
+``--alpha``, ``--grounded-writer``) are the same.
+
 ``bbox`` is ``[x, y, w, h]`` in pixels of the original image (COCO's form) around the
 segment's pixels, ``area`` its pixel count. Segments scoring below ``--confidence`` are left
 out of both files (their pixels are drawn as void). A folder input takes its ``.png``,
 ``.jpg`` and ``.jpeg`` files (not recursive), a quoted glob pattern (``"photos/*.jpg"``) its
-matching image files. An image that cannot be read is reported by name;
-the others are still processed, then the run fails listing every unreadable file.
+matching image files. An image that cannot be read or that fails in the model is reported by
+name; the others are still processed, then the run fails naming the images that failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
-import sys
 from typing import Sequence
 
 import pix2cap.data  # noqa: F401  (registers the built-in datasets and their metadata)
@@ -45,8 +53,10 @@ from pix2cap.data.errors import DatasetError
 from pix2cap.engine.defaults import collect_image_files, setup_cfg
 from pix2cap.engine.predictor import DefaultPredictor
 from pix2cap.structures import PanopticResult, Segment
+from pix2cap.utils.cli import add_verbose_flag, check_output_dir, main_guard
 from pix2cap.utils.file_io import atomic_write_text
 from pix2cap.utils.logger import setup_logger
+from pix2cap.utils.streaming import ResumableRun, file_identity
 from pix2cap.utils.visualizer import Visualizer, save_rgb_png
 
 logger = logging.getLogger("pix2cap.demo")
@@ -88,12 +98,23 @@ def get_parser() -> argparse.ArgumentParser:
         "none) or one composed from the decoded segments and their captions (baseline)",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --output (skip the images it finished) instead "
+        "of starting over",
+    )
+    add_verbose_flag(parser)
+    parser.add_argument(
         "opts",
         default=None,
         nargs=argparse.REMAINDER,
         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth",
     )
     return parser
+
+
+JSONL_FILE = "results.jsonl"
+SUMMARY_FILE = "summary.json"
 
 
 def collect_images(inputs: Sequence[str]) -> list[str]:
@@ -164,7 +185,8 @@ def run_on_image(
     grounded_writer: str = "head",
 ):
     """Predict, draw and save one image; returns the JSON record written."""
-    image = read_image(path, format="RGB")  # DatasetError names the file if unreadable
+    # DatasetError names the file if unreadable or above INPUT.MAX_IMAGE_PIXELS.
+    image = read_image(path, format="RGB", max_pixels=predictor.cfg.INPUT.MAX_IMAGE_PIXELS)
     height, width = image.shape[:2]
     output = predictor(image)
     try:
@@ -200,38 +222,68 @@ def run_on_image(
     return record
 
 
+def run_settings(args, cfg) -> dict:
+    """What determines a demo's files: the config (hashed), the weights file (path, size,
+    time) and the drawing flags."""
+    return {
+        "config_sha256": hashlib.sha256(cfg.dump().encode("utf-8")).hexdigest(),
+        "weights": file_identity(cfg.MODEL.WEIGHTS),
+        "confidence": args.confidence,
+        "alpha": args.alpha,
+        "grounded_writer": args.grounded_writer,
+    }
+
+
 def main(args) -> list[dict]:
-    """Run the demo; returns the JSON records of the images written."""
-    setup_logger(name="pix2cap")
+    """Run the demo; returns the JSON records of the images written (in input order).
+
+    Raises:
+        DatasetError: images could not be read (the others were written).
+        ImagesFailedError: images failed in the model (the others were written).
+        FileNotFoundError, ValueError: bad inputs; OutputPathError: a bad ``--output``.
+    """
+    check_output_dir(args.output)  # before any work: a bad --output costs nothing
     cfg = setup_cfg(args)
     paths = collect_images(args.input)
-    os.makedirs(args.output, exist_ok=True)
-    predictor = DefaultPredictor(cfg)
-    records, failed = [], []
+    summary_stem = os.path.splitext(SUMMARY_FILE)[0]
     for path in paths:
-        try:
-            record = run_on_image(
-                predictor, path, args.output, args.confidence, args.alpha, args.grounded_writer
+        if os.path.splitext(os.path.basename(path))[0] == summary_stem:
+            raise ValueError(
+                f"{path}: its {SUMMARY_FILE} would replace the run's {SUMMARY_FILE}; rename it"
             )
-        except DatasetError as e:
-            # An unreadable image must not cost the results of the others.
-            logger.error("%s", e)
-            failed.append(str(e))
-            continue
-        records.append(record)
-        logger.info("%s: %d segments", path, len(record["segments"]))
-    if failed:
-        # Each message starts with the unreadable file's path.
-        raise DatasetError(
-            f"{len(failed)} of {len(paths)} image(s) could not be read: " + "; ".join(failed)
-        )
-    return records
+    run = ResumableRun(
+        os.path.join(args.output, JSONL_FILE),
+        os.path.join(args.output, SUMMARY_FILE),
+        tool="demo",
+        settings=run_settings(args, cfg),
+        key=lambda record: record["file_name"],
+        overwrite=not args.resume,
+        restart_hint="run without --resume to start over",
+    )
+    setup_logger(args.output, name="pix2cap")  # console and output/log.txt (tracebacks)
+
+    def finished(path: str) -> bool:
+        # Done by an earlier run: its line is there and so are both of its files.
+        stem = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0])
+        return run.is_done(path) and all(os.path.isfile(stem + ext) for ext in (".png", ".json"))
+
+    todo = [p for p in paths if not finished(p)]
+    predictor = DefaultPredictor(cfg) if todo else None
+    with run:
+        for path in todo:
+            with run.attempt(path):  # an unreadable image must not cost the results of the others
+                record = run.append(
+                    run_on_image(
+                        predictor, path, args.output, args.confidence, args.alpha,
+                        args.grounded_writer,
+                    )
+                )
+                logger.info("%s: %d segments", path, len(record["segments"]))
+    run.finish(total=len(paths), resumed=len(paths) - len(todo))
+    run.raise_for_failures(len(paths), input_error=DatasetError)
+    return [run.get(p) for p in paths if run.is_done(p)]
 
 
 if __name__ == "__main__":
     parsed = get_parser().parse_args()
-    try:
-        main(parsed)
-    except (DatasetError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    main_guard(main, parsed)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
 import torch
 from torch import nn
@@ -37,6 +36,7 @@ from pix2cap.engine.defaults import setup_cfg
 from pix2cap.evaluation import GroundedCaptionEvaluator, inference_on_dataset
 from pix2cap.evaluation.results import print_results_table, write_results_json
 from pix2cap.modeling import build_model
+from pix2cap.utils.cli import add_verbose_flag, main_guard
 from pix2cap.utils.logger import setup_logger
 
 logger = logging.getLogger("pix2cap.eval_grounded")
@@ -75,6 +75,7 @@ def get_parser() -> argparse.ArgumentParser:
         "--phrase-embedder", default=None,
         help="local sentence-transformers folder for phrase similarity (default: MiniLM)",
     )
+    add_verbose_flag(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser
 
@@ -88,7 +89,7 @@ def main(args) -> dict:
             "has MODEL.GROUNDED_HEAD.ENABLED False (use --writer baseline)"
         )
     model = build_model(cfg)
-    Checkpointer(model).load(cfg.MODEL.WEIGHTS)
+    Checkpointer(model, partial=cfg.MODEL.WEIGHTS_PARTIAL).load(cfg.MODEL.WEIGHTS)
     if args.writer == "baseline":
         model = BaselineGroundedWriter(model, MetadataCatalog.get(args.dataset))
     os.makedirs(args.output, exist_ok=True)
@@ -105,8 +106,4 @@ def main(args) -> dict:
 
 if __name__ == "__main__":
     parsed = get_parser().parse_args()
-    try:
-        main(parsed)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    main_guard(main, parsed)

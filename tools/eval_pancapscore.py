@@ -32,13 +32,24 @@ is the official setup; any other run is labelled an approximation in the output
 (``setup.official`` and ``setup.approximation_note``).
 
 Output (written atomically): ``{"setup", "mean": {E, L, A, R, G, Overall, ...},
-"per_image": [...], "judge_stats", "missing_predictions", "unmatched_predictions"}``; a table
-of the means is printed.
+"per_image": [...], "judge_stats", "missing_predictions", "unmatched_predictions",
+"failed_images", "resumed_images"}``; a table of the means is printed. An existing output is
+not replaced without ``--overwrite``; the output's folder is checked before anything is scored.
+
+Each image's scores are appended, as it is scored, to ``<output stem>.jsonl`` (one line per
+image, flushed), and ``<output stem>.summary.json`` records the run's settings and, at the end,
+its counts. A run that was interrupted (no output yet) continues when rerun with the same
+command: the images in the ``.jsonl`` are not scored again (except those whose judge could not
+be reached), provided the inputs (their contents) and the scoring flags are those of the first
+run; ``--overwrite`` starts over. An image whose scoring fails (e.g. a malformed ``structured``
+field) is left out of the means and listed in ``failed_images``; the tool then exits with an
+error after writing the output.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -57,7 +68,9 @@ from pix2cap.data.errors import DatasetError
 from pix2cap.evaluation.pancapscore.extractors import extractor_for
 from pix2cap.evaluation.pancapscore.pancapchain import read_pancapchain_folder
 from pix2cap.evaluation.pancapscore.score import format_table, summarize
+from pix2cap.utils.cli import UsageError, add_verbose_flag, check_output_file, main_guard
 from pix2cap.utils.file_io import atomic_write_json
+from pix2cap.utils.streaming import ResumableRun
 
 logger = logging.getLogger("pix2cap.eval_pancapscore")
 
@@ -134,22 +147,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--similarity-threshold", type=float, default=0.85,
                    help="structured judge: cosine for a paraphrase to count")
     p.add_argument("--limit", type=int, default=None, help="score only the first N images")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output, and start over instead of continuing an "
+                   "interrupted run")
+    add_verbose_flag(p)
     return p
+
+
+# The flags that change an image's scores; a continued run must have the same ones.
+SCORING_FLAGS = (
+    "gt_key", "pred_key", "protocol", "judge", "extractor", "gt_extractor", "judge_model",
+    "base_url", "batch_size", "embedder", "no_embedder", "similarity_threshold", "image_root",
+)
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _folder_listing(folder: str) -> list:
+    """Name, size and time of each file of a PancapChain folder: a changed file changes it."""
+    listing = []
+    for name in sorted(os.listdir(folder)):
+        st = os.stat(os.path.join(folder, name))
+        listing.append([name, st.st_size, st.st_mtime_ns])
+    return listing
+
+
+def scoring_settings(args) -> dict:
+    """What determines the scores: the inputs' contents and :data:`SCORING_FLAGS`."""
+    settings = {name: getattr(args, name) for name in SCORING_FLAGS}
+    settings["gt_sha256"] = _sha256_file(args.gt)
+    if args.pancapchain_dir:
+        settings["pancapchain_dir"] = _folder_listing(args.pancapchain_dir)
+    else:
+        settings["pred_sha256"] = _sha256_file(args.pred)
+    return settings
+
+
+def stream_paths(output: str) -> tuple[str, str]:
+    """The per-image ``.jsonl`` and the run summary beside the result file ``output``."""
+    base = output[: -len(".json")] if output.endswith(".json") else output
+    return base + ".jsonl", base + ".summary.json"
+
+
+def _check_usage(args) -> None:
+    """Flag combinations argparse cannot check; before any file is read."""
+    if args.pancapchain_dir and not args.image_root:
+        raise UsageError("--pancapchain-dir needs --image-root (the images give the sizes)")
+    if args.judge == "hf_local" and not args.judge_model:
+        raise UsageError("--judge hf_local needs --judge-model <local model folder>")
+    if args.judge == "openai_http" and (not args.base_url or not args.judge_model):
+        raise UsageError("--judge openai_http needs --base-url and --judge-model")
+    if "llm" in (args.extractor, args.gt_extractor) and args.judge == "structured":
+        raise UsageError("--extractor llm needs --judge hf_local or openai_http")
+
+
+def _image_key(image_path) -> str:
+    return os.path.normpath(str(image_path).replace("\\", "/"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _check_usage(args)
 
     gt = _load_entries(args.gt, args.gt_key, "ground-truth")
     if args.pancapchain_dir:
-        if not args.image_root:
-            raise SystemExit("--pancapchain-dir needs --image-root (the images give the sizes)")
         try:
             entries = read_pancapchain_folder(args.pancapchain_dir, args.image_root)
         except DatasetError as e:
             raise SystemExit(str(e)) from None
-        pred = {os.path.normpath(e["image_path"]): e for e in entries}
+        pred = {_image_key(e["image_path"]): e for e in entries}
         source = args.pancapchain_dir
         pred_key = "model_response"  # the reader's form, whatever --pred-key says
     else:
@@ -157,29 +230,36 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         source = args.pred
         pred_key = args.pred_key
 
+    # Before the judge is built and anything is scored: the output can be written.
+    check_output_file(args.output, overwrite=args.overwrite)
+    jsonl_path, summary_path = stream_paths(args.output)
+    run = ResumableRun(
+        jsonl_path,
+        summary_path,
+        tool="eval_pancapscore",
+        settings=scoring_settings(args),
+        key=lambda record: _image_key(record["image_path"]),
+        overwrite=args.overwrite,
+        outputs=(args.output,),
+    )
+
     embedder = None
     if not args.no_embedder:
         embedder = SentenceTransformerEmbedder(args.embedder, device=args.device)
     if args.judge == "structured":
         judge = build_judge("structured", embedder=embedder, threshold=args.similarity_threshold)
     elif args.judge == "hf_local":
-        if not args.judge_model:
-            raise SystemExit("--judge hf_local needs --judge-model <local model folder>")
         judge = build_judge("hf_local", model=args.judge_model, device=args.device,
                             batch_size=args.batch_size)
     else:
-        if not args.base_url or not args.judge_model:
-            raise SystemExit("--judge openai_http needs --base-url and --judge-model")
         judge = build_judge("openai_http", base_url=args.base_url, model=args.judge_model,
                             api_key_env=args.api_key_env, timeout=args.timeout,
                             retries=args.retries, batch_size=args.batch_size)
-    if "llm" in (args.extractor, args.gt_extractor) and not judge.is_llm:
-        raise SystemExit("--extractor llm needs --judge hf_local or openai_http")
 
     try:
         gt_extractor = extractor_for(args.gt_extractor, judge, for_gt=True, protocol=args.protocol)
     except ValueError as e:
-        raise SystemExit(f"--gt-extractor {args.gt_extractor}: {e}") from None
+        raise UsageError(f"--gt-extractor {args.gt_extractor}: {e}") from None
     scorer = PancapScorer(
         judge=judge,
         gt_extractor=gt_extractor,
@@ -199,22 +279,28 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if unmatched:
         logger.warning("%d predictions have no ground truth; ignored", len(unmatched))
 
-    per_image = []
-    for n, k in enumerate(keys):
-        entry = pred.get(k, {})
-        try:
-            per_image.append(
-                scorer.score_image(
-                    gt[k][args.gt_key],
-                    entry.get(pred_key, ""),
-                    entry.get("structured"),
-                    image_path=gt[k]["image_path"],
-                )
-            )
-        except ValueError as e:
-            raise SystemExit(f"{source}: {e}") from None
-        if (n + 1) % 50 == 0:
-            logger.info("scored %d / %d images", n + 1, len(keys))
+    def finished(k: str) -> bool:
+        # An image whose judge could not be reached is scored again.
+        return run.is_done(k) and not run.get(k).get("skipped")
+
+    todo = [k for k in keys if not finished(k)]
+    with run:
+        for n, k in enumerate(todo):
+            entry = pred.get(k, {})
+            with run.attempt(gt[k]["image_path"]):
+                try:
+                    scores = scorer.score_image(
+                        gt[k][args.gt_key],
+                        entry.get(pred_key, ""),
+                        entry.get("structured"),
+                        image_path=gt[k]["image_path"],
+                    )
+                except ValueError as e:
+                    raise ValueError(f"{source}: {e}") from e
+                run.append(scores)
+            if (n + 1) % 50 == 0:
+                logger.info("scored %d / %d images", n + 1, len(todo))
+    per_image = [run.get(k) for k in keys if run.is_done(k)]
     result = {
         "protocol": scorer.protocol,
         "setup": scorer.setup.as_dict(),
@@ -223,14 +309,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "judge_stats": dict(judge.stats),
         "missing_predictions": missing,
         "unmatched_predictions": unmatched,
+        "failed_images": list(run.failures),
+        "resumed_images": len(keys) - len(todo),
     }
     atomic_write_json(args.output, result, indent=2)
+    run.finish(total=len(keys), resumed=len(keys) - len(todo), output=args.output)
     print(format_table(result["mean"]))
     if not result["setup"]["official"]:
         print(result["setup"]["approximation_note"])
     print(f"wrote {args.output}")
+    run.raise_for_failures(len(keys), path=args.output)
     return result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main_guard(main, sys.argv[1:])

@@ -6,14 +6,17 @@
 """
 
 import argparse
+import sys
 
 from pix2cap.checkpoint import export_model_weights
+from pix2cap.utils.cli import add_verbose_flag, main_guard
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="training checkpoint -> model .safetensors")
     parser.add_argument("checkpoint", help="a .pth written by tools/train_net.py")
     parser.add_argument("output", help="the .safetensors file to write")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     info = export_model_weights(args.checkpoint, args.output)
     print(f"{info['tensors']} tensors, {info['bytes'] / 2**20:.1f} MiB -> {args.output}")
@@ -21,4 +24,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main, sys.argv[1:])

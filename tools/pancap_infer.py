@@ -6,7 +6,21 @@
     python tools/pancap_infer.py --config-file CFG --dataset sapancap_val \\
         --writer small_lm --lm-path output/small_lm --output out/
 
-Writes, atomically, into ``--output``:
+Writes into ``--output``, image by image:
+
+* ``predictions.jsonl`` -- one line per finished image (its prediction and structured record),
+  appended and flushed as the image is done. A rerun of the same command continues an
+  interrupted run: images already in it are skipped, a line a kill cut short is dropped; the
+  settings (config, weights file, writer and its flags) must be those of the first run, else
+  the run stops before any work. ``--overwrite`` starts over.
+* ``summary.json`` -- ``{"tool", "status" ("running", "complete", "incomplete", "interrupted"),
+  "images", "done", "resumed", "failed", "failures": [{"image", "error"}], "settings"}``.
+* ``log.txt`` -- the log, with the traceback of each image that failed.
+
+An image that cannot be read or that fails in the model or the writer is logged, counted and
+left out; the others go on, and the tool fails at the end naming the images that failed. At
+the end, built from the lines in input order and written atomically (the same files whether
+the run was interrupted or not):
 
 * ``predictions.json`` -- the official SA-Pancap prediction form, ``[{"image_path",
   "model_response"}]``; for a dataset, ``image_path`` is the dataset's relative path
@@ -25,20 +39,22 @@ dataset has no class vocabulary (SA-Pancap has none).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
-import sys
 from typing import Any
 
 import pix2cap.data  # noqa: F401  (registers the built-in datasets and their metadata)
 from pix2cap.bridge import PanopticCaptionBridge, build_caption_writer
 from pix2cap.data.catalog import DatasetCatalog
-from pix2cap.data.detection_utils import read_image
+from pix2cap.data.detection_utils import DEFAULT_MAX_IMAGE_PIXELS, read_image
 from pix2cap.data.errors import DatasetError
 from pix2cap.engine.defaults import collect_image_files, setup_cfg
 from pix2cap.engine.predictor import DefaultPredictor, class_metadata
+from pix2cap.utils.cli import add_verbose_flag, check_output_dir, main_guard
 from pix2cap.utils.file_io import atomic_write_json
 from pix2cap.utils.logger import setup_logger
+from pix2cap.utils.streaming import ResumableRun, file_identity
 
 logger = logging.getLogger("pix2cap.pancap_infer")
 
@@ -79,9 +95,33 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-segment-score", type=float, default=0.0)
     parser.add_argument("--limit", type=int, default=0, help="process at most N images (0 = all)")
     parser.add_argument(
+        "--overwrite", action="store_true",
+        help="start over: discard predictions.jsonl of an earlier run instead of continuing it",
+    )
+    add_verbose_flag(parser)
+    parser.add_argument(
         "opts", default=None, nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs"
     )
     return parser
+
+
+LM_WRITERS = ("small_lm", "hf_causal_lm")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with the flag combinations argparse cannot check: a bad one is a
+    usage error (exit 2), as an unknown ``--writer`` is."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.writer in LM_WRITERS and not args.lm_path:
+        parser.error(f"--writer {args.writer} needs --lm-path (a saved model folder)")
+    if args.adapter_path and args.writer != "hf_causal_lm":
+        parser.error("--adapter-path is for --writer hf_causal_lm only")
+    if args.num_beams < 1 or args.max_new_tokens < 1:
+        parser.error("--num-beams and --max-new-tokens must be at least 1")
+    if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
+        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    return args
 
 
 def collect_inputs(args) -> list[tuple[str, str]]:
@@ -118,69 +158,116 @@ def build_writer(args):
     return build_caption_writer(args.writer, **kwargs)
 
 
+# The flags that change what is written for an image: a rerun that continues a run must have
+# the same (the rest -- inputs, --limit, --output -- only change which images are done).
+RESULT_FLAGS = (
+    "writer", "lm_path", "adapter_path", "max_new_tokens", "temperature", "top_p", "num_beams",
+    "box_constraint", "region_captions", "extra_instance_threshold", "min_segment_score",
+)
+JSONL_FILE = "predictions.jsonl"
+SUMMARY_FILE = "summary.json"
+PREDICTIONS_FILE = "predictions.json"
+STRUCTURED_FILE = "structured.json"
+PREDICTION_KEYS = ("image_path", "model_response", "grounded_caption")
+STRUCTURED_KEYS = (
+    "image_path", "height", "width", "structured", "structured_full", "stages", "stage3_extra"
+)
+
+
+def run_settings(args, cfg) -> dict:
+    """What determines the results: the flags of :data:`RESULT_FLAGS`, the config (hashed)
+    and the weights file (path, size, time); ``cfg`` None (an injected predictor): no config."""
+    settings = {name: getattr(args, name) for name in RESULT_FLAGS}
+    settings["config_sha256"] = (
+        None if cfg is None else hashlib.sha256(cfg.dump().encode("utf-8")).hexdigest()
+    )
+    settings["weights"] = None if cfg is None else file_identity(cfg.MODEL.WEIGHTS)
+    return settings
+
+
+def caption_image(bridge, predictor, file_name: str, image_path: str) -> dict:
+    """One image's line of ``predictions.jsonl``: its prediction and its structured record."""
+    cfg = getattr(predictor, "cfg", None)  # None for an injected predictor: the default limit
+    limit = DEFAULT_MAX_IMAGE_PIXELS if cfg is None else cfg.INPUT.MAX_IMAGE_PIXELS
+    image = read_image(file_name, format="RGB", max_pixels=limit)  # DatasetError names the file
+    height, width = image.shape[:2]
+    out = bridge(predictor(image), (height, width))
+    return {
+        "image_path": image_path,
+        "model_response": out["caption"],
+        "grounded_caption": out["grounded_caption"],
+        "height": height,
+        "width": width,
+        "structured": out["structured"],
+        "structured_full": out["structured_full"],
+        "stages": {str(k): v for k, v in out["stages"].items()},
+        "stage3_extra": out["stage3_extra"],
+    }
+
+
 def main(args, predictor=None, cfg=None) -> tuple[list[dict], list[dict]]:
     """Run the tool; ``predictor`` (``predictor(image_rgb_uint8) -> outputs``, with a
     ``metadata`` attribute) replaces ``DefaultPredictor(cfg)`` when given.
 
     Returns:
         (predictions, structured records) as written.
+
+    Raises:
+        DatasetError: images could not be read (the others were written), or the inputs
+            are bad.
+        ImagesFailedError: images failed in the model or the writer (the others were written).
+        OutputPathError: ``--output`` cannot be written, or holds a run with other settings.
     """
-    setup_logger(name="pix2cap")
+    check_output_dir(args.output)  # before any work: a bad --output costs nothing
     if predictor is None:
         cfg = setup_cfg(args)
-        predictor = DefaultPredictor(cfg)
     inputs = collect_inputs(args)
     if args.limit and args.limit > 0:
         inputs = inputs[: args.limit]
-    os.makedirs(args.output, exist_ok=True)
-    bridge = PanopticCaptionBridge(
-        build_writer(args),
-        metadata=class_metadata(cfg, getattr(predictor, "metadata", None)),
-        extra_instance_threshold=args.extra_instance_threshold,
-        min_segment_score=args.min_segment_score,
+    # The same image listed twice is captioned once (its key names it in predictions.json).
+    inputs = list(dict.fromkeys(inputs))
+    out_dir = args.output
+    run = ResumableRun(
+        os.path.join(out_dir, JSONL_FILE),
+        os.path.join(out_dir, SUMMARY_FILE),
+        tool="pancap_infer",
+        settings=run_settings(args, cfg),
+        key=lambda record: record["image_path"],
+        overwrite=args.overwrite,
+        outputs=tuple(os.path.join(out_dir, f) for f in (PREDICTIONS_FILE, STRUCTURED_FILE)),
     )
-    predictions, records, failed = [], [], []
-    for file_name, image_path in inputs:
-        try:
-            image = read_image(file_name, format="RGB")
-        except DatasetError as e:
-            logger.error("%s", e)
-            failed.append(str(e))
-            continue
-        height, width = image.shape[:2]
-        out = bridge(predictor(image), (height, width))
-        predictions.append(
-            {
-                "image_path": image_path,
-                "model_response": out["caption"],
-                "grounded_caption": out["grounded_caption"],
-            }
-        )
-        records.append(
-            {
-                "image_path": image_path,
-                "height": height,
-                "width": width,
-                "structured": out["structured"],
-                "structured_full": out["structured_full"],
-                "stages": {str(k): v for k, v in out["stages"].items()},
-                "stage3_extra": out["stage3_extra"],
-            }
-        )
-        logger.info("%s: %d entities", image_path, len(out["structured"]["entities"]))
-    atomic_write_json(os.path.join(args.output, "predictions.json"), predictions, indent=2)
-    atomic_write_json(os.path.join(args.output, "structured.json"), records, indent=2)
-    if failed:
-        raise DatasetError(
-            f"{len(failed)} of {len(inputs)} image(s) could not be read: " + "; ".join(failed)
-        )
+    setup_logger(out_dir, name="pix2cap")  # console and out_dir/log.txt (tracebacks)
+    todo = [(f, p) for f, p in inputs if not run.is_done(p)]
+    writer = build_writer(args)  # a missing --lm-path fails before the model is loaded
+    if todo and predictor is None:
+        predictor = DefaultPredictor(cfg)
+    with run:
+        if todo:
+            bridge = PanopticCaptionBridge(
+                writer,
+                metadata=class_metadata(cfg, getattr(predictor, "metadata", None)),
+                extra_instance_threshold=args.extra_instance_threshold,
+                min_segment_score=args.min_segment_score,
+            )
+        else:
+            logger.info("All %d image(s) are done already; writing the final files", len(inputs))
+        for file_name, image_path in todo:
+            with run.attempt(image_path):
+                record = run.append(caption_image(bridge, predictor, file_name, image_path))
+                logger.info("%s: %d entities", image_path, len(record["structured"]["entities"]))
+    done = [run.get(p) for _, p in inputs if run.is_done(p)]
+    predictions = [{k: r[k] for k in PREDICTION_KEYS} for r in done]
+    records = [{k: r[k] for k in STRUCTURED_KEYS} for r in done]
+    atomic_write_json(os.path.join(out_dir, PREDICTIONS_FILE), predictions, indent=2)
+    atomic_write_json(os.path.join(out_dir, STRUCTURED_FILE), records, indent=2)
+    run.finish(total=len(inputs), resumed=len(inputs) - len(todo))
+    logger.info(
+        "%d of %d image(s) written to %s (%d from an earlier run)",
+        len(done), len(inputs), out_dir, len(inputs) - len(todo),
+    )
+    run.raise_for_failures(len(inputs), input_error=DatasetError)
     return predictions, records
 
 
 if __name__ == "__main__":
-    parsed = get_parser().parse_args()
-    try:
-        main(parsed)
-    except (DatasetError, FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    main_guard(main, parse_args())

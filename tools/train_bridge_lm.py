@@ -49,6 +49,7 @@ from pix2cap.data.errors import DatasetError
 from pix2cap.engine.defaults import setup_cfg
 from pix2cap.engine.predictor import DefaultPredictor, class_metadata, metadata_from_config
 from pix2cap.modeling.caption_head.tokenizer import build_subset_vocab
+from pix2cap.utils.cli import add_verbose_flag, main_guard
 from pix2cap.utils.file_io import atomic_write_text
 from pix2cap.utils.logger import setup_logger
 
@@ -103,6 +104,7 @@ def main(argv=None) -> dict:
         "opts", default=None, nargs=argparse.REMAINDER,
         help="config overrides as KEY VALUE pairs, e.g. INPUT.MIN_SIZE_TEST 512",
     )
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     decoded_flags = [
         f for f, given in (("--weights", args.weights), ("--device", args.device),
@@ -205,8 +207,4 @@ def _decoded_pairs(args, prompt_format: PromptFormat) -> tuple[list[dict], dict]
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DatasetError, FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    main_guard(main, sys.argv[1:])

@@ -6,6 +6,10 @@
     python tools/train_net.py --config-file CFG --resume           # continue an interrupted run
     python tools/train_net.py --config-file CFG --num-gpus 2       # 2 GPUs, or 2 CPU processes
     torchrun --nproc-per-node 2 tools/train_net.py --config-file CFG
+
+A failure prints one line, ``error: <file>: <problem>``, and exits 1; the traceback is in
+``OUTPUT_DIR/log.txt`` once the run has set it up, and on the console with ``--verbose``
+(before the ``KEY VALUE`` overrides).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pix2cap.checkpoint import Checkpointer
 from pix2cap.config import load_cfg
 from pix2cap.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from pix2cap.utils import comm
+from pix2cap.utils.cli import add_verbose_flag, check_output_dir, main_guard
 
 logger = logging.getLogger("pix2cap.train_net")
 
@@ -25,6 +30,8 @@ logger = logging.getLogger("pix2cap.train_net")
 def setup(args):
     """The frozen config: defaults, then the config file, then command-line overrides."""
     cfg = load_cfg(args.config_file, args.opts)
+    if cfg.OUTPUT_DIR and comm.is_main_process():
+        check_output_dir(cfg.OUTPUT_DIR)  # a file there, or a read-only folder: say so now
     default_setup(cfg, args)
     return cfg
 
@@ -34,7 +41,9 @@ def main(args):
     if args.eval_only:
         model = DefaultTrainer.build_model(cfg)
         # Evaluation loads only the weights: no optimizer, scheduler or iteration.
-        Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        Checkpointer(
+            model, save_dir=cfg.OUTPUT_DIR, partial=cfg.MODEL.WEIGHTS_PARTIAL
+        ).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = DefaultTrainer.test(cfg, model)
@@ -47,7 +56,7 @@ def main(args):
 
 
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    args = add_verbose_flag(default_argument_parser()).parse_args()
     print("Command Line Args:", args)
     launch(
         main,
@@ -60,4 +69,4 @@ def invoke_main() -> None:
 
 
 if __name__ == "__main__":
-    invoke_main()
+    main_guard(invoke_main)

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
 import numpy as np
 
 import pix2cap.data  # noqa: F401  (registers the built-in datasets)
 from pix2cap.data.catalog import DatasetCatalog, MetadataCatalog
 from pix2cap.data.detection_utils import read_image, read_panoptic_result
-from pix2cap.data.errors import DatasetError
+from pix2cap.utils.cli import add_verbose_flag, main_guard
 from pix2cap.utils.logger import setup_logger
 from pix2cap.utils.visualizer import Visualizer, save_rgb_png
 
@@ -38,6 +37,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scale", type=float, default=1.0, help="resize factor of the drawn images"
     )
+    add_verbose_flag(parser)
     return parser
 
 
@@ -75,8 +75,4 @@ def main(args) -> list[str]:
 
 if __name__ == "__main__":
     parsed = get_parser().parse_args()
-    try:
-        main(parsed)
-    except (DatasetError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    main_guard(main, parsed)

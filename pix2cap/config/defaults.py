@@ -16,6 +16,7 @@ _C.MODEL = CN()
 _C.MODEL.META_ARCHITECTURE = "Pix2Cap"  # Name in META_ARCH_REGISTRY of the model to build.
 _C.MODEL.DEVICE = "cpu"  # torch device for the model: "cpu", "cuda", "cuda:1", ...
 _C.MODEL.WEIGHTS = ""  # Checkpoint (local path) loaded before training or evaluation.
+_C.MODEL.WEIGHTS_PARTIAL = False  # Accept a MODEL.WEIGHTS covering under half the model's parameter values (else refused).
 _C.MODEL.PIXEL_MEAN = [123.675, 116.280, 103.530]  # Per-channel RGB mean on the 0-255 scale.
 _C.MODEL.PIXEL_STD = [58.395, 57.120, 57.375]  # Per-channel RGB std on the 0-255 scale.
 _C.MODEL.DDP_FIND_UNUSED_PARAMETERS = False  # Let DDP tolerate parameters without a gradient in a step (slower).
@@ -143,6 +144,7 @@ _C.INPUT.RANDOM_FLIP = "horizontal"  # "horizontal" or "none"; flips rewrite lef
 _C.INPUT.MIN_SIZE_TEST = 800  # Test-time resize of the shortest side.
 _C.INPUT.MAX_SIZE_TEST = 1333  # Test-time cap on the longest side.
 _C.INPUT.SIZE_DIVISIBILITY = 32  # Pad batched images to a multiple of this.
+_C.INPUT.MAX_IMAGE_PIXELS = 150_000_000  # Refuse larger image files (DatasetError naming the file) before decoding; 0: only PIL's limit.
 
 # ---------------------------------------------------------------------------------------------
 # Datasets and loaders

@@ -6,9 +6,10 @@ pads them itself (``ImageList.from_tensors``). Training loaders are infinite.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ import torch.utils.data as torchdata
 
 from pix2cap.config.config import configurable
 from pix2cap.utils import comm
+from pix2cap.utils.env import derive_seed
 
 from .catalog import DatasetCatalog
 from .errors import DatasetError
@@ -91,6 +93,13 @@ def get_detection_dataset_dicts(
 class MapDataset(torchdata.Dataset):
     """Apply ``map_func`` to the items of a list lazily (in DataLoader workers).
 
+    ``dataset[i]`` maps item ``i`` with the augmentation generator as it stands.
+    ``dataset[(i, seed)]`` first reseeds this process's augmentation generator
+    (:func:`~pix2cap.data.transforms.global_rng`) with ``seed``. Training loaders ask for
+    every sample that way, with a seed derived from the run seed and the sample's position
+    in the job's stream: its random crop and flip are then the same whichever worker maps it
+    and whether or not the run was resumed.
+
     With ``max_retries > 0`` an item whose mapping raises :class:`DatasetError` is logged and
     replaced by another item, drawn by a generator seeded with the requested index and
     avoiding items already known to fail (at most ``max_retries`` times per request); by
@@ -112,7 +121,12 @@ class MapDataset(torchdata.Dataset):
     def __len__(self) -> int:
         return len(self._dataset)
 
-    def __getitem__(self, index: int) -> Any:
+    def __getitem__(self, key: Union[int, tuple[int, int]]) -> Any:
+        if isinstance(key, tuple):
+            index, seed = key
+            seed_global_rng(seed)
+        else:
+            index = key
         current = int(index)
         attempt = 0
         while True:
@@ -149,9 +163,40 @@ def trivial_batch_collator(batch: list[Any]) -> list[Any]:
     return batch
 
 
+class _SeededSampler(torchdata.Sampler):
+    """Pairs each index of ``sampler`` with the augmentation seed of its sample (see
+    :class:`MapDataset`): a function of ``seed`` and the sample's position in the job's
+    stream, where this process's ``k``-th index is at ``first_position + k * world_size``.
+
+    The ``skip`` first indices of ``sampler`` are dropped (resuming a sampler that cannot
+    start in the middle by itself)."""
+
+    def __init__(
+        self,
+        sampler: Iterable[int],
+        *,
+        seed: int,
+        first_position: int,
+        world_size: int,
+        skip: int = 0,
+    ):
+        self._sampler = sampler
+        self._seed = int(seed)
+        self._first_position = int(first_position)
+        self._world_size = int(world_size)
+        self._skip = int(skip)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = itertools.islice(self._sampler, self._skip, None)
+        for k, index in enumerate(indices):
+            position = self._first_position + k * self._world_size
+            yield index, derive_seed(self._seed, "sample", position)
+
+
 def worker_init_reset_seed(worker_id: int) -> None:
-    """Seed one DataLoader worker from ``torch.initial_seed()`` (base seed + worker id, set by
-    torch), so workers draw different augmentations and a seeded loader repeats them."""
+    """Seed one DataLoader worker's generators from ``torch.initial_seed()`` (base seed +
+    worker id, set by torch), so workers differ and a seeded loader repeats them. (Training
+    loaders reseed the augmentation generator per sample anyway, see :class:`MapDataset`.)"""
     seed = torch.initial_seed()
     seed_global_rng(seed)
     np.random.seed(seed % 2**32)
@@ -168,7 +213,9 @@ def _per_process_batch_size(total_batch_size: int) -> int:
     return total_batch_size // world_size
 
 
-def _train_loader_from_config(cfg, mapper=None, *, dataset=None, sampler=None) -> dict[str, Any]:
+def _train_loader_from_config(
+    cfg, mapper=None, *, dataset=None, sampler=None, start_iter: int = 0
+) -> dict[str, Any]:
     if dataset is None:
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
@@ -188,6 +235,7 @@ def _train_loader_from_config(cfg, mapper=None, *, dataset=None, sampler=None) -
         "num_workers": cfg.DATALOADER.NUM_WORKERS,
         "seed": cfg.SEED if cfg.SEED >= 0 else None,
         "max_retries": int(cfg.DATALOADER.get("MAX_RETRIES_ON_ERROR", 0)),
+        "start_iter": start_iter,
     }
 
 
@@ -201,37 +249,64 @@ def build_train_loader(
     num_workers: int = 0,
     seed: Optional[int] = None,
     max_retries: int = 0,
+    start_iter: int = 0,
 ) -> torchdata.DataLoader:
     """An infinite training loader; each batch is a ``list`` of ``total_batch_size /
     world_size`` mapped dicts.
 
-    Also callable as ``build_train_loader(cfg, mapper=None, dataset=None)``.
+    Also callable as ``build_train_loader(cfg, mapper=None, dataset=None, start_iter=0)``.
+
+    The loader is a pure function of ``seed``: which images each process gets (the sampler)
+    and how each is augmented (its generator is reseeded per sample from ``seed`` and the
+    sample's position in the job's stream) do not depend on ``num_workers``, so a loader built
+    with ``start_iter=n`` yields exactly the batches ``n, n + 1, ...`` of one built with
+    ``start_iter=0``.
 
     Args:
         dataset: dataset dicts, or a registered dataset name.
-        mapper: dataset dict -> model input dict (e.g. ``PanopticLSJDatasetMapper``).
-        sampler: index sampler; default ``TrainingSampler(len(dataset), seed=seed)``.
+        mapper: dataset dict -> model input dict (e.g. ``PanopticLSJDatasetMapper``); its
+            randomness must come from ``global_rng()`` to be reproducible.
+        sampler: index sampler, iterated from its beginning (its first ``start_iter`` batches
+            are skipped by drawing them); default ``TrainingSampler(len(dataset), seed=seed)``,
+            which starts at ``start_iter`` directly.
         total_batch_size: images per iteration over all processes.
         num_workers: loader worker processes (0: map in the main process).
-        seed: shuffling seed shared by all ranks; with it, augmentations are reproducible too
-            (seeded by ``seed + rank``, then per worker). ``None``: drawn at random.
+        seed: shuffling and augmentation seed shared by all ranks. ``None``: the given
+            sampler's ``seed`` if it has one, else drawn at random (a collective call when
+            distributed).
         max_retries: replace an image whose mapping fails with another, up to this many times.
+        start_iter: batches the job already trained on (resuming at iteration ``start_iter``).
     """
     if isinstance(dataset, str):
         dataset = get_detection_dataset_dicts(dataset)
+    if start_iter < 0:
+        raise ValueError(f"start_iter must be >= 0, got {start_iter}")
     batch_size = _per_process_batch_size(total_batch_size)
+    rank, world_size = comm.get_rank(), comm.get_world_size()
+    if seed is None:
+        # A given TrainingSampler's seed, else one drawn for the job (a collective call).
+        seed = getattr(sampler, "seed", None)
+        seed = comm.shared_random_seed() if seed is None else seed
+    seed = int(seed)
+    consumed = start_iter * batch_size  # indices this process already drew
+    skip = 0
     if sampler is None:
-        sampler = TrainingSampler(len(dataset), seed=seed)
-    generator = None
-    if seed is not None:
-        process_seed = int(seed) + comm.get_rank()
-        generator = torch.Generator()
-        generator.manual_seed(process_seed)  # fixes the base seed handed to the workers
-        if num_workers == 0:
-            seed_global_rng(process_seed)  # mapping happens in this process
+        sampler = TrainingSampler(len(dataset), seed=seed, start=consumed * world_size)
+    else:
+        skip = consumed
+    keyed_sampler = _SeededSampler(
+        sampler,
+        seed=seed,
+        first_position=consumed * world_size + rank,
+        world_size=world_size,
+        skip=skip,
+    )
+    # Hands the workers their base seeds without touching the global torch generator.
+    generator = torch.Generator()
+    generator.manual_seed(seed + rank)
     return torchdata.DataLoader(
         MapDataset(dataset, mapper, max_retries=max_retries),
-        sampler=sampler,
+        sampler=keyed_sampler,
         batch_size=batch_size,
         drop_last=True,
         num_workers=num_workers,

@@ -4,7 +4,8 @@ Three forms, each with its parser and writer:
 
 SA-Pancap inline boxes. Ground-truth panoptic captions are free prose, sometimes markdown
 bullets, with boxes written inline as ``[[x1, y1, x2, y2]]`` normalised to [0, 1] of the image
-width and height (:func:`parse_pancap_boxes`, :func:`format_box`, :func:`rewrite_pancap_boxes`).
+width and height (:func:`parse_pancap_boxes`, :func:`format_box`, :func:`rewrite_pancap_boxes`;
+:func:`check_pancap_boxes` removes the boxes that are not valid).
 
 Model-side grid boxes. ASMv2 / PancapChain text writes ``tag <box>[[x1, y1, x2, y2]]</box>``
 with integers on a 0-1000 grid of the image padded to a square (:func:`parse_tagged_boxes`,
@@ -58,21 +59,30 @@ first, with :func:`format_grounding_tag`):
 * Anything else that looks like a tag -- an unclosed ``<``, a stray ``>``, ``<3:>`` with no
   phrase, ``<a:b>`` with non-numeric ids -- is ordinary text and kept as written.
 
-Which number a colon tag's id means is decided once per caption (the *convention*), given the
-image's segment ids in ``segments_info`` order:
+Which number a colon tag's id means (its *convention*) is decided per tag, given the image's
+segment ids in ``segments_info`` order, so that one stray id never moves the other tags of the
+caption onto other segments:
 
-1. ``"segment_id"``: every id of every colon tag is a segment id of the PNG;
-2. else ``"index0"``: every id is in ``[0, n)``, a 0-based position in ``segments_info``
-   (an id 0 can never be a segment id, as 0 is VOID);
-3. else ``"index1"``: every id is in ``[1, n]``, a 1-based position;
-4. else, when no convention explains every id, the one resolving the most ids (ties in the
-   order above); ids it cannot resolve are dropped and counted as unresolved.
+1. ``"segment_id"`` when every id of the tag is a segment id of the PNG (an id 0 never is, as
+   0 is VOID);
+2. else a position in ``segments_info``: ``"index0"`` (every id in ``[0, n)``) or
+   ``"index1"`` (every id in ``[1, n]``). Where both fit, the caption decides: the one that
+   resolves more ids of the caption's tags that are not all segment ids (``index0`` on a tie);
+3. else, when no convention explains every id of the tag, the one resolving the most of them
+   (ties in the order above); the ids it cannot resolve are dropped and counted as unresolved.
+
+A caption whose colon tags were resolved under different conventions is flagged
+(``mixed_id_conventions``; the COCONut loader names each such image in a warning): the reading
+is a guess there. In particular a caption written with 0-based indices whose ids are also
+segment ids of the image (segment ids 1..n) cannot be told from a segment-id caption with one
+stray index, and is read the second way.
 
 ``<ids>phrase>`` tags always use ``"index0"``. A caption's ``convention`` is the one all its
-tags used, ``"mixed"`` if colon and no-colon tags used different ones, ``"none"`` without tags,
-and ``"unresolved"`` when no segment ids were given (colon ids are then taken as segment ids
-unchecked, no-colon tags stay ungrounded). A tag none of whose ids resolves keeps its phrase in
-the text and in ``phrases``, with ``segment_ids == []``.
+resolved tags used, ``"mixed"`` if they used different ones (colon and no-colon tags, or colon
+tags among themselves), ``"none"`` without tags, and ``"unresolved"`` when no segment ids were
+given (colon ids are then taken as segment ids unchecked, no-colon tags stay ungrounded). A
+tag none of whose ids resolves keeps its phrase in the text and in ``phrases``, with
+``segment_ids == []``.
 """
 
 from __future__ import annotations
@@ -90,6 +100,9 @@ __all__ = [
     "parse_pancap_boxes",
     "format_box",
     "rewrite_pancap_boxes",
+    "BOX_TOLERANCE",
+    "BOX_PROBLEMS",
+    "check_pancap_boxes",
     "parse_tagged_boxes",
     "pixel_box_to_grid",
     "normalized_box_to_grid",
@@ -207,6 +220,83 @@ def rewrite_pancap_boxes(text: str, transform: Callable[[list[float]], Sequence[
         cursor = item["box_end"]
     pieces.append(text[cursor:])
     return "".join(pieces)
+
+
+#: How far outside [0, 1] a normalised coordinate may be and still be kept (clamped): rounding
+#: in the files puts some edges a hair past the image border.
+BOX_TOLERANCE = 1e-3
+#: Why :func:`check_pancap_boxes` rejects a ``[[...]]`` group, and what each reason means.
+BOX_PROBLEMS = {
+    "malformed": "not four numbers",
+    "non_finite": "a coordinate is NaN or infinite",
+    "out_of_range": "a coordinate is outside [0, 1]",
+    "inverted": "x1 > x2 or y1 > y2",
+}
+_NON_FINITE_TOKEN_RE = re.compile(r"[-+]?(nan|inf|infinity)", re.IGNORECASE)
+_NUMBER_RE = re.compile(_NUMBER)
+
+
+def _box_values(literal: str) -> list[float] | None:
+    """The four numbers of a ``[[...]]`` literal (NaN and infinity included), or None."""
+    tokens = [t.strip() for t in literal[2:-2].split(",")]
+    if len(tokens) != 4:
+        return None
+    if not all(_NUMBER_RE.fullmatch(t) or _NON_FINITE_TOKEN_RE.fullmatch(t) for t in tokens):
+        return None
+    return [float(t) for t in tokens]
+
+
+def check_pancap_boxes(
+    text: str, tolerance: float = BOX_TOLERANCE
+) -> tuple[str, list[dict]]:
+    """Validate every ``[[...]]`` group of an SA-Pancap caption; drop the bad ones.
+
+    A box is kept when its four coordinates are finite, inside ``[0, 1]`` up to ``tolerance``
+    (a coordinate within it is clamped to ``[0, 1]`` and the box rewritten with
+    :func:`format_box`), and ordered (``x1 <= x2``, ``y1 <= y2``). Any other group is removed
+    from the text together with the spaces before it, so the phrase it followed stays and the
+    text never carries a box that :func:`parse_pancap_boxes` would return invalid (the text
+    and its parsed boxes agree, and a box that is mirrored, rescaled or put on the 0-1000 grid
+    downstream is a real one).
+
+    Returns:
+        ``(text, issues)``: the cleaned text, and one ``{"literal", "reason"}`` per group that
+        was changed, in text order; ``reason`` is ``"clamped"`` for a box kept after clamping,
+        else a key of :data:`BOX_PROBLEMS` (the group was removed).
+    """
+    pieces: list[str] = []
+    issues: list[dict] = []
+    cursor = 0
+    for group in _BRACKET_GROUP_RE.finditer(text):
+        literal = group.group(0)
+        values = _box_values(literal)
+        replacement = literal
+        if values is None:
+            reason = "malformed"
+        elif not all(math.isfinite(v) for v in values):
+            reason = "non_finite"
+        elif any(v < -tolerance or v > 1.0 + tolerance for v in values):
+            reason = "out_of_range"
+        else:
+            clamped = [min(1.0, max(0.0, v)) for v in values]
+            x1, y1, x2, y2 = clamped
+            if x1 > x2 or y1 > y2:
+                reason = "inverted"
+            elif clamped != values:
+                reason = "clamped"
+                replacement = format_box(clamped)
+            else:
+                continue
+        issues.append({"literal": literal, "reason": reason})
+        before = text[cursor : group.start()]
+        if reason != "clamped":
+            before = before.rstrip(" \t")  # the space that separated the box from its phrase
+            replacement = ""
+        pieces.append(before)
+        pieces.append(replacement)
+        cursor = group.end()
+    pieces.append(text[cursor:])
+    return "".join(pieces), issues
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,17 +519,28 @@ def _resolve(ids: Sequence[int], convention: str, segment_ids: Sequence[int]) ->
     return out
 
 
-def _choose_convention(colon_ids: list[list[int]], segment_ids: Sequence[int]) -> str:
-    """The convention for a caption's colon tags (see the module docstring for the rule)."""
-    flat = [i for ids in colon_ids for i in ids]
-    resolved_counts = {}
-    for convention in CONVENTIONS:
-        n_resolved = sum(len(_resolve([i], convention, segment_ids)) for i in flat)
-        if n_resolved == len(flat):
-            return convention
-        resolved_counts[convention] = n_resolved
-    # max() keeps the first of equal counts, i.e. the earlier convention in CONVENTIONS.
-    return max(CONVENTIONS, key=lambda c: resolved_counts[c])
+def _count_resolved(ids: Sequence[int], convention: str, segment_ids: Sequence[int]) -> int:
+    return sum(len(_resolve([i], convention, segment_ids)) for i in ids)
+
+
+def _tag_conventions(colon_ids: list[list[int]], segment_ids: Sequence[int]) -> list[str]:
+    """The convention of each colon tag (see the module docstring for the rule)."""
+    segment_set = set(segment_ids)
+    is_segment = [bool(ids) and all(i in segment_set for i in ids) for ids in colon_ids]
+    # Between the two index readings, the caption's other tags decide (index0 on a tie).
+    others = [i for ids, seg in zip(colon_ids, is_segment) if not seg for i in ids]
+    counts = {c: _count_resolved(others, c, segment_ids) for c in ("index0", "index1")}
+    preferred = "index1" if counts["index1"] > counts["index0"] else "index0"
+    order = ("segment_id", preferred, "index1" if preferred == "index0" else "index0")
+    conventions = []
+    for ids, seg in zip(colon_ids, is_segment):
+        if seg:
+            conventions.append("segment_id")
+            continue
+        resolved = {c: _count_resolved(ids, c, segment_ids) for c in order}
+        # max() keeps the first of equal counts, i.e. the earlier convention in ``order``.
+        conventions.append(max(order, key=lambda c: resolved[c]))
+    return conventions
 
 
 def parse_grounded_caption(raw: str, segment_ids: Sequence[int] | None = None) -> dict:
@@ -451,11 +552,13 @@ def parse_grounded_caption(raw: str, segment_ids: Sequence[int] | None = None) -
             id convention and to turn indices into segment ids. ``None``: ids are not checked.
 
     Returns:
-        ``{"raw", "text", "phrases", "convention", "tag_stats"}``: ``text`` is ``raw`` with each
+        ``{"raw", "text", "phrases", "convention", "mixed_id_conventions", "tag_stats"}``:
+        ``text`` is ``raw`` with each
         tag replaced by its phrase; ``phrases`` lists ``{"phrase", "start", "end",
         "segment_ids", "tag_ids", "convention"}`` per tag in reading order, with
         ``text[start:end] == phrase``, ``segment_ids`` the PNG ids it grounds to and
-        ``tag_ids`` the numbers as written; ``tag_stats`` counts tags per convention, plus
+        ``tag_ids`` the numbers as written; ``mixed_id_conventions`` is True when the resolved
+        colon tags used different conventions; ``tag_stats`` counts tags per convention, plus
         ``"unresolved"`` (tags with no resolvable id) and ``"unresolved_ids"``.
     Never raises on odd tags; a non-string ``raw`` raises ``TypeError``.
     """
@@ -471,9 +574,12 @@ def parse_grounded_caption(raw: str, segment_ids: Sequence[int] | None = None) -
                 ids.append(value)
         tags.append((m, ids, m.group("sep") == ":"))
 
+    colon_conventions: list[str] = []
     if segment_ids is not None:
         segment_ids = [int(s) for s in segment_ids]
-        colon_convention = _choose_convention([ids for _, ids, colon in tags if colon], segment_ids)
+        colon_conventions = _tag_conventions([ids for _, ids, colon in tags if colon], segment_ids)
+    next_colon = iter(colon_conventions)
+    colon_used: set[str] = set()
 
     pieces: list[str] = []
     phrases: list[dict] = []
@@ -489,8 +595,10 @@ def parse_grounded_caption(raw: str, segment_ids: Sequence[int] | None = None) -
             convention = "segment_id" if colon else "index0"
             grounded = list(ids) if colon else []
         else:
-            convention = colon_convention if colon else "index0"
+            convention = next(next_colon) if colon else "index0"
             grounded = _resolve(ids, convention, segment_ids)
+            if colon and grounded:
+                colon_used.add(convention)
         stats["unresolved_ids"] += len(ids) - len(grounded)
         stats[convention if grounded else "unresolved"] += 1
         phrases.append(
@@ -513,13 +621,17 @@ def parse_grounded_caption(raw: str, segment_ids: Sequence[int] | None = None) -
     elif segment_ids is None:
         caption_convention = "unresolved"
     else:
-        used = {p["convention"] for p in phrases}
+        # Unresolved tags carry a convention too, but the caption's is what resolved tags used.
+        used = {p["convention"] for p in phrases if p["segment_ids"]} or {
+            p["convention"] for p in phrases
+        }
         caption_convention = used.pop() if len(used) == 1 else "mixed"
     return {
         "raw": raw,
         "text": "".join(pieces),
         "phrases": phrases,
         "convention": caption_convention,
+        "mixed_id_conventions": len(colon_used) > 1,
         "tag_stats": {k: stats.get(k, 0) for k in (*CONVENTIONS, "unresolved", "unresolved_ids")},
     }
 

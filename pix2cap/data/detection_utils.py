@@ -3,7 +3,9 @@ say what is wrong.
 
 Real datasets contain grayscale and RGBA images among RGB ones (COCO has grayscale JPEGs);
 they are converted to RGB with a warning instead of crashing a long training run. Files that
-are missing, truncated or undecodable raise :class:`DatasetError`.
+are missing, truncated or undecodable raise :class:`DatasetError`, and so do images with more
+pixels than a limit (``INPUT.MAX_IMAGE_PIXELS``), checked from the header before anything is
+decoded, so a tool can report the file and go on with the next one.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Union
+import warnings
+from typing import Any, Optional, Union
 
 import cv2
 import numpy as np
@@ -22,6 +25,7 @@ from pix2cap.structures.panoptic import PanopticResult, id2rgb, rgb2id
 from .errors import DatasetError
 
 __all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "read_image",
     "read_panoptic_png",
     "encode_panoptic_png",
@@ -44,6 +48,11 @@ _num_converted = 0
 
 # Channel orders read_image can return.
 _SUPPORTED_FORMATS = ("RGB", "BGR")
+
+# read_image's limit unless told otherwise; the default of INPUT.MAX_IMAGE_PIXELS. Below PIL's
+# own refusal (2 x PIL.Image.MAX_IMAGE_PIXELS, 179 megapixels unless changed), so the limit a
+# user meets is the one the config names. 150 megapixels decode to 450 MB of RGB.
+DEFAULT_MAX_IMAGE_PIXELS = 150_000_000
 
 
 def num_converted_images() -> int:
@@ -72,16 +81,53 @@ def _note_conversion(path: PathLike, mode: str) -> None:
         )
 
 
-def _open_and_load(path: PathLike) -> Image.Image:
-    """Open an image with PIL and decode all of it, so truncation is detected here."""
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.3g}"
+
+
+def _open_header(path: PathLike, max_pixels: Optional[int]) -> Image.Image:
+    """``Image.open`` (reads the header only) with the pixel limits applied before decoding.
+
+    PIL refuses images above ``2 * PIL.Image.MAX_IMAGE_PIXELS`` as possible decompression
+    bombs and warns above ``PIL.Image.MAX_IMAGE_PIXELS``; both become a :class:`DatasetError`
+    naming the file (the warning only where warnings are errors). With ``max_pixels`` set,
+    that limit decides instead of PIL's warning, which is then not shown.
+    """
+    try:
+        with warnings.catch_warnings():
+            if max_pixels:
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DatasetError(
+            path,
+            f"refused as a possible decompression bomb: {e} (PIL.Image.MAX_IMAGE_PIXELS = "
+            f"{Image.MAX_IMAGE_PIXELS})",
+        ) from e
+    width, height = image.size
+    if max_pixels and width * height > max_pixels:
+        image.close()
+        raise DatasetError(
+            path,
+            f"{width}x{height}: {_megapixels(width * height)} megapixels is above the limit "
+            f"{_megapixels(max_pixels)} (INPUT.MAX_IMAGE_PIXELS)",
+        )
+    return image
+
+
+def _open_and_load(path: PathLike, max_pixels: Optional[int] = None) -> Image.Image:
+    """Open an image with PIL and decode all of it, so truncation is detected here; an image
+    above ``max_pixels`` (None or 0: only PIL's own limit) is refused before decoding."""
     if not os.path.isfile(path):
         raise DatasetError(path, "file not found")
     # A truncated file must fail, not be padded with grey silently; other code in the process
     # may have flipped this PIL-wide switch.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        image = Image.open(path)
+        image = _open_header(path, max_pixels)
         image.load()
+    except DatasetError:
+        raise  # a refusal that names its reason (DatasetError is a ValueError)
     except UnidentifiedImageError as e:
         raise DatasetError(path, f"not a readable image (corrupt or unknown format): {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
@@ -95,10 +141,11 @@ def _apply_exif_orientation(image: Image.Image, path: PathLike) -> Image.Image:
     """Rotate/flip the pixels as the EXIF Orientation tag says (as detectron2 does), so the
     array matches the width/height annotation tools saw."""
     try:
-        return ImageOps.exif_transpose(image)
+        # In place: otherwise PIL returns a full copy even when there is nothing to turn.
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception as e:  # a broken EXIF block must not make the image unusable
         logger.warning("%s: ignoring unreadable EXIF orientation (%s)", path, e)
-        return image
+    return image
 
 
 def _to_rgb(image: Image.Image, path: PathLike) -> Image.Image:
@@ -122,26 +169,46 @@ def _to_rgb(image: Image.Image, path: PathLike) -> Image.Image:
     return converted
 
 
-def read_image(path: PathLike, format: str = "RGB") -> np.ndarray:
+def read_image(
+    path: PathLike,
+    format: str = "RGB",
+    max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+) -> np.ndarray:
     """Read an image file as a uint8 array.
 
     Args:
         path: image file (JPEG, PNG, ...).
         format: channel order of the result, "RGB" or "BGR".
+        max_pixels: refuse images with more pixels than this (``INPUT.MAX_IMAGE_PIXELS``),
+            from the file's header, before decoding; None or 0: only PIL's own
+            decompression-bomb limit applies.
     Returns:
         uint8 ndarray [H, W, 3], EXIF orientation applied.
     Raises:
-        DatasetError: the file is missing, corrupt or truncated.
+        DatasetError: the file is missing, corrupt or truncated, above ``max_pixels``, or
+        refused by PIL as a possible decompression bomb; the message starts with the path.
     """
     if format not in _SUPPORTED_FORMATS:
         raise ValueError(f"read_image: format must be one of {_SUPPORTED_FORMATS}, got {format!r}")
-    image = _open_and_load(path)
+    image = _open_and_load(path, max_pixels)
     image = _apply_exif_orientation(image, path)
     image = _to_rgb(image, path)
-    array = np.asarray(image, dtype=np.uint8)
+    array = _rgb_array(image)
     if format == "BGR":
-        array = array[:, :, ::-1]
-    return np.ascontiguousarray(array)
+        array = np.ascontiguousarray(array[:, :, ::-1])
+    return array
+
+
+def _rgb_array(image: Image.Image, band_bytes: int = 1 << 20) -> np.ndarray:
+    """uint8 [H, W, 3] of an RGB PIL image, copied a band of rows at a time: ``np.asarray``
+    joins the whole image into one ``bytes`` first, a second full copy at the peak."""
+    width, height = image.size
+    array = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, band_bytes // max(1, 3 * width))
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        array[top:bottom] = np.asarray(image.crop((0, top, width, bottom)), dtype=np.uint8)
+    return array
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

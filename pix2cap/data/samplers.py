@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import Sampler
 
 from pix2cap.utils import comm
+from pix2cap.utils.env import derive_seed
 
 __all__ = ["TrainingSampler", "InferenceSampler"]
 
 
 class TrainingSampler(Sampler[int]):
-    """Infinite stream of indices for training.
+    """Infinite stream of indices for training, resumable at any position.
 
-    Every process draws the same sequence of permutations of ``range(size)`` (one seed shared
-    by all ranks) and keeps every ``world_size``-th index starting at its rank, so within each
-    pass over the data the ranks see disjoint indices that together cover the dataset.
+    The job's stream is the concatenation of one permutation of ``range(size)`` per epoch,
+    each a pure function of ``(seed, epoch)``; process ``rank`` takes the stream positions
+    ``rank, rank + world_size, rank + 2 * world_size, ...``, so within each pass over the data
+    the ranks see disjoint indices that together cover the dataset. Because any epoch's
+    permutation can be regenerated on its own, a sampler built with ``start=n`` yields exactly
+    what an uninterrupted one yields after the job drew its first ``n`` indices, without
+    replaying them (a resumed run sees the batches the interrupted one would have seen).
     """
 
     def __init__(
@@ -27,6 +31,7 @@ class TrainingSampler(Sampler[int]):
         shuffle: bool = True,
         seed: Optional[int] = None,
         *,
+        start: int = 0,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
     ):
@@ -36,6 +41,8 @@ class TrainingSampler(Sampler[int]):
             shuffle: draw a new permutation per pass (else ``0, 1, ..., size-1`` repeated).
             seed: the shared shuffling seed; ``None`` draws one on rank 0 and shares it, which
                 is a collective call when distributed.
+            start: indices the whole job (all ranks together) already drew, e.g.
+                ``iteration * total_batch_size`` when resuming; a multiple of ``world_size``.
             rank, world_size: this process's shard; default: from ``torch.distributed``.
         """
         if not isinstance(size, int) or size <= 0:
@@ -47,22 +54,34 @@ class TrainingSampler(Sampler[int]):
         self._world_size = comm.get_world_size() if world_size is None else int(world_size)
         if not 0 <= self._rank < self._world_size:
             raise ValueError(f"rank {self._rank} is outside world size {self._world_size}")
+        if start < 0 or start % self._world_size:
+            # Ranks take turns in the stream: any other start would give them unequal shares.
+            raise ValueError(
+                f"start {start} must be >= 0 and a multiple of the world size {self._world_size}"
+            )
+        self._start = int(start)
 
     @property
     def seed(self) -> int:
         return self._seed
 
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(self._infinite_indices(), self._rank, None, self._world_size)
-
-    def _infinite_indices(self) -> Iterator[int]:
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """The job's order of ``range(size)`` in pass ``epoch`` (a function of seed and epoch)."""
+        if not self._shuffle:
+            return list(range(self._size))
         generator = torch.Generator()
-        generator.manual_seed(self._seed)
+        generator.manual_seed(derive_seed(self._seed, "epoch", epoch))
+        return torch.randperm(self._size, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        position = self._start + self._rank
+        cached_epoch, order = -1, []
         while True:
-            if self._shuffle:
-                yield from torch.randperm(self._size, generator=generator).tolist()
-            else:
-                yield from range(self._size)
+            epoch, offset = divmod(position, self._size)
+            if epoch != cached_epoch:
+                cached_epoch, order = epoch, self.epoch_indices(epoch)
+            yield order[offset]
+            position += self._world_size
 
 
 class InferenceSampler(Sampler[int]):

@@ -59,8 +59,9 @@ def global_rng() -> np.random.Generator:
     """This process's augmentation generator.
 
     Created on first use from ``torch.initial_seed()``, which torch sets differently in every
-    DataLoader worker (base seed + worker id), so workers draw different augmentations and a
-    seeded loader reproduces them. ``seed_global_rng`` replaces it explicitly.
+    DataLoader worker (base seed + worker id). ``seed_global_rng`` replaces it explicitly;
+    training loaders do so before every sample (``MapDataset``), so a sample's augmentations
+    depend on the run seed and its position in the stream, not on the worker or on a resume.
     """
     rng = getattr(_rng_state, "rng", None)
     if rng is None or getattr(_rng_state, "pid", None) != os.getpid():
@@ -72,7 +73,8 @@ def global_rng() -> np.random.Generator:
 
 
 def seed_global_rng(seed: int) -> None:
-    """Reseed this process's augmentation generator (called by DataLoader worker init)."""
+    """Reseed this process's augmentation generator (by DataLoader worker init, and per
+    sample by training loaders)."""
     _rng_state.rng, _rng_state.pid = np.random.default_rng(seed), os.getpid()
 
 

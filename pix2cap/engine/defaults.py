@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import inspect
 import logging
 import os
 import sys
@@ -29,8 +30,8 @@ from pix2cap.evaluation import (
 from pix2cap.modeling import build_model
 from pix2cap.solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
 from pix2cap.utils import comm
-from pix2cap.utils.file_io import atomic_write_text
-from pix2cap.utils.env import seed_all_rng
+from pix2cap.utils.env import derive_seed, seed_all_rng
+from pix2cap.utils.file_io import atomic_write_text, remove_stale_temp_files
 from pix2cap.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from pix2cap.utils.logger import setup_logger
 
@@ -81,7 +82,8 @@ def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentPa
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="resume from the last checkpoint in OUTPUT_DIR (iteration, optimizer, scheduler); "
+        help="resume from the last checkpoint in OUTPUT_DIR exactly where it left off "
+        "(weights, optimizer, scheduler, iteration, data order, seed, metric history); "
         "without it only MODEL.WEIGHTS is loaded",
     )
     parser.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS only")
@@ -113,8 +115,8 @@ def default_argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentPa
 def default_setup(cfg, args) -> None:
     """Prepare a run: create ``OUTPUT_DIR``, set up logging (file + console, rank-aware),
     log the environment, the command line and the config, write ``OUTPUT_DIR/config.yaml``
-    (atomically, rank 0), seed every RNG (``SEED`` + rank, so ranks draw different
-    augmentations) and apply ``CUDNN_BENCHMARK``."""
+    (atomically, rank 0), seed every RNG (``SEED`` + rank: model initialisation and
+    evaluation; ``DefaultTrainer`` reseeds every step) and apply ``CUDNN_BENCHMARK``."""
     output_dir = cfg.OUTPUT_DIR
     rank = comm.get_rank()
     if comm.is_main_process() and output_dir:
@@ -223,10 +225,20 @@ class DefaultTrainer(TrainerBase):
        gradient clipping, and the training loader, each from an overridable classmethod;
     2. ``DistributedDataParallel`` when the world size is > 1;
     3. a ``Checkpointer`` in ``OUTPUT_DIR`` saving the model and the trainer state
-       (iteration, optimizer, scheduler, AMP scaler); ``resume_or_load`` resumes or loads
-       ``MODEL.WEIGHTS``;
-    4. hooks: iteration timer, LR scheduler, periodic checkpointer, evaluation
-       (``TEST.EVAL_PERIOD``), metric writers on rank 0 (every ``LOG_PERIOD`` iterations).
+       (iteration, optimizer, scheduler, AMP scaler, seed, recent metric history);
+       ``resume_or_load`` resumes or loads ``MODEL.WEIGHTS``;
+    4. hooks: iteration timer, LR scheduler, evaluation (``TEST.EVAL_PERIOD``), metric
+       writers on rank 0 (every ``LOG_PERIOD`` iterations), periodic checkpointer (last, so
+       a checkpoint's iteration is always evaluated and logged already).
+
+    Resuming is exact: everything random in a step is a function of the run seed (``SEED``,
+    or one drawn once and saved in the checkpoints), the iteration and the rank. The loader
+    is rebuilt to start at the resumed iteration (the sampler skips what was trained on,
+    each sample's augmentations are seeded by its position in the stream) and every step
+    reseeds torch / NumPy / Python from ``(seed, rank, iteration)``, so a run killed at any
+    moment and resumed computes the same losses and weights as one never interrupted (on the
+    CPU; on CUDA as far as its kernels are deterministic). Temporary files of checkpoint
+    writes cut short are removed when training starts.
 
     ``SOLVER.AMP.ENABLED`` uses ``AMPTrainer`` on CUDA; on the CPU it is ignored with a
     warning (float32 ``SimpleTrainer``), as the config documents.
@@ -242,6 +254,10 @@ class DefaultTrainer(TrainerBase):
         super().__init__()
         cfg = cfg.clone()
         self.cfg = cfg
+        self._seed_from_config = cfg.SEED >= 0
+        if not self._seed_from_config:
+            # One seed for the whole run, saved in its checkpoints so a resume continues it.
+            self._set_seed(comm.shared_random_seed())
 
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -265,6 +281,7 @@ class DefaultTrainer(TrainerBase):
             cfg.OUTPUT_DIR,
             # A weak proxy avoids a reference cycle trainer -> checkpointer -> trainer.
             trainer=weakref.proxy(self),
+            partial=cfg.MODEL.WEIGHTS_PARTIAL,
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
@@ -300,26 +317,41 @@ class DefaultTrainer(TrainerBase):
     def data_loader(self):
         return self._trainer.data_loader
 
+    def _set_seed(self, seed: int) -> None:
+        was_frozen = self.cfg.is_frozen()
+        self.cfg.defrost()
+        self.cfg.SEED = int(seed)
+        if was_frozen:
+            self.cfg.freeze()
+
     def resume_or_load(self, resume: bool = True) -> None:
         """With ``resume`` and a checkpoint in ``OUTPUT_DIR``: load the last one (model,
-        optimizer, scheduler, scaler, iteration) and continue at its iteration + 1.
+        optimizer, scheduler, scaler, iteration, seed, metric history) and continue at its
+        iteration + 1 with a training loader rebuilt to start there.
         Otherwise load only the model weights of ``MODEL.WEIGHTS`` (if set) and start at 0."""
         extra = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
         if resume and self.checkpointer.has_checkpoint():
             # The checkpoint was saved after its iteration ran: continue with the next one.
             self.start_iter = int(extra.get("iteration", self.iter)) + 1
+            self._restart_train_loader()
         else:
             self.start_iter = 0
 
+    def _restart_train_loader(self) -> None:
+        """Replace the loader by one that yields the batches the uninterrupted run trained on
+        from ``start_iter`` on (with the checkpoint's seed, now in ``cfg.SEED``)."""
+        if "start_iter" not in inspect.signature(self.build_train_loader).parameters:
+            logger.warning(
+                "%s.build_train_loader takes no start_iter: the resumed run reads its loader "
+                "from the beginning, not the batches an uninterrupted run would read",
+                type(self).__name__,
+            )
+            return
+        self._trainer.data_loader = self.build_train_loader(self.cfg, start_iter=self.start_iter)
+
     def build_hooks(self) -> list:
         cfg = self.cfg
-        hook_list = [
-            hooks.IterationTimer(),
-            hooks.LRScheduler(),
-            hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD)
-            if comm.is_main_process()
-            else None,
-        ]
+        hook_list = [hooks.IterationTimer(), hooks.LRScheduler()]
 
         def test_and_save_results():
             self._last_eval_results = self.test(self.cfg, self.model)
@@ -331,6 +363,11 @@ class DefaultTrainer(TrainerBase):
         if comm.is_main_process():
             # Written after evaluation so its results go out too.
             hook_list.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.LOG_PERIOD))
+            # Last: a checkpoint exists only once its iteration is evaluated and logged, so
+            # a resume (which starts after the checkpoint) repeats no row and misses none.
+            hook_list.append(
+                hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD)
+            )
         return hook_list
 
     def build_writers(self) -> list:
@@ -339,9 +376,18 @@ class DefaultTrainer(TrainerBase):
     def train(self):
         """Train from ``start_iter`` to ``SOLVER.MAX_ITER``; returns the last evaluation's
         results (``{}`` if none ran)."""
+        if comm.is_main_process() and self.cfg.OUTPUT_DIR:
+            for path in remove_stale_temp_files(self.cfg.OUTPUT_DIR):
+                logger.info("Removed %s, left by a write that was interrupted", path)
         self._last_eval_results = {}
         super().train(self.start_iter, self.max_iter)
         return self._last_eval_results
+
+    def before_step(self) -> None:
+        # A step's randomness (dropout, sampled points) depends on (seed, rank, iteration)
+        # only, not on the steps before: a resumed run draws what an uninterrupted one drew.
+        seed_all_rng(derive_seed(self.cfg.SEED, "step", comm.get_rank(), self.iter))
+        super().before_step()
 
     def run_step(self) -> None:
         self._trainer.iter = self.iter
@@ -353,11 +399,23 @@ class DefaultTrainer(TrainerBase):
         inner.pop("iteration")
         inner.pop("hooks")
         state.update(inner)
+        state["seed"] = int(self.cfg.SEED)
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        self._trainer.load_state_dict({**state_dict, "hooks": {}})
+        self._trainer.load_state_dict({**state_dict, "hooks": {}, "storage": None})
+        seed = state_dict.get("seed")
+        if seed is not None and int(seed) != self.cfg.SEED:
+            if self._seed_from_config:
+                logger.warning(
+                    "The checkpoint's run used SEED %d, the config says %d; continuing with "
+                    "%d so the resumed run repeats the interrupted one",
+                    seed,
+                    self.cfg.SEED,
+                    seed,
+                )
+            self._set_seed(seed)
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -379,8 +437,14 @@ class DefaultTrainer(TrainerBase):
         return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
-    def build_train_loader(cls, cfg):
-        return build_train_loader(cfg)
+    def build_train_loader(cls, cfg, start_iter: int = 0):
+        """The training loader from ``cfg`` (``cfg.SEED`` is the run's seed, never negative
+        here), yielding the batches of iterations ``start_iter, start_iter + 1, ...``.
+
+        An override should accept ``start_iter`` too; one that does not still works, but a
+        resumed run then reads its loader from the beginning (with a warning).
+        """
+        return build_train_loader(cfg, start_iter=start_iter)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name: str):

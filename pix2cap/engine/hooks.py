@@ -124,7 +124,11 @@ class IterationTimer(HookBase):
 
 
 class PeriodicWriter(HookBase):
-    """Call every writer each ``period`` iterations, on the last iteration, and at the end."""
+    """Call every writer each ``period`` iterations, on the last iteration, and at the end.
+
+    Before training, each writer's ``start(start_iter)`` drops what an earlier run logged for
+    iterations this run is about to log (a resumed run's ``metrics.json`` has no duplicates).
+    """
 
     def __init__(self, writers: Sequence[EventWriter], period: int = 20):
         for writer in writers:
@@ -132,6 +136,10 @@ class PeriodicWriter(HookBase):
                 raise TypeError(f"{writer!r} is not an EventWriter")
         self._writers = list(writers)
         self._period = period
+
+    def before_train(self) -> None:
+        for writer in self._writers:
+            writer.start(self.trainer.start_iter)
 
     def after_step(self) -> None:
         if (self.trainer.iter + 1) % self._period == 0 or (

@@ -75,7 +75,7 @@ class DefaultPredictor:
         self.metadata = metadata_from_config(self.cfg)
         weights = self.cfg.MODEL.WEIGHTS
         if weights:
-            Checkpointer(self.model).load(weights)
+            Checkpointer(self.model, partial=self.cfg.MODEL.WEIGHTS_PARTIAL).load(weights)
         else:
             logger.warning(
                 "MODEL.WEIGHTS is empty: %s runs with its initial (untrained) weights",

@@ -64,7 +64,8 @@ class TrainerBase:
     Attributes:
         iter: the current iteration (after training: the last one run).
         start_iter, max_iter: the range passed to ``train``.
-        storage: the ``EventStorage`` of the run.
+        storage: the ``EventStorage`` of the run. Its recent history is checkpointed with
+            the trainer and restored when training resumes, so smoothed metrics continue.
     """
 
     def __init__(self) -> None:
@@ -73,6 +74,7 @@ class TrainerBase:
         self.start_iter: int = 0
         self.max_iter: int = 0
         self.storage: EventStorage
+        self._loaded_storage_state: Optional[dict] = None  # from a checkpoint, for train()
 
     def register_hooks(self, hooks: Iterable[Optional[HookBase]]) -> None:
         """Append hooks (``None`` entries are skipped); they run in registration order."""
@@ -90,6 +92,9 @@ class TrainerBase:
         self.iter = self.start_iter = start_iter
         self.max_iter = max_iter
         with EventStorage(start_iter) as self.storage:
+            if self._loaded_storage_state is not None:
+                self.storage.load_state_dict(self._loaded_storage_state)
+                self._loaded_storage_state = None
             try:
                 self.before_train()
                 for self.iter in range(start_iter, max_iter):
@@ -131,7 +136,8 @@ class TrainerBase:
         raise TypeError(f"{type(self).__name__} must define run_step()")
 
     def state_dict(self) -> dict:
-        """``{"iteration": int, "hooks": {hook class name: hook state}}`` (only plain data)."""
+        """``{"iteration": int, "hooks": {hook class name: hook state}}`` and, once training
+        has started, ``"storage"``: the recent metric history (only plain data)."""
         hooks_state = {}
         for hook in self._hooks:
             state = hook.state_dict()
@@ -141,10 +147,14 @@ class TrainerBase:
                     logger.warning("Two hooks of type %s have state; only the first is saved", name)
                     continue
                 hooks_state[name] = state
-        return {"iteration": int(self.iter), "hooks": hooks_state}
+        state = {"iteration": int(self.iter), "hooks": hooks_state}
+        if hasattr(self, "storage"):
+            state["storage"] = self.storage.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.iter = int(state_dict["iteration"])
+        self._loaded_storage_state = state_dict.get("storage")
         for name, state in state_dict.get("hooks", {}).items():
             for hook in self._hooks:
                 if type(hook).__qualname__ == name:
@@ -184,10 +194,21 @@ class SimpleTrainer(TrainerBase):
         super().__init__()
         model.train()
         self.model = model
-        self.data_loader = data_loader
+        self._data_loader = data_loader
         self._data_loader_iter_obj = None
         self.optimizer = optimizer
         self.grad_clipper = grad_clipper
+
+    @property
+    def data_loader(self) -> Iterable:
+        return self._data_loader
+
+    @data_loader.setter
+    def data_loader(self, data_loader: Iterable) -> None:
+        """Replace the loader (e.g. by one that starts at a resumed iteration); the next step
+        draws from a new iterator of it."""
+        self._data_loader = data_loader
+        self._data_loader_iter_obj = None
 
     @property
     def _data_loader_iter(self):

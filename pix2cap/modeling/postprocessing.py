@@ -1,7 +1,7 @@
 """Turning per-query class and mask predictions into panoptic, semantic and instance results.
 
 The rules are Mask2Former's. For one image the decoder gives ``Q`` queries, each with class
-logits ``[K + 1]`` (the last is "no object") and mask logits ``[H, W]``:
+logits ``[K + 1]`` (the last is "no object") and mask logits ``[h, w]``:
 
 * :func:`panoptic_inference` keeps confident queries, lets every pixel pick the kept query
   with the largest ``score * mask probability``, drops queries that keep too little of their
@@ -9,11 +9,19 @@ logits ``[K + 1]`` (the last is "no object") and mask logits ``[H, W]``:
   query each segment came from, so only the segments that survive need a caption.
 * :func:`semantic_inference` sums class probabilities weighted by mask probabilities.
 * :func:`instance_inference` ranks (query, thing class) pairs and keeps the top ones.
+
+Memory is bounded by the model's input, not by the original image. All three run at the
+inference resolution ``(h, w)`` (the resized input the model saw, without its batch padding),
+where ``Q`` float masks cost ``Q * h * w * 4`` bytes; upsampling every query's mask to a
+12000 x 9000 photo first would take 8.6 GB for 20 queries. Only results are brought to the
+original size ``(H, W)``: the panoptic id map by nearest pixel centre (:func:`resize_panoptic`),
+the ``[K, h, w]`` semantic scores bilinearly, and the masks of the kept instances one query at
+a time.
 """
 
 from __future__ import annotations
 
-from typing import Collection, NamedTuple
+from typing import Collection, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +33,7 @@ __all__ = [
     "instance_inference",
     "panoptic_inference",
     "resize_mask_logits",
+    "resize_panoptic",
     "semantic_inference",
 ]
 
@@ -51,15 +60,16 @@ def resize_mask_logits(
     mask_logits: torch.Tensor,
     padded_size: tuple[int, int],
     image_size: tuple[int, int],
-    output_size: tuple[int, int],
+    output_size: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
-    """Bring the mask logits of one image from the decoder's 1/4 grid to the original image.
+    """Bring the mask logits of one image from the decoder's 1/4 grid to an image size.
 
     Args:
         mask_logits: ``[Q, h, w]`` logits on the grid of the padded batch.
         padded_size: ``(H_pad, W_pad)`` of the padded batch tensor.
         image_size: ``(h_img, w_img)`` of this image inside the batch (before padding).
-        output_size: ``(height, width)`` of the original image.
+        output_size: ``(height, width)`` to resize to; None: ``image_size`` (the inference
+            resolution, where inference merges; see the module docstring).
 
     Returns:
         ``[Q, height, width]`` float logits.
@@ -69,11 +79,20 @@ def resize_mask_logits(
     # cells that straddle the image border.
     logits = F.interpolate(logits, size=tuple(padded_size), mode="bilinear", align_corners=False)
     logits = logits[..., : image_size[0], : image_size[1]]
-    if tuple(output_size) != tuple(image_size):
+    if output_size is not None and tuple(output_size) != tuple(image_size):
         logits = F.interpolate(
             logits, size=tuple(output_size), mode="bilinear", align_corners=False
         )
     return logits[0]
+
+
+def _nearest_sources(in_len: int, out_len: int, device: torch.device) -> torch.Tensor:
+    """Long[out_len]: the input index each output index takes, by nearest pixel centre
+    (torch's ``nearest-exact``, the centre alignment of ``align_corners=False`` bilinear).
+    Non-decreasing, so each input index covers one run of output indices."""
+    # floor((i + 0.5) * in / out) in integers: exact where the centre falls on a pixel edge.
+    index = torch.arange(out_len, dtype=torch.long, device=device)
+    return ((2 * index + 1) * in_len).div_(2 * out_len, rounding_mode="floor")
 
 
 def _class_scores(mask_cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +113,8 @@ def panoptic_inference(
 
     Args:
         mask_cls: ``[Q, K+1]`` class logits; index ``K`` is "no object".
-        mask_pred: ``[Q, H, W]`` mask logits at the output resolution.
+        mask_pred: ``[Q, H, W]`` mask logits at the resolution to merge at: the inference
+            resolution, whose result :func:`resize_panoptic` brings to the original size.
         thing_ids: contiguous ids of the thing classes (the others are stuff).
         object_mask_threshold: a query is kept when its best class is not no-object and its
             probability is above this.
@@ -174,17 +194,91 @@ def panoptic_inference(
     )
 
 
-def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
+def resize_panoptic(
+    prediction: PanopticPrediction, output_size: tuple[int, int]
+) -> PanopticPrediction:
+    """A panoptic prediction brought to another size, e.g. from the inference resolution to
+    the original image.
+
+    The id map is resized by nearest pixel centre: pixel ``(y, x)`` takes the small map's
+    ``((y + 0.5) * h / H, (x + 0.5) * w / W)`` (rounded down), so segments keep their ids and
+    no mixed labels appear on their borders. Only the result and an Int32[H, w] intermediate
+    are allocated at the large size. Each segment's ``bbox`` is
+    measured on the resized map: from the small map and the run of output pixels each of its
+    rows and columns covers, which gives exactly the box of the segment's pixels in the resized
+    map without a Bool[S, H, W] stack of full-size masks.
+
+    Args:
+        prediction: a :class:`PanopticPrediction` at ``(h, w)``.
+        output_size: ``(H, W)``.
+
+    Returns:
+        ``prediction`` itself when it is already ``(H, W)``. Else a new prediction:
+        ``panoptic_seg`` Int32[H, W]; ``segments_info`` new dicts (the same keys, ``bbox`` in
+        the ``(H, W)`` frame) in the same order; ``query_indices`` to match. A segment with no
+        pixel left at ``(H, W)`` (only when shrinking, for a part thinner than an output pixel)
+        is left out of both, as the merge leaves out segments without pixels.
+    """
+    seg = prediction.panoptic_seg
+    height, width = (int(v) for v in output_size)
+    if (height, width) == tuple(seg.shape):
+        return prediction
+    device = seg.device
+    rows = _nearest_sources(seg.shape[0], height, device)
+    cols = _nearest_sources(seg.shape[1], width, device)
+    resized = seg.index_select(0, rows).index_select(1, cols)
+    if not prediction.segments_info:
+        return PanopticPrediction(resized, [], prediction.query_indices)
+
+    # The small map's rows and columns that the output samples ("used"), and the run of
+    # output rows / columns each one fills: the resized map is the sampled grid with row i
+    # repeated row_counts[i] times and column j col_counts[j] times.
+    used_rows, row_counts = torch.unique_consecutive(rows, return_counts=True)
+    used_cols, col_counts = torch.unique_consecutive(cols, return_counts=True)
+    row_ends = torch.cumsum(row_counts, 0)
+    col_ends = torch.cumsum(col_counts, 0)
+    sampled = seg.index_select(0, used_rows).index_select(1, used_cols)  # [h', w'] <= [h, w]
+    ids = torch.tensor(
+        [int(info["id"]) for info in prediction.segments_info], dtype=seg.dtype, device=device
+    )
+    boxes = masks_to_boxes_xyxy(sampled[None] == ids[:, None, None]).long()  # sampled grid
+    present = (boxes[:, 2] > boxes[:, 0]).tolist()
+    # Exclusive ends: a box's last sampled row ends where that row's run ends.
+    x1 = (col_ends - col_counts)[boxes[:, 0]].tolist()
+    y1 = (row_ends - row_counts)[boxes[:, 1]].tolist()
+    x2 = col_ends[(boxes[:, 2] - 1).clamp(min=0)].tolist()
+    y2 = row_ends[(boxes[:, 3] - 1).clamp(min=0)].tolist()
+    segments_info, queries = [], []
+    for k, info in enumerate(prediction.segments_info):
+        if not present[k]:
+            continue
+        segments_info.append(dict(info, bbox=[x1[k], y1[k], x2[k] - x1[k], y2[k] - y1[k]]))
+        queries.append(int(prediction.query_indices[k]))
+    return PanopticPrediction(resized, segments_info, torch.tensor(queries, dtype=torch.long))
+
+
+def semantic_inference(
+    mask_cls: torch.Tensor,
+    mask_pred: torch.Tensor,
+    output_size: Optional[tuple[int, int]] = None,
+) -> torch.Tensor:
     """Per-class scores of every pixel.
 
     Args:
-        mask_cls: ``[Q, K+1]`` class logits; mask_pred: ``[Q, H, W]`` mask logits.
+        mask_cls: ``[Q, K+1]`` class logits; mask_pred: ``[Q, h, w]`` mask logits.
+        output_size: ``(H, W)``: the scores, computed at ``(h, w)``, are resized there
+            (bilinear), so no per-query mask is made at ``(H, W)``; None: ``(h, w)``.
 
     Returns:
         ``[K, H, W]``: ``sum_q p_q(class) * sigmoid(mask_q)`` (no-object dropped).
     """
     probs = F.softmax(mask_cls.float(), dim=-1)[:, :-1]
-    return torch.einsum("qc,qhw->chw", probs, mask_pred.float().sigmoid())
+    scores = torch.einsum("qc,qhw->chw", probs, mask_pred.float().sigmoid())
+    if output_size is not None and tuple(output_size) != tuple(scores.shape[-2:]):
+        scores = F.interpolate(
+            scores[None], size=tuple(output_size), mode="bilinear", align_corners=False
+        )[0]
+    return scores
 
 
 def instance_inference(
@@ -193,23 +287,31 @@ def instance_inference(
     *,
     thing_ids: Collection[int],
     max_detections: int = 100,
+    output_size: Optional[tuple[int, int]] = None,
 ) -> Instances:
     """Top-scoring (query, thing class) pairs as instances.
 
     A query may appear once per thing class. The score of a pair is the class probability
-    times the mean mask probability inside the binarised mask.
+    times the mean mask probability inside the binarised mask, both measured at the output
+    size.
 
     Args:
-        mask_cls: ``[Q, K+1]`` class logits; mask_pred: ``[Q, H, W]`` mask logits.
+        mask_cls: ``[Q, K+1]`` class logits; mask_pred: ``[Q, h, w]`` mask logits (at the
+            inference resolution).
         thing_ids: contiguous ids of the thing classes (stuff classes are never returned).
         max_detections: at most this many instances.
+        output_size: ``(H, W)`` of the returned masks; None: ``(h, w)``. Only the queries of
+            the kept pairs are upsampled (bilinear logits, as :func:`resize_mask_logits`), one
+            at a time: at ``(H, W)`` this allocates the returned Bool[N, H, W], one Bool mask
+            per distinct kept query and one Float[H, W].
 
     Returns:
         ``Instances`` of image size ``(H, W)`` with ``pred_masks`` Bool[N, H, W],
         ``pred_boxes`` Float[N, 4] (XYXY, absolute), ``scores`` Float[N], ``pred_classes``
         Long[N] (contiguous ids) and ``query_indices`` Long[N]; sorted by score.
     """
-    height, width = mask_pred.shape[-2:]
+    height, width = output_size if output_size is not None else mask_pred.shape[-2:]
+    height, width = int(height), int(width)
     device = mask_pred.device
     thing_classes = torch.tensor(sorted(int(i) for i in thing_ids), dtype=torch.long, device=device)
     result = Instances((height, width))
@@ -226,13 +328,26 @@ def instance_inference(
     class_scores, flat_index = probs.flatten().topk(k)
     query_index = flat_index // thing_classes.numel()
     classes = thing_classes[flat_index % thing_classes.numel()]
-    mask_prob = mask_pred[query_index].float().sigmoid()
-    masks = mask_prob > 0.5
-    mask_scores = (mask_prob * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
-    scores = class_scores * mask_scores
+    # A query kept for several classes has one mask: compute it once per distinct query.
+    queries, pair_query = torch.unique(query_index, return_inverse=True)
+    masks = torch.empty((queries.numel(), height, width), dtype=torch.bool, device=device)
+    mask_scores = torch.empty(queries.numel(), device=device)
+    boxes = torch.empty((queries.numel(), 4), device=device)
+    for i, q in enumerate(queries.tolist()):
+        logits = mask_pred[q].float()
+        if tuple(logits.shape) != (height, width):
+            logits = F.interpolate(
+                logits[None, None], size=(height, width), mode="bilinear", align_corners=False
+            )[0, 0]
+        mask_prob = logits.sigmoid_()
+        masks[i] = mask_prob > 0.5
+        mask_scores[i] = (mask_prob * masks[i]).sum() / (masks[i].sum() + 1e-6)
+        boxes[i] = masks_to_boxes_xyxy(masks[i][None])[0]
+    scores = class_scores * mask_scores[pair_query]
     order = scores.argsort(descending=True)
-    result.pred_masks = masks[order]
-    result.pred_boxes = masks_to_boxes_xyxy(result.pred_masks)
+    pick = pair_query[order]
+    result.pred_masks = masks[pick]
+    result.pred_boxes = boxes[pick]
     result.scores = scores[order]
     result.pred_classes = classes[order]
     result.query_indices = query_index[order]

@@ -1,7 +1,7 @@
 """Shared utilities: distributed helpers, event storage and metric writers, logging, seeding."""
 
 from . import comm
-from .env import seed_all_rng
+from .env import derive_seed, seed_all_rng
 from .events import (
     CommonMetricPrinter,
     EventStorage,

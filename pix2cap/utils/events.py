@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from fvcore.common.history_buffer import HistoryBuffer
 
+from .file_io import atomic_write_text
+
 __all__ = [
     "get_event_storage",
     "EventStorage",
@@ -30,6 +32,8 @@ __all__ = [
 ]
 
 _CURRENT_STORAGE_STACK: list["EventStorage"] = []
+
+logger = logging.getLogger(__name__)
 
 
 def get_event_storage() -> "EventStorage":
@@ -111,6 +115,36 @@ class EventStorage:
     def smoothing_hints(self) -> dict[str, bool]:
         return dict(self._smoothing_hints)
 
+    def state_dict(self, max_length: int = 100) -> dict:
+        """The last ``max_length`` values of every scalar with their iterations and smoothing
+        hints (plain lists, so a checkpoint holding them loads with ``weights_only``).
+
+        A resumed run that loads them reports the same windowed medians (windows up to
+        ``max_length``) as an uninterrupted run.
+        """
+        state = {}
+        for name, buffer in self._history.items():
+            kept = buffer.values()[-max_length:]
+            state[name] = {
+                "values": [float(value) for value, _ in kept],
+                "iterations": [int(iteration) for _, iteration in kept],
+                "smoothing_hint": self._smoothing_hints[name],
+            }
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the histories saved by ``state_dict`` (replacing those of the same names).
+
+        Latest values are not restored: writers report only what this run records, so a
+        resumed run writes no row of an iteration before it again.
+        """
+        for name, entry in state.items():
+            buffer = HistoryBuffer()
+            for value, iteration in zip(entry["values"], entry["iterations"]):
+                buffer.update(float(value), int(iteration))
+            self._history[name] = buffer
+            self._smoothing_hints[name] = bool(entry["smoothing_hint"])
+
     def step(self) -> None:
         """Advance the iteration counter by one (the trainer calls this after each step)."""
         self._iter += 1
@@ -145,6 +179,11 @@ class EventStorage:
 
 class EventWriter(abc.ABC):
     """Something that reports the current ``EventStorage`` when ``write()`` is called."""
+
+    def start(self, start_iter: int) -> None:
+        """Called once before a run writes anything; the run begins at ``start_iter`` (> 0
+        when resumed). Writers that keep files drop what an earlier run in the same place
+        wrote for iterations ``>= start_iter``, since this run writes those again."""
 
     @abc.abstractmethod
     def write(self) -> None:
@@ -223,21 +262,61 @@ class CommonMetricPrinter(EventWriter):
         )
 
 
+def _row_iteration(line: str) -> Optional[int]:
+    """The iteration of one ``metrics.json`` row; ``None`` for a line that is not a complete
+    row (e.g. torn by a crash mid-write)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    iteration = row.get("iteration") if isinstance(row, dict) else None
+    return iteration if isinstance(iteration, int) else None
+
+
 class JSONWriter(EventWriter):
     """Append one JSON object per iteration to a file (``metrics.json``): the scalars recorded
     since the last write, smoothed over ``window_size`` where hinted.
 
     Each line is written with a single ``write`` and flushed, so a crash leaves at most the
-    current line incomplete, never a corrupted earlier one.
+    current line incomplete, never a corrupted earlier one. ``start(start_iter)`` first keeps
+    only the rows of iterations before ``start_iter``, so a resumed run continues the file
+    without repeating the iterations the interrupted run logged after its last checkpoint,
+    and a run from iteration 0 starts it afresh.
     """
 
     def __init__(self, json_file: str, window_size: int = 20):
         os.makedirs(os.path.dirname(os.path.abspath(json_file)) or ".", exist_ok=True)
-        self._file = open(json_file, "a", encoding="utf-8")
+        self._path = json_file
+        self._file = None  # opened on start() or the first write
         self._window_size = window_size
         self._last_written_iter = -1
 
+    def start(self, start_iter: int) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if os.path.exists(self._path):
+            with open(self._path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+            iterations = [_row_iteration(line) for line in lines]
+            kept = [
+                line for line, it in zip(lines, iterations) if it is not None and it < start_iter
+            ]
+            if len(kept) != len(lines):
+                # Atomic: a crash now leaves the old file, which the next start trims again.
+                atomic_write_text(self._path, "".join(line + "\n" for line in kept))
+                logger.info(
+                    "%s: kept the %d rows before iteration %d, dropped %d",
+                    self._path,
+                    len(kept),
+                    start_iter,
+                    len(lines) - len(kept),
+                )
+        self._file = open(self._path, "a", encoding="utf-8")
+
     def write(self) -> None:
+        if self._file is None:
+            self._file = open(self._path, "a", encoding="utf-8")
         storage = get_event_storage()
         by_iter: dict[int, dict[str, float]] = defaultdict(dict)
         for name, (value, iteration) in storage.latest_with_smoothing_hint(
@@ -257,20 +336,39 @@ class JSONWriter(EventWriter):
             pass
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class TensorboardXWriter(EventWriter):
-    """Write the scalars recorded since the last write to TensorBoard event files."""
+    """Write the scalars recorded since the last write to TensorBoard event files.
+
+    The event file is opened on ``start(start_iter)`` with ``purge_step=start_iter``, so
+    TensorBoard hides what earlier runs in ``log_dir`` logged for iterations ``>= start_iter``
+    (a resumed run's repeated iterations appear once); without ``start``, on the first write.
+    """
 
     def __init__(self, log_dir: str, window_size: int = 20, **kwargs):
-        from torch.utils.tensorboard import SummaryWriter
-
+        self._log_dir = log_dir
+        self._kwargs = kwargs
         self._window_size = window_size
-        self._writer = SummaryWriter(log_dir, **kwargs)
+        self._writer = None
         self._last_written_iter = -1
 
+    def _open(self, **kwargs):
+        # Imported when needed: tensorboard is slow to import and only the writer needs it.
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(self._log_dir, **{**kwargs, **self._kwargs})
+
+    def start(self, start_iter: int) -> None:
+        if self._writer is None:
+            self._writer = self._open(purge_step=start_iter)
+
     def write(self) -> None:
+        if self._writer is None:
+            self._writer = self._open()
         storage = get_event_storage()
         newest = self._last_written_iter
         for name, (value, iteration) in storage.latest_with_smoothing_hint(
@@ -283,4 +381,6 @@ class TensorboardXWriter(EventWriter):
         self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -21,7 +22,13 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_write_dir",
+    "remove_stale_temp_files",
 ]
+
+# atomic_open's temporary files: ".<target name>." + 8 characters from tempfile's alphabet
+# (a-z, 0-9, _) + ".tmp", next to the target.
+_TEMP_SUFFIX = ".tmp"
+_TEMP_FILE_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 @contextmanager
@@ -35,7 +42,9 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8") -> I
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.", suffix=_TEMP_SUFFIX, dir=folder
+    )
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
@@ -95,3 +104,27 @@ def atomic_write_dir(path: str, write_fn: Callable[[str], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temp_files(folder: str) -> list[str]:
+    """Remove the temporary files that interrupted atomic writes left in ``folder``.
+
+    A process killed (SIGKILL, power loss) between creating ``atomic_open``'s temporary file
+    and moving it into place leaves ``.<target>.<8 random characters>.tmp`` behind, possibly
+    as large as a checkpoint. Only regular files of exactly that form directly in ``folder``
+    are removed, so call this when no other process is writing there (e.g. as a run starts).
+
+    Returns:
+        the removed paths, sorted; ``[]`` when ``folder`` does not exist.
+    """
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for entry in os.scandir(folder):
+        if _TEMP_FILE_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.remove(entry.path)
+            except FileNotFoundError:  # gone meanwhile: nothing left to remove
+                continue
+            removed.append(entry.path)
+    return sorted(removed)

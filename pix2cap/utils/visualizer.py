@@ -12,7 +12,11 @@ number, ``N. <class> (score): <caption>`` next to the same colour swatch::
     +--------------------------+---------------------------------+
 
 The canvas is ``[max(H, panel height), W + panel_width, 3]``: a long caption list makes the
-canvas taller (the image is padded below) instead of being clipped.
+canvas taller (the image is padded below) instead of being clipped, up to a bound: a caption
+longer than ``max_caption_chars`` (1000) is cut at a word with ``...``, and the panel (and the
+grounded-caption band) stop at ``max_height`` (2000 px, or the image height if taller), the
+panel with a ``+ N more segments not shown`` note. Wrapping measures each word once, so its
+cost grows linearly with the text.
 
 Given the image's grounded caption (``{"text", "phrases"}``, COCONut-PanCap's PGC form),
 ``draw_panoptic_result`` also draws its text in a band under the image, wrapped to the image
@@ -36,6 +40,7 @@ Text uses PIL's built-in font (``ImageFont.load_default(size=...)``, scalable si
 from __future__ import annotations
 
 import colorsys
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -50,6 +55,8 @@ from pix2cap.utils.file_io import atomic_open
 
 __all__ = [
     "Visualizer",
+    "truncate_text",
+    "wrap_text",
     "SegmentStyle",
     "segment_colors",
     "draw_panoptic_seg",
@@ -63,6 +70,14 @@ PANEL_TEXT = (20, 20, 20)
 IMAGE_PAD = (250, 250, 250)
 # How far (0-255, per channel) a thing's colour may move from its class colour.
 THING_JITTER = 48
+#: Default bounds of what is drawn: characters of one caption, pixels of canvas height.
+MAX_CAPTION_CHARS = 1000
+MAX_HEIGHT = 2000
+# Marks cut text; ASCII, as the built-in font may lack U+2026.
+ELLIPSIS = "..."
+# Line widths are summed word by word; kerning at the joins can move the true width by a
+# fraction of a pixel per join, so a sum within this fraction of the limit is measured exactly.
+_EXACT_BAND = 0.15
 
 
 def _check_metadata(metadata: Any) -> Any:
@@ -144,54 +159,128 @@ def _text_width(font: ImageFont.ImageFont, text: str) -> float:
     return float(font.getlength(text))
 
 
+def _fit_prefix(
+    text: str, start: int, end: int, font: ImageFont.ImageFont, max_width: float
+) -> int:
+    """How many characters of ``text[start:end]`` fit in ``max_width`` (at least 1).
+
+    Galloping (1, 2, 4, ... characters) and then bisection: the measured strings are never
+    much longer than what fits, so the cost follows the line, not the rest of the text.
+    """
+    n = end - start
+    fits, probe = 1, 2
+    while probe <= n and _text_width(font, text[start : start + probe]) <= max_width:
+        fits, probe = probe, probe * 2
+    hi = n if probe > n else probe - 1
+    while fits < hi:
+        mid = (fits + hi + 1) // 2
+        if _text_width(font, text[start : start + mid]) <= max_width:
+            fits = mid
+        else:
+            hi = mid - 1
+    return fits
+
+
 def _wrap_spans(
-    text: str, font: ImageFont.ImageFont, max_width: float
+    text: str, font: ImageFont.ImageFont, max_width: float, max_lines: Optional[int] = None
 ) -> list[list[tuple[int, int]]]:
     """:func:`wrap_text`'s lines as ``(start, end)`` character spans of ``text``: a line's
-    words (or the pieces of a word cut to fit), shown joined by single spaces."""
+    words (or the pieces of a word cut to fit), shown joined by single spaces.
+
+    Each word is measured once and a line's width kept as a running sum (the whole line is
+    measured only when the sum comes near the limit), so the cost is linear in ``len(text)``.
+    With ``max_lines``, wrapping stops after ``max_lines + 1`` lines (one more than asked, so
+    the caller sees that the text goes on): the cost then follows what is drawn.
+    """
     max_width = max(float(max_width), 1.0)
-
-    def width(spans: list[tuple[int, int]]) -> float:
-        return _text_width(font, " ".join(text[a:b] for a, b in spans))
-
+    band = max(2.0, _EXACT_BAND * max_width)
+    space = _text_width(font, " ")
     lines: list[list[tuple[int, int]]] = []
     offset = 0
     for paragraph in text.split("\n"):
         current: list[tuple[int, int]] = []
+        current_width = 0.0
         for word in re.finditer(r"\S+", paragraph):
             start, end = offset + word.start(), offset + word.end()
-            if width(current + [(start, end)]) <= max_width:
-                current.append((start, end))
-                continue
+            # More characters than a quarter pixel each can never fit: do not measure a very
+            # long run whole, only the pieces it is cut into.
+            too_long = end - start > 4 * max_width
+            word_width = math.inf if too_long else _text_width(font, text[start:end])
             if current:
+                width = current_width + space + word_width
+                if max_width - band < width <= max_width + band:
+                    spans = current + [(start, end)]
+                    width = _text_width(font, " ".join(text[a:b] for a, b in spans))
+                if width <= max_width:
+                    current.append((start, end))
+                    current_width = width
+                    continue
                 lines.append(current)
                 current = []
             # The word alone may still be too wide: cut it into pieces that fit.
-            while end - start > 1 and width([(start, end)]) > max_width:
-                # Longest prefix that fits (at least one character), by bisection.
-                lo, hi = 1, end - start - 1
-                while lo < hi:
-                    mid = (lo + hi + 1) // 2
-                    if width([(start, start + mid)]) <= max_width:
-                        lo = mid
-                    else:
-                        hi = mid - 1
-                lines.append([(start, start + lo)])
-                start += lo
+            if word_width > max_width:
+                while end - start > 1:
+                    if max_lines is not None and len(lines) > max_lines:
+                        return lines[: max_lines + 1]
+                    cut = _fit_prefix(text, start, end, font, max_width)
+                    if cut == end - start:
+                        break
+                    lines.append([(start, start + cut)])
+                    start += cut
+                word_width = _text_width(font, text[start:end])  # the last piece: one line
             current = [(start, end)]
+            current_width = word_width
+            if max_lines is not None and len(lines) > max_lines:
+                return lines[: max_lines + 1]
         lines.append(current)
+        if max_lines is not None and len(lines) > max_lines:
+            return lines[: max_lines + 1]
         offset += len(paragraph) + 1
     return lines
 
 
-def wrap_text(text: str, font: ImageFont.ImageFont, max_width: float) -> list[str]:
+def wrap_text(
+    text: str, font: ImageFont.ImageFont, max_width: float, max_lines: Optional[int] = None
+) -> list[str]:
     """Split ``text`` into lines no wider than ``max_width`` pixels in ``font``.
 
     Breaks at spaces; a word wider than a whole line (a URL, a run without spaces) is cut
     between characters so nothing runs off the panel. Existing newlines are kept; runs of
-    other whitespace become one space.
+    other whitespace become one space. Linear in the length of ``text``; with ``max_lines``,
+    at most ``max_lines + 1`` lines are made (the extra one says that more would follow).
     """
-    return [" ".join(text[a:b] for a, b in line) for line in _wrap_spans(text, font, max_width)]
+    return [
+        " ".join(text[a:b] for a, b in line)
+        for line in _wrap_spans(text, font, max_width, max_lines)
+    ]
+
+
+def truncate_text(text: str, max_chars: Optional[int]) -> str:
+    """``text`` cut to at most ``max_chars`` characters, ``...`` included, at a space when
+    one lies in the last fifth of what is kept; unchanged if short enough or ``max_chars`` is
+    None."""
+    return text[: _kept_length(text, max_chars)] + (
+        ELLIPSIS if max_chars is not None and len(text) > max_chars else ""
+    )
+
+
+def _kept_length(text: str, max_chars: Optional[int]) -> int:
+    """How many leading characters of ``text`` :func:`truncate_text` keeps before ``...``."""
+    if max_chars is None or len(text) <= max_chars:
+        return len(text)
+    keep = max(0, int(max_chars) - len(ELLIPSIS))
+    space = text.rfind(" ", keep * 4 // 5, keep + 1)
+    if space > 0:
+        keep = space
+    return len(text[:keep].rstrip())
+
+
+def _ellipsize(line: str, font: ImageFont.ImageFont, max_width: float) -> str:
+    """``line`` with ``...`` appended, cut so that the whole still fits ``max_width``."""
+    room = max_width - _text_width(font, ELLIPSIS)
+    if line and _text_width(font, line) > room:
+        line = line[: _fit_prefix(line, 0, len(line), font, max(room, 1.0))] if room > 0 else ""
+    return line.rstrip() + ELLIPSIS
 
 
 def _luminance(color: Sequence[int]) -> float:
@@ -261,6 +350,12 @@ class Visualizer:
         alpha: opacity of the segment tint (0 = image only, 1 = flat colour).
         font_size: text size in pixels; default grows with the image height.
         panel_width: caption panel width in pixels; default ``max(320, 0.6 * W)``.
+        max_caption_chars: a segment's caption, or the grounded caption, longer than this is
+            cut (at a word where one is near) and ends in ``...``; None draws it whole.
+        max_height: the canvas is at most this many pixels tall, or the drawn image's height if
+            that is more (None: no bound): panel entries past it are left out with a
+            ``+ N more segments not shown`` note, the grounded-caption band is cut with
+            ``...``. A caption of any length thus gives a picture of bounded size.
     """
 
     def __init__(
@@ -272,6 +367,8 @@ class Visualizer:
         alpha: float = 0.5,
         font_size: Optional[int] = None,
         panel_width: Optional[int] = None,
+        max_caption_chars: Optional[int] = MAX_CAPTION_CHARS,
+        max_height: Optional[int] = MAX_HEIGHT,
     ):
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3:
@@ -303,6 +400,16 @@ class Visualizer:
                 f"panel_width={self.panel_width} leaves no room for text at font size "
                 f"{self.font_size}"
             )
+        if max_caption_chars is not None and max_caption_chars < 1:
+            raise ValueError(f"max_caption_chars must be >= 1 or None, got {max_caption_chars}")
+        self.max_caption_chars = max_caption_chars
+        # Never below the drawn image: the bound is for the text, the image is never cut.
+        self.max_height = None if max_height is None else max(int(max_height), height)
+        self.margin = max(6, self.font_size // 2)
+        ascent, descent = (
+            self.font.getmetrics() if hasattr(self.font, "getmetrics") else (self.font_size, 0)
+        )
+        self.line_height = int(ascent + descent + max(2, self.font_size // 5))
 
     # -----------------------------------------------------------------------------------------
     def draw_panoptic_seg(
@@ -339,7 +446,8 @@ class Visualizer:
         Returns:
             RGB uint8 ndarray [max(H' + caption band height, panel height), W' +
             panel_width, 3], where ``(H', W')`` is the image size times ``scale`` and the
-            band height is 0 without a grounded caption.
+            band height is 0 without a grounded caption; both heights stop at
+            ``max_height`` (see the class doc).
         """
         self._check_size(result.image_size)
         seg = self._scaled_seg(result.panoptic_seg)
@@ -362,6 +470,9 @@ class Visualizer:
                 str(grounded_caption.get("text") or ""),
                 grounded_caption.get("phrases") or (),
                 colors,
+                max_height=(
+                    None if self.max_height is None else self.max_height - canvas_image.height
+                ),
             )
         return self._compose(canvas_image, styles, band)
 
@@ -371,9 +482,12 @@ class Visualizer:
         phrases: Iterable[Mapping[str, Any]],
         colors: Mapping[int, Sequence[int]],
         width: Optional[int] = None,
+        max_height: Optional[int] = None,
     ) -> np.ndarray:
         """A band with a grounded caption's text, wrapped to ``width``, each grounded phrase
-        drawn (and underlined) in its segment's colour.
+        drawn (and underlined) in its segment's colour. The text is cut to
+        ``max_caption_chars``; lines past ``max_height`` are left out, the last one shown
+        ending in ``...``.
 
         Args:
             text: the caption's plain text.
@@ -385,34 +499,48 @@ class Visualizer:
             colors: ``{segment id: (r, g, b)}``, as :func:`segment_colors` gives (the colours
                 :meth:`draw_panoptic_result` fills the segments with).
             width: band width in pixels; default the drawn image's width.
+            max_height: band height bound in pixels (at least two lines are kept); None:
+                only the length of the text bounds it.
         Returns:
             RGB uint8 ndarray [band height, width, 3] on the panel background, a rule on top.
         """
         font = self.font
         width = int(self.image.shape[1] if width is None else width)
-        margin = max(6, self.font_size // 2)
+        margin, line_height = self.margin, self.line_height
         ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (self.font_size, 0)
-        line_height = int(ascent + descent + max(2, self.font_size // 5))
         underline = max(1, self.font_size // 12)
 
-        # Per character of ``text``: the colour of the phrase it belongs to, or None.
-        char_color: list[Optional[tuple[int, int, int]]] = [None] * len(text)
+        # Per character of ``text``: the colour of the phrase it belongs to, or None; the
+        # "..." of a cut text takes none.
+        kept = _kept_length(text, self.max_caption_chars)
+        cut = kept < len(text)
+        char_color: list[Optional[tuple[int, int, int]]] = [None] * kept
         for phrase in phrases:
             color = _phrase_color(phrase, colors)
             start = max(0, int(phrase.get("start", 0)))
-            end = min(len(text), int(phrase.get("end", 0)))
+            end = min(kept, int(phrase.get("end", 0)))
             for k in range(start, end):
                 if char_color[k] is None:
                     char_color[k] = color
+        text = text[:kept] + (ELLIPSIS if cut else "")
+        char_color += [None] * (len(text) - kept)
 
-        lines = _wrap_spans(text, font, width - 2 * margin)
+        max_lines = None
+        if max_height is not None:
+            max_lines = max(2, (int(max_height) - 2 * margin) // line_height)
+        lines = _wrap_spans(text, font, width - 2 * margin, max_lines)
+        more = max_lines is not None and len(lines) > max_lines
+        lines = lines[:max_lines]
         height = 2 * margin + len(lines) * line_height
         band = Image.new("RGB", (width, height), PANEL_BACKGROUND)
         draw = ImageDraw.Draw(band)
         draw.line((0, 0, width - 1, 0), fill=(180, 180, 180), width=1)
         y = margin
-        for spans in lines:
+        for index, spans in enumerate(lines):
             shown, colours = _line_characters(text, spans, char_color)
+            if more and index == len(lines) - 1:
+                shown = _ellipsize(shown, font, width - 2 * margin)
+                colours = colours[: len(shown) - len(ELLIPSIS)] + [None] * len(ELLIPSIS)
             for start, end, color in _runs(colours):
                 x = margin + _text_width(font, shown[:start])
                 draw.text((x, y), shown[start:end], fill=color or PANEL_TEXT, font=font)
@@ -447,9 +575,9 @@ class Visualizer:
             seg = seg[rows[:, None], cols[None, :]]
         return seg
 
-    @staticmethod
-    def _entry_text(number: int, segment: Segment, visible: bool = True) -> str:
-        """``"N. <class> [crowd] [no pixels] (score): caption"``, parts present as known."""
+    def _entry_text(self, number: int, segment: Segment, visible: bool = True) -> str:
+        """``"N. <class> [crowd] [no pixels] (score): caption"``, parts present as known; the
+        caption cut to ``max_caption_chars``."""
         text = f"{number}. {segment.name}"
         if segment.iscrowd:
             text += " [crowd]"
@@ -458,7 +586,7 @@ class Visualizer:
             text += " [no pixels]"
         if segment.score is not None:
             text += f" ({segment.score:.2f})"
-        caption = segment.caption.strip()
+        caption = truncate_text(segment.caption.strip(), self.max_caption_chars)
         if caption:
             text += f": {caption}"
         return text
@@ -474,7 +602,8 @@ class Visualizer:
             masks[style.number] = mask
             color = np.array(style.color, dtype=np.float32)
             out[mask] = (1.0 - self.alpha) * out[mask] + self.alpha * color
-        out = np.clip(np.round(out), 0, 255).astype(np.uint8)
+        # In place: two more float copies of a 12-megapixel photo would be 288 MB.
+        out = np.clip(np.round(out, out=out), 0, 255, out=out).astype(np.uint8)
 
         thickness = max(1, int(round(min(out.shape[:2]) / 300)))
         for style in styles:
@@ -524,19 +653,41 @@ class Visualizer:
         """Place ``image`` left, ``band`` (if any) under it and the caption panel right; grow
         the height to fit all."""
         font = self.font
-        margin = max(6, self.font_size // 2)
+        margin, line_height = self.margin, self.line_height
         swatch = self.font_size
         text_x = margin + swatch + margin // 2
         text_width = self.panel_width - text_x - margin
         ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (self.font_size, 0)
-        line_height = int(ascent + descent + max(2, self.font_size // 5))
         entry_gap = max(3, self.font_size // 2)
 
         header = f"{len(styles)} segment" + ("" if len(styles) == 1 else "s")
-        entries = [(style, wrap_text(style.text, font, text_width)) for style in styles]
+        # Entries as long as they fit under max_height; a cut entry ends in "...", and the
+        # note line for the entries left out is part of the budget.
+        limit = None if self.max_height is None else self.max_height - margin
+        note_height = line_height + entry_gap
         panel_height = margin + line_height + entry_gap
-        for _, lines in entries:
-            panel_height += len(lines) * line_height + entry_gap
+        entries: list[tuple[SegmentStyle, list[str]]] = []
+        for index, style in enumerate(styles):
+            budget = None if limit is None else max(0, (limit - panel_height) // line_height)
+            lines = wrap_text(style.text, font, text_width, budget)
+            height = len(lines) * line_height + entry_gap
+            if limit is None or panel_height + height + (
+                note_height if index + 1 < len(styles) else 0
+            ) <= limit:
+                entries.append((style, lines))
+                panel_height += height
+                continue
+            room = (limit - panel_height - note_height - entry_gap) // line_height
+            if room >= 1:
+                if len(lines) > room:
+                    lines = lines[:room]
+                    lines[-1] = _ellipsize(lines[-1], font, text_width)
+                entries.append((style, lines))
+                panel_height += len(lines) * line_height + entry_gap
+            break
+        omitted = len(styles) - len(entries)
+        if omitted:
+            panel_height += note_height
         panel_height += margin
 
         img_w, img_h = image.size
@@ -569,6 +720,9 @@ class Visualizer:
                 draw.text((x0 + text_x, y), line, fill=PANEL_TEXT, font=font)
                 y += line_height
             y += entry_gap
+        if omitted:
+            note = f"+ {omitted} more segment{'' if omitted == 1 else 's'} not shown"
+            draw.text((x0 + margin, y), note, fill=PANEL_TEXT, font=font)
         return np.asarray(canvas, dtype=np.uint8).copy()
 
 

@@ -55,8 +55,167 @@ def test_base_inheritance_chains_and_overrides(tmp_path):
 
 def test_unknown_key_names_the_file(tmp_path):
     bad = _write(tmp_path / "bad.yaml", "SOLVER:\n  NOT_A_KEY: 1\n")
-    with pytest.raises(ConfigError, match="bad.yaml.*NOT_A_KEY"):
+    with pytest.raises(ConfigError) as info:
         get_cfg().merge_from_file(bad)
+    assert str(info.value) == f"{bad}: unknown config key SOLVER.NOT_A_KEY"
+    assert info.value.path == bad
+    typo = _write(tmp_path / "typo.yaml", "SOLVER:\n  BASE_RL: 0.1\nMODEL:\n  MAX_ITER: 3\n")
+    with pytest.raises(ConfigError) as info:
+        get_cfg().merge_from_file(typo)
+    assert str(info.value) == (
+        f"{typo}: unknown config key SOLVER.BASE_RL (did you mean SOLVER.BASE_LR?)"
+    )
+    misplaced = _write(tmp_path / "misplaced.yaml", "MODEL:\n  MAX_ITER: 3\n")
+    with pytest.raises(ConfigError) as info:
+        get_cfg().merge_from_file(misplaced)
+    assert str(info.value) == (
+        f"{misplaced}: unknown config key MODEL.MAX_ITER (did you mean SOLVER.MAX_ITER?)"
+    )
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        (
+            'SOLVER: {BASE_LR: "abc"}\n',
+            "SOLVER.BASE_LR must be a float like its default 0.0001, got a string 'abc'",
+        ),
+        (
+            "SOLVER:\n  BASE_LR: [0.1, 0.2]\n",
+            "SOLVER.BASE_LR must be a float like its default 0.0001, got a list [0.1, 0.2]",
+        ),
+        (
+            "SOLVER:\n  BASE_LR: 1\n",
+            "SOLVER.BASE_LR must be a float like its default 0.0001, got an integer 1 "
+            "(write it as a float: 1.0)",
+        ),
+        (
+            "SOLVER:\n  MAX_ITER: {A: 1}\n",
+            "SOLVER.MAX_ITER must be an integer like its default 90000, got a group of keys (A)",
+        ),
+        (
+            "SOLVER: 3\n",
+            "SOLVER is a group of keys (OPTIMIZER, BASE_LR, MOMENTUM, BETAS, ...), got an "
+            "integer 3",
+        ),
+        (
+            "MODEL:\n  BACKBONE:\n    FREEZE: maybe\n",
+            "MODEL.BACKBONE.FREEZE must be a boolean like its default True, got a string 'maybe'",
+        ),
+        ("- SOLVER\n", "a config file must hold a mapping of keys (e.g. 'SOLVER: {BASE_LR: "
+         "0.01}'), got a list"),
+        ("SOLVER:\n  BASE_LR: 0.1\n   MAX_ITER: 3\n",
+         "invalid YAML at line 3, column 12: mapping values are not allowed here"),
+        ("SOLVER: {BASE_LR: 0.1\n", "invalid YAML at line 2, column 1: expected ',' or '}', but "
+         "got '<stream end>'"),
+    ],
+)
+def test_wrong_types_and_syntax_errors_name_the_file_and_key(tmp_path, text, problem):
+    path = _write(tmp_path / "wrong.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        get_cfg().merge_from_file(path)
+    assert str(info.value) == f"{path}: {problem}"
+    assert (info.value.path, info.value.problem) == (path, problem)
+    assert "\n" not in str(info.value)  # one line for an "error: ..." print
+
+
+def test_problems_in_a_base_name_the_base_file(tmp_path):
+    base = _write(tmp_path / "base.yaml", "SOLVER:\n  BASE_LR: abc\n")
+    child = _write(tmp_path / "child.yaml", "_BASE_: base.yaml\nSOLVER:\n  MAX_ITER: 5\n")
+    with pytest.raises(ConfigError) as info:
+        get_cfg().merge_from_file(child)
+    assert str(info.value).startswith(f"{base}: SOLVER.BASE_LR must be a float")
+
+    missing = _write(tmp_path / "missing_base.yaml", "_BASE_: nowhere.yaml\n")
+    with pytest.raises(ConfigError) as info:
+        get_cfg().merge_from_file(missing)
+    nowhere = tmp_path / "nowhere.yaml"
+    assert str(info.value) == f"{missing}: its _BASE_ file {nowhere} does not exist"
+    loop = _write(tmp_path / "loop.yaml", "_BASE_: loop2.yaml\n")
+    _write(tmp_path / "loop2.yaml", "_BASE_: loop.yaml\n")
+    with pytest.raises(ConfigError, match="its _BASE_ chain includes the file itself"):
+        get_cfg().merge_from_file(loop)
+    remote = _write(tmp_path / "remote.yaml", "_BASE_: https://example.com/base.yaml\n")
+    with pytest.raises(ConfigError) as info:
+        get_cfg().merge_from_file(remote)
+    assert str(info.value).startswith(
+        f"{remote}: _BASE_ = 'https://example.com/base.yaml' is a URL, and pix2cap never "
+        "downloads anything at run time"
+    )
+    empty = _write(tmp_path / "empty.yaml", "")
+    cfg = get_cfg()
+    cfg.merge_from_file(empty)  # an empty file sets nothing
+    assert cfg == get_cfg()
+
+
+@pytest.mark.parametrize(
+    "key, value, kind",
+    [
+        ("MODEL.WEIGHTS", "https://example.com/model_final.pth", "is a URL"),
+        ("MODEL.WEIGHTS", "s3://bucket/model_final.pth", "is a URL"),
+        ("MODEL.WEIGHTS", "gs://bucket/model_final.pth", "is a URL"),
+        ("MODEL.WEIGHTS", "hf://org/model", "is a URL"),
+        ("MODEL.BACKBONE.WEIGHTS", "hf-hub:timm/tf_efficientnet_lite0.in1k", "names a model hub"),
+        ("MODEL.BACKBONE.WEIGHTS", "hub:resnet18", "names a model hub"),
+        (
+            "MODEL.BACKBONE.WEIGHTS",
+            "timm/resnet18.a1_in1k",
+            "is no path on disk and looks like a model hub name (org/name)",
+        ),
+        (
+            "TEST.PANCAP.LM_PATH",
+            "Qwen/Qwen2.5-0.5B",
+            "is no path on disk and looks like a model hub name (org/name)",
+        ),
+        ("MODEL.CAPTION_HEAD.VOCAB_FILE", "http://example.com/vocab.txt", "is a URL"),
+        ("TEST.PANCAP.EMBEDDER", "hf://sentence-transformers/all-MiniLM-L6-v2", "is a URL"),
+        ("TEST.PANCAP.JUDGE_MODEL", "https://example.com/judge", "is a URL"),
+    ],
+)
+def test_remote_weights_are_refused_without_a_download(tmp_path, monkeypatch, key, value, kind):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was contacted")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.chdir(tmp_path)
+    group, _, leaf = key.rpartition(".")
+    text = "".join(f"{'  ' * i}{part}:\n" for i, part in enumerate(group.split(".")))
+    indent = "  " * (group.count(".") + 1)
+    path = _write(tmp_path / "remote.yaml", text + f"{indent}{leaf}: {value}\n")
+    with pytest.raises(ConfigError) as info:
+        get_cfg().merge_from_file(path)
+    from pix2cap.config.config import LOCAL_FILE_KEYS
+
+    assert str(info.value) == (
+        f"{path}: {key} = {value!r} {kind}, and pix2cap never downloads anything at run time; "
+        f"fetch it yourself and set {key} to {LOCAL_FILE_KEYS[key]}"
+    )
+    with pytest.raises(ConfigError) as info:
+        get_cfg().merge_from_list([key, value])
+    assert str(info.value).startswith(f"config overrides: {key} = {value!r} {kind}")
+
+
+def test_local_paths_and_names_are_not_mistaken_for_hubs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "small_lm").mkdir()
+    cfg = get_cfg()
+    cfg.merge_from_list(
+        [
+            "MODEL.WEIGHTS", "output/model_final.pth",  # missing, but a file name: not a hub
+            "MODEL.BACKBONE.WEIGHTS", "package:efficientnet_lite0",
+            "TEST.PANCAP.LM_PATH", "models/small_lm",  # an existing relative folder
+            "TEST.PANCAP.EMBEDDER", "none",
+            "TEST.PANCAP.JUDGE_MODEL", "Qwen/Qwen2.5-7B-Instruct",  # a served model's name
+            "MODEL.CAPTION_HEAD.VOCAB_FILE", "configs/shapes/shapes_vocab.txt",
+        ]
+    )
+    assert cfg.MODEL.WEIGHTS == "output/model_final.pth"
+    assert cfg.TEST.PANCAP.LM_PATH == "models/small_lm"
+    assert cfg.TEST.PANCAP.JUDGE_MODEL == "Qwen/Qwen2.5-7B-Instruct"
+    assert get_cfg().MODEL.WEIGHTS_PARTIAL is False
 
 
 def test_python_configs_are_never_executed(tmp_path):
@@ -78,8 +237,15 @@ def test_missing_file_and_odd_overrides_are_clear_errors(tmp_path):
         get_cfg().merge_from_file(str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="KEY VALUE pairs"):
         get_cfg().merge_from_list(["SOLVER.MAX_ITER"])
-    with pytest.raises(ConfigError, match="bad override"):
+    with pytest.raises(ConfigError) as info:
         get_cfg().merge_from_list(["SOLVER.NO_SUCH", "1"])
+    assert str(info.value) == "config overrides: unknown config key SOLVER.NO_SUCH"
+    with pytest.raises(ConfigError) as info:
+        get_cfg().merge_from_list(["SOLVER.BASE_LR", "abc"])
+    assert str(info.value) == (
+        "config overrides: SOLVER.BASE_LR must be a float like its default 0.0001, got a "
+        "string 'abc'"
+    )
 
 
 class _Head(nn.Module):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from pix2cap.data.caption_formats import (
+    check_pancap_boxes,
     find_grid_boxes,
     format_box,
     format_grounding_tag,
@@ -123,6 +124,42 @@ def test_format_and_rewrite_boxes():
     assert flipped.startswith("The woman [[0.257, 0.213, 0.693, 0.886]] is the central focus")
     # Round trip: parse -> format reproduces 3-decimal boxes exactly.
     assert rewrite_pancap_boxes(DESIGN_FRAGMENT, lambda b: b) == DESIGN_FRAGMENT
+
+
+@pytest.mark.parametrize(
+    "box, reason",
+    [
+        ("[[-0.2, 0.1, 0.5, 0.6]]", "out_of_range"),  # negative
+        ("[[0.2, 0.1, 1.5, 0.6]]", "out_of_range"),  # above 1
+        ("[[0.2, 0.1, 0.5, 1.0011]]", "out_of_range"),  # just past the tolerance
+        ("[[0.5, 0.1, 0.4, 0.6]]", "inverted"),  # x1 > x2
+        ("[[0.1, 0.7, 0.4, 0.6]]", "inverted"),  # y1 > y2
+        ("[[1e309, 0.1, 0.4, 0.6]]", "non_finite"),  # overflows to infinity
+        ("[[0.1, nan, 0.4, 0.6]]", "non_finite"),
+        ("[[0.1, 0.2, -inf, 0.6]]", "non_finite"),
+        ("[[0.1, 0.2, 0.4]]", "malformed"),  # three numbers
+        ("[[0.1, 0.2, 0.4, x]]", "malformed"),
+    ],
+)
+def test_check_pancap_boxes_removes_invalid_boxes(box, reason):
+    text = f"A dog [[0.1, 0.2, 0.3, 0.4]] runs past a cat {box}, then sits."
+    clean, issues = check_pancap_boxes(text)
+    assert clean == "A dog [[0.1, 0.2, 0.3, 0.4]] runs past a cat, then sits."
+    assert issues == [{"literal": box, "reason": reason}]
+    assert [b["box"] for b in parse_pancap_boxes(clean)] == [[0.1, 0.2, 0.3, 0.4]]
+
+
+def test_check_pancap_boxes_clamps_within_tolerance_and_keeps_valid_text():
+    clean, issues = check_pancap_boxes("Sea [[-0.001, 0.5, 1.0004, 1]] and sky [[0, 0, 1, 0.5]].")
+    assert clean == "Sea [[0.000, 0.500, 1.000, 1.000]] and sky [[0, 0, 1, 0.5]]."
+    assert issues == [{"literal": "[[-0.001, 0.5, 1.0004, 1]]", "reason": "clamped"}]
+    assert check_pancap_boxes(DESIGN_FRAGMENT) == (DESIGN_FRAGMENT, [])
+    # A degenerate (zero-width) box is ordered, so it stays.
+    assert check_pancap_boxes("a line [[0.5, 0.1, 0.5, 0.9]]")[1] == []
+    # A tighter tolerance rejects what the default clamps.
+    assert check_pancap_boxes("x [[-0.0004, 0, 1, 1]]", tolerance=1e-4)[1] == [
+        {"literal": "[[-0.0004, 0, 1, 1]]", "reason": "out_of_range"}
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +369,46 @@ def test_ambiguous_indices_prefer_zero_based():
     assert [p["segment_ids"] for p in parsed["phrases"]] == [[60], [70]]
 
 
+def test_a_stray_index_does_not_move_the_other_tags():
+    # Segment ids 1..6: every id here is a valid 0-based index, but 5 and 2 are segment ids of
+    # the image and 0 is not. Read per caption, the stray 0 made the whole caption 0-based
+    # and put the sky on segment 6 (the grass); read per tag, only the 0 is an index.
+    raw = "<5:Light blue sky> above <2:a red kite> and <0:a small bird>, over <6:green grass>."
+    parsed = parse_grounded_caption(raw.replace(", over <6:green grass>", ""), [1, 2, 3, 4, 5, 6])
+    assert [(p["phrase"], p["segment_ids"], p["convention"]) for p in parsed["phrases"]] == [
+        ("Light blue sky", [5], "segment_id"),
+        ("a red kite", [2], "segment_id"),
+        ("a small bird", [1], "index0"),
+    ]
+    assert parsed["convention"] == "mixed" and parsed["mixed_id_conventions"] is True
+    assert parsed["tag_stats"] == {
+        "segment_id": 2,
+        "index0": 1,
+        "index1": 0,
+        "unresolved": 0,
+        "unresolved_ids": 0,
+    }
+    # With the grass mentioned too (6 is out of range for 0-based indices) nothing changes.
+    parsed = parse_grounded_caption(raw, [1, 2, 3, 4, 5, 6])
+    assert [p["segment_ids"] for p in parsed["phrases"]] == [[5], [2], [1], [6]]
+
+
+def test_index_tags_follow_the_captions_other_index_tags():
+    # 60 is a segment id; 1 fits both index readings, 4 only the 1-based one over 4 segments,
+    # so the caption's index tags are 1-based: 1 -> 50, 4 -> 80.
+    parsed = parse_grounded_caption("<60:a> <1:b> <4:c>", [50, 60, 70, 80])
+    assert [p["segment_ids"] for p in parsed["phrases"]] == [[60], [50], [80]]
+    assert [p["convention"] for p in parsed["phrases"]] == ["segment_id", "index1", "index1"]
+    assert parsed["mixed_id_conventions"] is True
+    # One convention throughout: not mixed, whichever it is.
+    for raw, segment_ids in (("<0:a> <1:b>", [3, 5, 9]), ("<5:a> <9:b>", [3, 5, 9])):
+        assert parse_grounded_caption(raw, segment_ids)["mixed_id_conventions"] is False
+    # Colon tags as segment ids next to a no-colon (always 0-based) tag: mixed forms, but
+    # no guess about the colon ids.
+    mixed_forms = parse_grounded_caption("<5:sky> over <0>grass>", [5, 6])
+    assert mixed_forms["convention"] == "mixed" and mixed_forms["mixed_id_conventions"] is False
+
+
 def test_ids_not_in_the_image_are_unresolved_but_never_crash():
     parsed = parse_grounded_caption("A <2:cat> and a <99:ghost> and <2,77:both>.", [1, 2])
     assert parsed["convention"] == "segment_id"  # resolves 2 of the 4 ids, more than the others
@@ -377,6 +454,7 @@ def test_mixed_forms_and_no_segment_ids():
         "text": "no tags at all",
         "phrases": [],
         "convention": "none",
+        "mixed_id_conventions": False,
         "tag_stats": {
             "segment_id": 0,
             "index0": 0,

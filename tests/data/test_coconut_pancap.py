@@ -113,3 +113,39 @@ def test_generator_output_loads(tmp_path):
         segment_ids = {s["id"] for s in record["segments_info"]}
         for phrase in caption["phrases"]:
             assert phrase["segment_ids"] and set(phrase["segment_ids"]) <= segment_ids
+
+
+def test_a_caption_mixing_id_conventions_is_read_per_tag_and_named(tmp_path, caplog):
+    # Image 9 has segments 2 (the dog) and 4 (the grass). "2" is the dog's segment id; "1" is
+    # no segment id, only a position. Decided per caption, the 1-based reading (the only one
+    # that resolves both ids) swapped them: the dog on segment 4, the grass on segment 2.
+    captions = {
+        7: {"caption": "A <300:man> stands on <11:grass> under <5:Light blue sky>."},
+        9: {"caption": "A <2:brown dog> sits on <1:green grass>."},
+    }
+    json_file, image_root, panoptic_root = make_panoptic_fixture(
+        tmp_path, extra_annotation_keys=captions
+    )
+    with caplog.at_level(logging.INFO, logger="pix2cap.data.datasets.coconut_pancap"):
+        dicts, stats = load_coconut_pancap_json(
+            json_file, image_root, panoptic_root, return_stats=True
+        )
+    assert [p["segment_ids"] for p in dicts[0]["grounded_caption"]["phrases"]] == [
+        [300],
+        [11],
+        [5],
+    ]
+    phrases = dicts[1]["grounded_caption"]["phrases"]
+    assert [(p["phrase"], p["segment_ids"]) for p in phrases] == [
+        ("brown dog", [2]),
+        ("green grass", [4]),
+    ]
+    assert stats["captions_mixed_id_conventions"] == 1 and stats["captions_mixed"] == 1
+    assert stats["segment_id"] == 4 and stats["index0"] == 1 and stats["index1"] == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"{json_file}: image_id 9 (000000000009.jpg): its grounding tags mix id conventions, "
+        "each tag was read on its own: 'brown dog' (2 as segment id), 'green grass' (1 as "
+        "0-based index)"
+    ]
+    assert "1 captions mix id conventions" in caplog.text

@@ -119,3 +119,83 @@ def test_generator_output_loads(tmp_path):
         for seg in ann_record["segments_info"]:
             x, y, w, h = seg["bbox"]
             assert format_box([x / 64, y / 64, (x + w) / 64, (y + h) / 64]) in written
+
+
+def test_bad_boxes_are_rejected_counted_and_removed(tmp_path, caplog):
+    data_list, gt, paths = make_sapancap_fixture(tmp_path)
+    write(
+        gt,
+        [
+            {
+                "image_path": paths[0],
+                "gt_response": (
+                    "A dog [[0.1, 0.2, 0.3, 0.4]] runs past a cat [[-0.2, 0.1, 0.5, 0.6]], a "
+                    "tree [[0.5, 0.1, 0.4, 0.6]] and a kite [[0.2, 0.3, 1.5, 0.9]]."
+                ),
+            },
+            {
+                "image_path": paths[1],
+                "gt_response": (
+                    "The sky [[1e309, 0, 1, 0.4]]; a road [[NaN, 0.5, 1, 1]]; a wall "
+                    "[[0.1, 0.7, 0.3, 0.2]]; grass [[-0.0004, 0.6, 1.0009, 1.0]]."
+                ),
+            },
+            {"image_path": paths[2], "gt_response": "A lake [[0.0, 0.5, 1.0, 1.0]]."},
+        ],
+    )
+    with caplog.at_level(logging.DEBUG, logger="pix2cap.data.datasets.sapancap"):
+        dicts, stats = load_sapancap(data_list, tmp_path, gt, return_stats=True)
+    assert stats == {
+        "boxes": 3,
+        "clamped": 1,
+        "rejected": 6,
+        "captions_with_rejected_boxes": 2,
+        "rejected_malformed": 0,
+        "rejected_non_finite": 2,
+        "rejected_out_of_range": 2,
+        "rejected_inverted": 2,
+    }
+    # Rejected boxes leave the text and the parsed boxes; their phrases stay.
+    assert dicts[0]["panoptic_caption"] == (
+        "A dog [[0.1, 0.2, 0.3, 0.4]] runs past a cat, a tree and a kite."
+    )
+    assert [b["box"] for b in dicts[0]["panoptic_caption_boxes"]] == [[0.1, 0.2, 0.3, 0.4]]
+    # A coordinate within 1e-3 of the border is clamped, and rewritten in the text.
+    assert dicts[1]["panoptic_caption"] == (
+        "The sky; a road; a wall; grass [[0.000, 0.600, 1.000, 1.000]]."
+    )
+    assert dicts[1]["panoptic_caption_boxes"] == [
+        {
+            "phrase": "grass",
+            "box": [0.0, 0.6, 1.0, 1.0],
+            "start": 25,
+            "end": 30,
+            "box_start": 31,
+            "box_end": 61,
+        }
+    ]
+    assert [b["box"] for b in dicts[2]["panoptic_caption_boxes"]] == [[0.0, 0.5, 1.0, 1.0]]
+    for record in dicts:
+        check_spans(record["panoptic_caption"], record["panoptic_caption_boxes"])
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"{gt}: rejected 6 of 9 boxes in 2 captions: 2 non_finite (a coordinate is NaN or "
+        "infinite), 2 out_of_range (a coordinate is outside [0, 1]), 2 inverted (x1 > x2 or "
+        "y1 > y2); they are removed from panoptic_caption and panoptic_caption_boxes. First: "
+        f"{paths[0]}: [[-0.2, 0.1, 0.5, 0.6]] (out_of_range); "
+        f"{paths[0]}: [[0.5, 0.1, 0.4, 0.6]] (inverted); "
+        f"{paths[0]}: [[0.2, 0.3, 1.5, 0.9]] (out_of_range)"
+    ]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert f"{gt}: box rejected and removed, {paths[1]}: [[NaN, 0.5, 1, 1]] (non_finite)" in debug
+    assert len([m for m in debug if "box rejected" in m]) == 6
+    assert f"{gt}: clamped 1 boxes to [0, 1] (coordinates at most 0.001 outside)" in caplog.text
+
+
+def test_clean_files_log_no_box_warning(tmp_path, caplog):
+    data_list, gt, _ = make_sapancap_fixture(tmp_path)
+    with caplog.at_level(logging.INFO):
+        _, stats = load_sapancap(data_list, tmp_path, gt, return_stats=True)
+    assert stats["rejected"] == 0 and stats["clamped"] == 0 and stats["boxes"] == 2
+    assert "rejected" not in caplog.text and "clamped" not in caplog.text

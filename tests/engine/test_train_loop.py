@@ -135,8 +135,13 @@ def test_trainer_state_dict_is_plain_data():
     trainer.register_hooks([hooks.LRScheduler(scheduler=scheduler)])
     trainer.train(0, 2)
     state = trainer.state_dict()
-    assert state["iteration"] == 2 and set(state) == {"iteration", "hooks", "optimizer"}
+    assert state["iteration"] == 2
+    assert set(state) == {"iteration", "hooks", "optimizer", "storage"}
     assert state["hooks"]["LRScheduler"]["last_epoch"] == 2
+    # The recent metric history, for a resumed run's smoothed metrics.
+    assert state["storage"]["lr"] == {
+        "values": [0.5, 0.05], "iterations": [0, 1], "smoothing_hint": False
+    }
     assert trainer.storage.history("lr").values() == [(0.5, 0), (0.05, 1)]
 
 

@@ -286,6 +286,36 @@ def test_eval_output_references_panoptic_segments(copy_captions, monkeypatch):
         assert torch.equal(mask, union)
 
 
+def test_grounded_caption_for_a_large_original(monkeypatch):
+    # The slots are read from the merge at the inference resolution, so the grounded caption
+    # does not depend on the original's size; the phrase masks are made at that size.
+    model = grounded_model(
+        grounded_phrase_masks=True, object_mask_threshold=0.0, overlap_threshold=0.0
+    )
+    model.eval()
+    written = model.grounded_codec.encode(
+        ["<p> a red circle </p> [SEG] lies on <p> grass </p> [SEG_STUFF]."], 16
+    )
+
+    def generate(memory, memory_valid=None, **kwargs):
+        return written.expand(memory.shape[0], -1), torch.zeros(memory.shape[0])
+
+    monkeypatch.setattr(model.grounded_head, "generate_from_memory", generate)
+    image = grounded_input()["image"]
+    with torch.no_grad():
+        native = model([{"image": image}])[0]
+        big = model([{"image": image, "height": 160, "width": 208}])[0]
+    assert big["grounded_caption"] == native["grounded_caption"]
+    panoptic_seg = big["panoptic_seg"][0]
+    assert panoptic_seg.shape == (160, 208)
+    masks = big["grounded_phrase_masks"]
+    phrases = big["grounded_caption"]["phrases"]
+    assert masks.shape == (len(phrases), 160, 208) and len(phrases) == 2
+    for phrase, mask in zip(phrases, masks):
+        union = torch.isin(panoptic_seg, torch.tensor(phrase["segment_ids"], dtype=torch.int32))
+        assert mask.any() and torch.equal(mask, union)
+
+
 def test_copy_mix_is_a_distribution_over_the_vocabulary():
     head = tiny_grounded_head(
         GroundedMarkupCodec(build_caption_tokenizer()), copy_captions=True, max_slot_caption_length=12

@@ -327,6 +327,41 @@ def test_eval_does_not_depend_on_batch_order(parts):
     assert captions_ab == captions_ba
 
 
+def test_outputs_for_a_large_original_are_the_inference_results_resized(parts):
+    # Inference runs at the input's size; only the results are brought to height x width
+    # (25 x here: 1200 x 1600), so the segments, scores and captions are those of the input.
+    model = eval_model(parts)
+    g = torch.Generator().manual_seed(6)
+    image = torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8, generator=g)
+    with torch.no_grad():
+        native = model([{"image": image}])[0]
+        big = model([{"image": image, "height": 48 * 25, "width": 64 * 25}])[0]
+    seg, infos = native["panoptic_seg"]
+    big_seg, big_infos = big["panoptic_seg"]
+    assert big_seg.dtype == torch.int32 and big_seg.shape == (1200, 1600)
+    # Nearest pixel centre at an integer factor: each inference pixel becomes a 25 x 25 block.
+    assert torch.equal(big_seg, seg.repeat_interleave(25, 0).repeat_interleave(25, 1))
+    assert len(big_infos) == len(infos) >= 2
+    for small, large in zip(infos, big_infos):
+        assert {k: v for k, v in large.items() if k != "bbox"} == {
+            k: v for k, v in small.items() if k != "bbox"
+        }  # id, class, score, query_index and the caption
+        assert large["bbox"] == [25 * v for v in small["bbox"]]
+    # Semantic scores: computed small, resized bilinearly (block centres are the small pixels).
+    assert big["sem_seg"].shape == (NUM_CLASSES, 1200, 1600)
+    assert torch.allclose(big["sem_seg"][:, 12::25, 12::25], native["sem_seg"], atol=1e-5)
+    # Instances: the same (query, class) pairs, with masks made and scored at the large size
+    # (so close scores may rank differently).
+    inst, small_inst = big["instances"], native["instances"]
+    assert inst.image_size == (1200, 1600) and inst.pred_masks.shape[1:] == (1200, 1600)
+
+    def pairs(instances):
+        return sorted(zip(instances.query_indices.tolist(), instances.pred_classes.tolist()))
+
+    assert pairs(inst) == pairs(small_inst) and len(inst) >= 2
+    assert torch.allclose(inst.scores.sort().values, small_inst.scores.sort().values, atol=0.02)
+
+
 def test_bad_arguments(parts):
     with pytest.raises(ValueError, match="thing_ids"):
         eval_model(parts, thing_ids={5})

@@ -1,10 +1,15 @@
+import os
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pix2cap.modeling.postprocessing import (
+    PanopticPrediction,
     instance_inference,
     panoptic_inference,
     resize_mask_logits,
+    resize_panoptic,
     semantic_inference,
 )
 
@@ -144,3 +149,180 @@ def test_resize_mask_logits_crops_padding_then_resizes():
     assert (out[0, :, :8] > 0).all()
     same = resize_mask_logits(logits, (8, 12), (8, 8), (8, 8))
     assert same.shape == (1, 8, 8)
+
+
+# -- results at the original size from the merge at the inference resolution ------------------
+
+
+def _random_boxes(num, height, width, generator, big=BIG):
+    """``num`` box masks on an ``height x width`` grid (+-``big`` logits), each at most a
+    third of the grid a side; three in four queries say "thing" (class 0)."""
+    masks = torch.full((num, height, width), -big)
+    for q in range(num):
+        y0, x0 = (int(torch.randint(0, s - 1, (), generator=generator)) for s in (height, width))
+        y1 = min(height, y0 + int(torch.randint(1, max(2, height // 3), (), generator=generator)))
+        x1 = min(width, x0 + int(torch.randint(1, max(2, width // 3), (), generator=generator)))
+        masks[q, y0:y1, x0:x1] = big
+    labels = torch.randint(0, 4, (num,), generator=generator).clamp(max=K - 1)
+    labels = torch.where(labels >= 2, labels - 1, torch.zeros_like(labels))
+    scores = 0.85 + 0.14 * torch.rand(num, generator=generator)
+    return class_logits(*zip(labels.tolist(), scores.tolist())), masks
+
+
+def _random_stripes(num, height, width, generator, big):
+    """Like :func:`_random_boxes`, but each mask is a band of whole rows or of whole columns:
+    a mask that varies along one axis only, whose upsampled logits change sign exactly where
+    the nearest inference pixel changes (at a box's corner bilinear logits round it off)."""
+    cls, masks = _random_boxes(num, height, width, generator, big)
+    for q in range(num):
+        rows = (masks[q] > 0).any(1)
+        cols = (masks[q] > 0).any(0)
+        masks[q] = -big
+        if q % 2:
+            masks[q, rows] = big
+        else:
+            masks[q, :, cols] = big
+    return cls, masks
+
+
+def _merge_at_full_size(mask_cls, mask_pred, size, **kwargs):
+    """The merge as it was: every query's logits upsampled to ``size`` first."""
+    full = F.interpolate(mask_pred[None], size=size, mode="bilinear", align_corners=False)[0]
+    return panoptic_inference(mask_cls, full, thing_ids=THINGS, **kwargs)
+
+
+@pytest.mark.parametrize("size", [(45, 63), (100, 77), (13, 29)])
+def test_resize_panoptic_equals_the_merge_at_full_size(size):
+    # Where the two ways differ: the old one draws boundaries from upsampled soft logits, so
+    # (a) box corners come out rounded and (b) within a band around the middle between two
+    # inference pixels a query's probability is soft and a lower-scoring one can win. Masks
+    # of whole rows or columns have no corners; logits of +-1000 make the band 1/1000 of a
+    # pixel wide; odd inference sizes put no output pixel centre on the middle itself. There
+    # the two ways agree exactly. (100, 77) stretches rows and columns by different factors;
+    # (13, 29) shrinks the rows (where, in general, a query's kept share of its mask, measured
+    # at the inference resolution now, may differ enough to change the overlap test).
+    g = torch.Generator().manual_seed(3)
+    mask_cls, mask_pred = _random_stripes(8, 15, 21, g, big=1000.0)
+    kwargs = dict(object_mask_threshold=0.8, overlap_threshold=0.3)
+    small = panoptic_inference(mask_cls, mask_pred, thing_ids=THINGS, **kwargs)
+    assert len(small.segments_info) >= 4
+    resized = resize_panoptic(small, size)
+    reference = _merge_at_full_size(mask_cls, mask_pred, size, **kwargs)
+    assert resized.panoptic_seg.shape == size and resized.panoptic_seg.dtype == torch.int32
+    assert torch.equal(resized.panoptic_seg, reference.panoptic_seg)
+    assert resized.segments_info == reference.segments_info  # ids, classes, scores, boxes
+    assert resized.query_indices.tolist() == reference.query_indices.tolist()
+    # The inference-resolution prediction is left as it was.
+    assert small.panoptic_seg.shape == (15, 21)
+
+
+def test_resize_panoptic_boxes_and_vanished_segments():
+    seg = torch.zeros(4, 6, dtype=torch.int32)
+    seg[0, 1] = 1  # one pixel: row 0 and column 1 are not sampled when shrinking to 2 x 3
+    seg[1:, 3:] = 2
+    seg[:, :3] = 3
+    seg[0, 1] = 1
+    infos = [
+        {"id": i, "category_id": 0, "isthing": True, "score": 0.9, "bbox": [0, 0, 0, 0]}
+        for i in (1, 2, 3)
+    ]
+    prediction = PanopticPrediction(seg, infos, torch.tensor([5, 6, 7]))
+    assert resize_panoptic(prediction, (4, 6)) is prediction  # nothing to do
+    # Shrinking: output pixel (y, x) samples (2y + 1, 2x + 1); segment 1 has no pixel left.
+    small = resize_panoptic(prediction, (2, 3))
+    assert small.panoptic_seg.tolist() == [[3, 2, 2], [3, 2, 2]]
+    assert [s["id"] for s in small.segments_info] == [2, 3]
+    assert small.query_indices.tolist() == [6, 7]
+    assert [s["bbox"] for s in small.segments_info] == [[1, 0, 2, 2], [0, 0, 1, 2]]
+    assert infos[0]["bbox"] == [0, 0, 0, 0]  # new dicts: the input's are not changed
+    # Stretching by 2.5 x 1.5: boxes are those of the pixels in the stretched map.
+    big = resize_panoptic(prediction, (10, 9))
+    for info in big.segments_info:
+        ys, xs = (big.panoptic_seg == info["id"]).nonzero(as_tuple=True)
+        x0, y0 = int(xs.min()), int(ys.min())
+        assert info["bbox"] == [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0]
+    assert len(big.segments_info) == 3
+    # torch's nearest-exact picks the same pixels.
+    expected = F.interpolate(seg[None, None].float(), size=(10, 9), mode="nearest-exact")
+    assert torch.equal(big.panoptic_seg, expected[0, 0].int())
+
+
+def _peak_rss_tracker():
+    """``(reset, peak_mib)`` over /proc/self (Linux), or None where the peak cannot be reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set size, to the current size
+    except OSError:
+        return None
+
+    def peak_mib():
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith("VmHWM"))
+        return int(line.split()[1]) / 1024
+
+    def current_mib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    return current_mib, peak_mib
+
+
+def test_merge_for_a_huge_original_allocates_only_the_id_map():
+    # 200 queries and a 6000 x 6000 original: upsampling every query's logits first would be
+    # 200 * 36e6 * 4 bytes = 28.8 GB; the map at that size is Int32, 144 MB.
+    g = torch.Generator().manual_seed(1)
+    mask_cls, mask_pred = _random_boxes(200, 75, 75, g)
+    small = panoptic_inference(
+        mask_cls, mask_pred, thing_ids=THINGS, object_mask_threshold=0.8, overlap_threshold=0.3
+    )
+    assert len(small.segments_info) >= 10
+    tracker = _peak_rss_tracker()
+    before = tracker[0]() if tracker else None
+    big = resize_panoptic(small, (6000, 6000))
+    if tracker:
+        # The map, a [6000, 75] intermediate and a [S, 75, 75] stack for the boxes.
+        assert tracker[1]() - before < 400, "more than the id map was allocated"
+    assert big.panoptic_seg.shape == (6000, 6000) and big.panoptic_seg.dtype == torch.int32
+    # 80 x 80 output pixels per inference pixel: every block holds its pixel's id.
+    blocks = big.panoptic_seg.view(75, 80, 75, 80)
+    assert torch.equal(blocks[:, 0, :, 0], small.panoptic_seg)
+    assert bool((blocks == small.panoptic_seg[:, None, :, None]).all())
+    assert [s["id"] for s in big.segments_info] == [s["id"] for s in small.segments_info]
+    for info, small_info in zip(big.segments_info, small.segments_info):
+        x, y, w, h = small_info["bbox"]
+        assert info["bbox"] == [80 * x, 80 * y, 80 * w, 80 * h]
+
+
+def test_instance_inference_at_output_size_equals_upsampling_every_query():
+    g = torch.Generator().manual_seed(2)
+    mask_cls, mask_pred = _random_boxes(6, 15, 21, g)
+    size = (52, 70)
+    full = F.interpolate(mask_pred[None], size=size, mode="bilinear", align_corners=False)[0]
+    reference = instance_inference(mask_cls, full, thing_ids=THINGS, max_detections=8)
+    inst = instance_inference(
+        mask_cls, mask_pred, thing_ids=THINGS, max_detections=8, output_size=size
+    )
+    assert inst.image_size == size and len(inst) == len(reference) == 6  # one thing class
+    assert torch.equal(inst.pred_masks, reference.pred_masks)
+    assert torch.equal(inst.pred_boxes, reference.pred_boxes)
+    assert torch.equal(inst.query_indices, reference.query_indices)
+    assert torch.allclose(inst.scores, reference.scores, atol=1e-6)
+    # A query kept for two classes has the same mask under both.
+    things = {0, 1}
+    two = instance_inference(
+        mask_cls, mask_pred, thing_ids=things, max_detections=12, output_size=size
+    )
+    for q in two.query_indices.unique().tolist():
+        rows = (two.query_indices == q).nonzero().flatten().tolist()
+        assert all(torch.equal(two.pred_masks[r], two.pred_masks[rows[0]]) for r in rows)
+
+
+def test_semantic_inference_resizes_class_scores():
+    g = torch.Generator().manual_seed(3)
+    mask_cls, mask_pred = _random_boxes(5, 15, 21, g)
+    small = semantic_inference(mask_cls, mask_pred)
+    assert torch.equal(semantic_inference(mask_cls, mask_pred, (15, 21)), small)
+    big = semantic_inference(mask_cls, mask_pred, (45, 63))
+    assert big.shape == (K, 45, 63)
+    # Integer stretch, pixel centres aligned: each 3 x 3 block's centre is the small pixel.
+    assert torch.allclose(big[:, 1::3, 1::3], small, atol=1e-6)

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from pix2cap.checkpoint import CheckpointError
 from pix2cap.config.config import CfgNode as CN
 from pix2cap.config.config import get_cfg
 from pix2cap.modeling.backbone import BACKBONE_REGISTRY, ShapeSpec, TimmBackbone
@@ -165,6 +166,80 @@ def test_wrong_shapes_raise(tmp_path):
     save_file(state, path)
     with pytest.raises(ValueError, match=r"layer1\.0\.conv1\.weight: file \(64, 64, 1, 1\)"):
         TimmBackbone(model_name="resnet18", weights=path)
+
+
+class _Hostile:
+    """Unpickling this would run code: it creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_corrupt_and_hostile_weight_files_name_the_file(tmp_path, suffix):
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    good = str(tmp_path / f"good{suffix}")
+    if suffix == ".safetensors":
+        save_file(state, good)
+    else:
+        torch.save(state, good)
+    truncated = str(tmp_path / f"truncated{suffix}")
+    with open(good, "rb") as f:
+        data = f.read()
+    with open(truncated, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as info:
+        TimmBackbone(model_name="resnet18", weights=truncated)
+    message = str(info.value)
+    if suffix == ".pth":
+        assert message == (
+            f"{truncated}: corrupt or truncated checkpoint (PytorchStreamReader failed reading "
+            "zip archive: failed finding central directory)"
+        )
+    else:
+        assert message.startswith(f"{truncated}: not a readable safetensors file, corrupt or ")
+    assert "weights_only" not in message
+
+
+def test_hostile_pickle_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = str(tmp_path / "hostile.pth")
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    torch.save({"state_dict": state, "extra": _Hostile(marker)}, path)
+    with pytest.raises(CheckpointError) as info:
+        TimmBackbone(model_name="resnet18", weights=path)
+    assert str(info.value) == (
+        f"{path}: refused: it holds pickled Python objects, not only tensors and plain "
+        "containers (loading it would import and call io.open); pix2cap loads checkpoints "
+        "without unpickling objects. Provide the weights as a state dict of tensors "
+        "(torch.save(model.state_dict(), ...)) or as a .safetensors file"
+    )
+    assert not marker.exists()
+    listed = str(tmp_path / "list.pth")
+    torch.save([torch.zeros(1)], listed)
+    with pytest.raises(CheckpointError) as info:
+        TimmBackbone(model_name="resnet18", weights=listed)
+    assert str(info.value) == (
+        f"{listed}: does not hold a state dict (a mapping of names to tensors)"
+    )
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    # convnext keys share no name with resnet18's: nothing would load, the frozen backbone
+    # would stay random.
+    path = str(tmp_path / "convnext.safetensors")
+    save_file(timm.create_model("convnext_atto", pretrained=False).state_dict(), path)
+    with pytest.raises(CheckpointError) as info:
+        TimmBackbone(model_name="resnet18", weights=path)
+    message = str(info.value)
+    assert message.startswith(
+        f"{path}: covers only 0 of the 11,176,512 parameter values of timm's 'resnet18' (0.0%; "
+        "at least 50% needed): is it for another architecture, or does it need a converter "
+        "(pretrained_filter)? Its keys: "
+    )
 
 
 def test_pretrained_filter_renames_foreign_keys(tmp_path):

@@ -19,6 +19,7 @@ from pix2cap.modeling.meta_arch.build import META_ARCH_REGISTRY
 REPO = Path(__file__).resolve().parents[2]
 FAKE_ARCH = "_DemoTestFakePanopticCaptioner"
 LOADED_SCORE = 0.75  # written into the checkpoint; a fresh model would report 0.0
+RUN_FILES = ["a.json", "a.png", "b.json", "b.png", "log.txt", "results.jsonl", "summary.json"]
 
 
 class _FakePanopticCaptioner(nn.Module):
@@ -115,7 +116,10 @@ def test_demo_writes_picture_and_json_per_image(setup):
     )
     records = demo.main(args)
     assert len(records) == 2
-    assert sorted(os.listdir(out)) == ["a.json", "a.png", "b.json", "b.png"]
+    # Per image a picture and a JSON; the run's log, its JSON lines and its summary.
+    assert sorted(os.listdir(out)) == RUN_FILES
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == records
 
     for name, (h, w) in (("a.png", (40, 48)), ("b.jpg", (48, 40))):
         stem = name[0]
@@ -154,7 +158,12 @@ def test_unreadable_image_is_named_and_others_still_written(setup):
     )
     with pytest.raises(DatasetError, match="broken.jpg"):
         demo.main(args)
-    assert sorted(os.listdir(out)) == ["a.json", "a.png", "b.json", "b.png"]
+    assert sorted(os.listdir(out)) == RUN_FILES
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["status"], summary["images"], summary["done"], summary["failed"]) == (
+        "incomplete", 3, 2, 1
+    )
+    assert summary["failures"][0]["image"] == str(images / "broken.jpg")
 
 
 def test_bad_inputs_are_named(setup, tmp_path):

@@ -7,10 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
-
-from pix2cap.data.datasets.shapes import generate_shapes
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "shapes" / "pix2cap_effl0.yaml"
@@ -32,15 +29,6 @@ def _eval_only(dataset, out, env, *opts):
         "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out), *opts,
         flags=["--eval-only"], env=env,
     )
-
-
-@pytest.fixture
-def tiny_shapes(datasets_root):
-    # A complete split on disk is used as it is, so the built-in names load these tiny ones.
-    for split in ("train", "val"):
-        generate_shapes(str(datasets_root / "shapes"), split, num_images=6, image_size=64, seed=1)
-    env = dict(os.environ, PIX2CAP_DATASETS=str(datasets_root), OMP_NUM_THREADS="1")
-    return env
 
 
 def test_train_resume_and_eval_only(tiny_shapes, tmp_path):

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pix2cap.data.detection_utils import read_panoptic_result
 from pix2cap.data.errors import DatasetError
 from pix2cap.structures import PanopticResult
 from pix2cap.utils.visualizer import (
+    MAX_HEIGHT,
     PANEL_BACKGROUND,
     Visualizer,
     _label_point,
@@ -23,6 +25,7 @@ from pix2cap.utils.visualizer import (
     draw_panoptic_seg,
     save_rgb_png,
     segment_colors,
+    truncate_text,
     wrap_text,
 )
 
@@ -155,6 +158,78 @@ def test_wrap_text_fits_width_and_keeps_every_character():
     assert len(lines) > 10
     assert all(font.getlength(line) <= 150 for line in lines)
     assert "".join(lines).replace(" ", "") == text.replace(" ", "")
+
+
+def test_truncate_text_cuts_at_a_word_with_an_ellipsis():
+    assert truncate_text("short", 10) == "short"
+    assert truncate_text("exactly10!", 10) == "exactly10!"
+    assert truncate_text("a red circle on the grass", 20) == "a red circle on..."
+    assert truncate_text("x" * 30, 10) == "xxxxxxx..."  # no space near the end: a hard cut
+    assert truncate_text("x" * 30, None) == "x" * 30
+    assert len(truncate_text("word " * 1000, 1000)) <= 1000
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("caption", [("a long caption " * 7000)[:100_000], "x" * 100_000])
+def test_a_100k_character_caption_renders_fast_and_bounded(caption):
+    image, seg, segments = _scene()
+    long_segments = [dict(s) for s in segments]
+    long_segments[0]["caption"] = caption
+    vis = Visualizer(image, META, panel_width=PANEL, font_size=12)
+    out, seconds = _timed(lambda: vis.draw_panoptic_seg(seg, long_segments))
+    assert seconds < 1.0  # about 0.05 s; wrapping was quadratic (55 s for 50k characters)
+    assert out.shape[0] <= MAX_HEIGHT and out.shape[1] == W + PANEL
+    # What is drawn is the caption cut to max_caption_chars (1000) with "...".
+    cut = [dict(s) for s in long_segments]
+    cut[0]["caption"] = truncate_text(caption, 1000)
+    assert cut[0]["caption"].endswith("...") and len(cut[0]["caption"]) <= 1000
+    np.testing.assert_array_equal(out, vis.draw_panoptic_seg(seg, cut))
+
+    # Without the character cut, the panel stops at max_height with a note; still fast.
+    uncut = Visualizer(image, META, panel_width=PANEL, font_size=12, max_caption_chars=None,
+                       max_height=400)
+    out, seconds = _timed(lambda: uncut.draw_panoptic_seg(seg, long_segments))
+    assert seconds < 1.0 and out.shape[0] <= 400
+    assert _ink_pixels(out[-5:, W + 1 :]) == 0  # a clean bottom margin: nothing overflows
+
+    # The grounded-caption band is bounded the same way.
+    result = PanopticResult.from_panoptic(seg, segments, META)
+    grounded = {"text": caption, "phrases": [{"start": 0, "end": 500, "segment_ids": [3]}]}
+    out, seconds = _timed(lambda: uncut.draw_panoptic_result(result, grounded))
+    assert seconds < 1.0 and out.shape[0] <= 400 + 2 * uncut.line_height
+
+
+def test_panel_leaves_out_entries_past_max_height_with_a_note():
+    image, seg, segments = _scene()
+    long_segments = [dict(s, caption="many words " * 40) for s in segments]
+    full = Visualizer(image, META, panel_width=PANEL, font_size=12).draw_panoptic_seg(
+        seg, long_segments
+    )
+    assert full.shape[0] > 200
+    bounded_vis = Visualizer(image, META, panel_width=PANEL, font_size=12, max_height=200)
+    bounded = bounded_vis.draw_panoptic_seg(seg, long_segments)
+    assert bounded.shape[0] <= 200
+    # The top of the panel is drawn as before; the rest is cut.
+    top = 60
+    np.testing.assert_array_equal(bounded[:top, W:], full[:top, W:])
+    assert not np.array_equal(bounded[: bounded.shape[0]], full[: bounded.shape[0]])
+    # The image itself is never cut: max_height below it is raised to it.
+    tall = Visualizer(image, META, panel_width=PANEL, scale=4, max_height=100)
+    assert tall.max_height == 4 * H and tall.draw_panoptic_seg(seg, segments).shape[0] == 4 * H
+    with pytest.raises(ValueError, match="max_caption_chars"):
+        Visualizer(image, META, max_caption_chars=0)
+
+
+def test_wrap_text_stops_after_max_lines():
+    font = _load_font(12)
+    lines, seconds = _timed(lambda: wrap_text("y" * 1_000_000, font, 150, max_lines=20))
+    assert len(lines) == 21 and seconds < 0.5
+    assert wrap_text("word " * 40, font, 150, max_lines=2) == wrap_text("word " * 40, font, 150)[:3]
 
 
 def test_segments_without_caption_or_score():

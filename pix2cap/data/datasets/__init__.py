@@ -28,12 +28,14 @@ Keys (absent keys mean the format has no such information):
                          ``tag_ids`` the numbers as written in the tag
     ``convention``       which tag convention the parser applied (see
                          ``pix2cap.data.caption_formats``)
+    ``mixed_id_conventions``  True when its colon tags were read under different conventions
     ``tag_stats``        tags counted per convention, plus unresolved tags / ids
 ``image_path``           SA-Pancap and shapes: the image's path relative to the data root, as the
                          data list and ground-truth caption files write it
-``panoptic_caption``     SA-Pancap ground-truth caption (free text with ``[[x1, y1, x2, y2]]`` boxes)
+``panoptic_caption``     SA-Pancap ground-truth caption (free text with ``[[x1, y1, x2, y2]]`` boxes;
+                         invalid boxes removed, see ``pix2cap.data.datasets.sapancap``)
 ``panoptic_caption_boxes``  list of ``{"phrase", "box", "start", "end", "box_start", "box_end"}``
-                         extracted from it: ``box`` four floats normalised to [0, 1] (as written),
+                         extracted from it: ``box`` four floats in [0, 1], ordered (as written),
                          ``phrase`` the text the box follows (``caption[start:end]``),
                          ``caption[box_start:box_end]`` the ``[[...]]`` literal
 """

@@ -2,7 +2,9 @@
 
 Each image's caption is prose with inline ``<ids:phrase>`` tags linking a phrase to panoptic
 segments; :func:`pix2cap.data.caption_formats.parse_grounded_caption` reads them and explains
-the tag forms and how a tag's ids are resolved to segment ids.
+the tag forms and how a tag's ids are resolved to segment ids (per tag). A caption whose tags
+had to be read under different id conventions is a guess: each such image is named in a
+warning (the first few; the rest at debug level) and counted in the log.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 #: Annotation keys that may hold an image's grounded caption, in order of preference.
 CAPTION_KEYS = ("grounded_caption", "caption", "pancap", "description")
+# Images with mixed-convention captions named at warning level; the rest go to debug.
+_MIXED_WARNINGS = 5
+# Tags listed per image in that message.
+_TAGS_SHOWN = 8
 
 
 def _read_caption_file(caption_file: str) -> tuple[dict[Any, str], dict[str, str]]:
@@ -94,8 +100,9 @@ def load_coconut_pancap_json(
     Returns:
         The dataset dicts, or ``(dataset_dicts, stats)`` if ``return_stats``; ``stats`` counts
         tags per convention (``segment_id``, ``index0``, ``index1``), ``unresolved`` tags and
-        ids, captions per caption-level convention (``captions_<convention>``) and
-        ``images_without_caption``.
+        ids, captions per caption-level convention (``captions_<convention>``),
+        ``captions_mixed_id_conventions`` (captions whose colon tags were read under
+        different conventions) and ``images_without_caption``.
     """
     json_file = os.fspath(json_file)
     dataset_dicts, raw_annotations = load_panoptic_annotations(
@@ -134,22 +141,64 @@ def load_coconut_pancap_json(
         record["grounded_caption"] = parsed
         stats.update(parsed["tag_stats"])
         stats[f"captions_{parsed['convention']}"] += 1
+        if parsed["mixed_id_conventions"]:
+            stats["captions_mixed_id_conventions"] += 1
+            _log_mixed(caption_file or json_file, record, parsed, stats)
 
     stats_dict = {k: int(v) for k, v in sorted(stats.items())}
-    for k in (*CONVENTIONS, "unresolved", "unresolved_ids", "images_without_caption"):
+    for k in (
+        *CONVENTIONS,
+        "unresolved",
+        "unresolved_ids",
+        "captions_mixed_id_conventions",
+        "images_without_caption",
+    ):
         stats_dict.setdefault(k, 0)
     logger.info(
         "Grounding tags of %s: %d as segment ids, %d as 0-based indices, %d as 1-based indices, "
-        "%d unresolved (%d ids); %d images without caption",
+        "%d unresolved (%d ids); %d captions mix id conventions; %d images without caption",
         caption_file or json_file,
         stats_dict["segment_id"],
         stats_dict["index0"],
         stats_dict["index1"],
         stats_dict["unresolved"],
         stats_dict["unresolved_ids"],
+        stats_dict["captions_mixed_id_conventions"],
         stats_dict["images_without_caption"],
     )
+    if stats_dict["captions_mixed_id_conventions"] > _MIXED_WARNINGS:
+        logger.warning(
+            "%s: %d captions mix grounding-tag id conventions (%d named above, all at debug "
+            "level); check their groundings",
+            caption_file or json_file,
+            stats_dict["captions_mixed_id_conventions"],
+            _MIXED_WARNINGS,
+        )
     logger.info("Loaded %d images from %s", len(dataset_dicts), json_file)
     if return_stats:
         return dataset_dicts, stats_dict
     return dataset_dicts
+
+
+def _log_mixed(path: str, record: dict, parsed: dict, stats: Counter) -> None:
+    """Name an image whose caption's colon tags were read under different id conventions."""
+    readings = {"segment_id": "segment id", "index0": "0-based index", "index1": "1-based index"}
+    resolved = [p for p in parsed["phrases"] if p["segment_ids"]]
+    tags = ", ".join(
+        f"{p['phrase']!r} ({','.join(map(str, p['tag_ids']))} as {readings[p['convention']]})"
+        for p in resolved[:_TAGS_SHOWN]
+    ) + (f", ... ({len(resolved) - _TAGS_SHOWN} more)" if len(resolved) > _TAGS_SHOWN else "")
+    level = (
+        logging.WARNING
+        if stats["captions_mixed_id_conventions"] <= _MIXED_WARNINGS
+        else logging.DEBUG
+    )
+    logger.log(
+        level,
+        "%s: image_id %r (%s): its grounding tags mix id conventions, each tag was read on its "
+        "own: %s",
+        path,
+        record["image_id"],
+        os.path.basename(record["file_name"]),
+        tags,
+    )

