@@ -52,7 +52,7 @@ def get_parser() -> argparse.ArgumentParser:
                         help="relative to --repo")
     parser.add_argument("--weights", default="model_zoo/shapes/pix2cap_effl0.safetensors",
                         help="relative to --repo")
-    parser.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES),
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=list(DEFAULT_SIZES),
                         help="WIDTHxHEIGHT of each synthetic photo")
     parser.add_argument("--max-memory-gb", type=float, default=10.0,
                         help="address-space limit of each demo process (0: none)")
@@ -63,7 +63,12 @@ def get_parser() -> argparse.ArgumentParser:
 
 def parse_size(text: str) -> tuple[int, int]:
     """``"WxH"`` -> ``(width, height)``."""
-    width, height = (int(v) for v in text.lower().split("x"))
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size WIDTHxHEIGHT, e.g. 4000x3000")
+    if width <= 0 or height <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive")
     return width, height
 
 
@@ -193,11 +198,12 @@ def _mib(value) -> str:
 
 
 def main(args) -> list[dict]:
+    # Defaults arrive as "WxH" strings (argparse does not convert a list default).
     sizes = [BASELINE_SIZE, *args.sizes]
     results = []
     with tempfile.TemporaryDirectory(prefix="pix2cap_memory_") as tmp:
-        for text in sizes:
-            width, height = parse_size(text)
+        for size in sizes:
+            width, height = parse_size(size) if isinstance(size, str) else size
             image = os.path.join(tmp, f"photo_{width}x{height}.jpg")
             synthetic_photo(image, width, height)
             out = os.path.join(tmp, f"out_{width}x{height}")
