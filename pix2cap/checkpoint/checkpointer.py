@@ -48,6 +48,7 @@ __all__ = [
     "atomic_torch_save",
     "check_local_weights",
     "export_model_weights",
+    "parameter_coverage",
     "read_weights_file",
 ]
 
@@ -153,6 +154,34 @@ def _atomic_write(path: str, write_fn) -> None:
     ``path``. On any failure the temporary file is removed and ``path`` is untouched."""
     with atomic_open(path, "wb") as f:
         write_fn(f)
+
+
+def parameter_coverage(
+    model: nn.Module, state_dict: dict[str, Any]
+) -> tuple[list[str], list[str], int, int]:
+    """How much of ``model``'s parameters ``state_dict`` holds.
+
+    Returns:
+        ``(names, matched, covered, total)``: the model's parameter names (buffers and
+        uninitialised parameters left out), those ``state_dict`` holds with the model's shape,
+        and the parameter values (tensor elements) of ``matched`` and of ``names``.
+    """
+    model_state = model.state_dict()
+    names = [
+        name
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if name in model_state and not isinstance(param, nn.parameter.UninitializedParameter)
+    ]
+    matched = [
+        name
+        for name in names
+        if name in state_dict
+        and hasattr(state_dict[name], "shape")
+        and tuple(state_dict[name].shape) == tuple(model_state[name].shape)
+    ]
+    covered = sum(model_state[name].numel() for name in matched)
+    total = sum(model_state[name].numel() for name in names)
+    return names, matched, covered, total
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -268,23 +297,9 @@ class Checkpointer(_FvcoreCheckpointer):
         """
         # fvcore's _load_model strips the prefix too; doing it first counts what will load.
         _strip_prefix_if_present(state_dict, "module.")
-        model_state = self.model.state_dict()
-        names = [
-            name
-            for name, param in self.model.named_parameters(remove_duplicate=False)
-            if name in model_state and not isinstance(param, nn.parameter.UninitializedParameter)
-        ]
-        total = sum(model_state[name].numel() for name in names)
+        names, matched, covered, total = parameter_coverage(self.model, state_dict)
         if total == 0:
             return
-        matched = [
-            name
-            for name in names
-            if name in state_dict
-            and hasattr(state_dict[name], "shape")
-            and tuple(state_dict[name].shape) == tuple(model_state[name].shape)
-        ]
-        covered = sum(model_state[name].numel() for name in matched)
         coverage = covered / total
         numbers = (
             f"{len(matched)} of the model's {len(names)} parameter tensors, "

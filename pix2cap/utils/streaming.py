@@ -35,6 +35,7 @@ import os
 from typing import IO, Any, Callable, Iterator, Optional
 
 from .cli import OutputPathError, error_message
+from .errors import Pix2CapError
 from .file_io import atomic_write_json
 
 try:  # POSIX: one writer per file at a time
@@ -53,14 +54,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class ImagesFailedError(RuntimeError):
+class ImagesFailedError(Pix2CapError, RuntimeError):
     """Some images of a run failed; the others were written. ``str()`` is
     ``"<summary file>: <k> of <n> image(s) failed ...: <first errors>"``."""
-
-    def __init__(self, path: str, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 def read_json_lines(path: str) -> tuple[list[dict], int, bool]:

@@ -305,7 +305,7 @@ def test_every_result_names_its_protocol_and_protocols_do_not_mix():
         LinesExtractor("strict")
 
 
-def test_official_embedding_rule_uses_float32_cosines():
+def test_official_embedding_rule_pairs_names_whose_cosine_reaches_half():
     class _Embedder:
         name = "fake"
 
@@ -314,4 +314,4 @@ def test_official_embedding_rule_uses_float32_cosines():
             return np.array([vectors[t] for t in texts])
 
     m = match_entities(_ents("hound"), _ents("car", "canine"), embedder=_Embedder())
-    assert m.pairs == [(1, 2)] and m.rules[(1, 2)] == "embedding"
+    assert m.pairs == [(1, 2)] and m.rules[(1, 2)] == "embedding"  # cosine 0.6; car: 0

@@ -35,6 +35,7 @@ from pix2cap.checkpoint.checkpointer import (
     MIN_COVERAGE,
     CheckpointError,
     CheckpointNotFoundError,
+    parameter_coverage,
     read_weights_file,
 )
 from pix2cap.config.config import configurable
@@ -388,9 +389,7 @@ class TimmBackbone(nn.Module):
             )
         # A frozen backbone left mostly at its random initialisation gives useless features:
         # refuse a file that covers too little of its parameter values (see MIN_COVERAGE).
-        params = [name for name, _ in self.model.named_parameters() if name in model_state]
-        total = sum(model_state[name].numel() for name in params)
-        covered = sum(model_state[name].numel() for name in params if name in matched)
+        _, _, covered, total = parameter_coverage(self.model, matched)
         if total and covered < MIN_COVERAGE * total:
             raise CheckpointError(
                 path,
