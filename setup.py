@@ -15,6 +15,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(exclude=("tests", "tests.*", "tools", "configs", "datasets")),
+    # The HTML viewer's script and style sheet, copied into every report.
+    package_data={"pix2cap.viewer": ["assets/*.js", "assets/*.css"]},
     install_requires=[
         # The range admits the 2.14.1 / 0.29.1 builds that lie on local disk, so pip does not
         # download a multi-GB CUDA wheel where those are present.

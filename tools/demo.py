@@ -28,6 +28,11 @@ the effect of a change); ``--resume`` continues an interrupted run instead, skip
 whose line and files are there, provided the settings (config, weights file, ``--confidence``,
 ``--alpha``, ``--grounded-writer``) are the same.
 
+``--html REPORT`` also writes an interactive report of the images (``REPORT/index.html``, one
+page per image; :mod:`pix2cap.viewer`): the masks over the image, hovering a segment shows its
+class, score, box and caption and lights up the grounded-caption phrases that name it, hovering
+a phrase lights up its masks. The folder opens from ``file://``, offline.
+
 ``bbox`` is ``[x, y, w, h]`` in pixels of the original image (COCO's form) around the
 segment's pixels, ``area`` its pixel count. Segments scoring below ``--confidence`` are left
 out of both files (their pixels are drawn as void). A folder input takes its ``.png``,
@@ -58,6 +63,7 @@ from pix2cap.utils.file_io import atomic_write_text
 from pix2cap.utils.logger import setup_logger
 from pix2cap.utils.streaming import ResumableRun, file_identity
 from pix2cap.utils.visualizer import Visualizer, save_rgb_png
+from pix2cap.viewer import HtmlReport, ImageView, page_keys
 
 logger = logging.getLogger("pix2cap.demo")
 
@@ -96,6 +102,12 @@ def get_parser() -> argparse.ArgumentParser:
         default="head",
         help="the grounded caption drawn and written: the model's (head; none if it gives "
         "none) or one composed from the decoded segments and their captions (baseline)",
+    )
+    parser.add_argument(
+        "--html",
+        metavar="REPORT",
+        default=None,
+        help="also write an interactive HTML report (REPORT/index.html, a page per image)",
     )
     parser.add_argument(
         "--resume",
@@ -183,8 +195,11 @@ def run_on_image(
     confidence: float,
     alpha: float = 0.25,
     grounded_writer: str = "head",
+    report: HtmlReport | None = None,
+    page_key: str | None = None,
 ):
-    """Predict, draw and save one image; returns the JSON record written."""
+    """Predict, draw and save one image; returns the JSON record written. With ``report``,
+    also writes the image's page ``page_key`` there."""
     # DatasetError names the file if unreadable or above INPUT.MAX_IMAGE_PIXELS.
     image = read_image(path, format="RGB", max_pixels=predictor.cfg.INPUT.MAX_IMAGE_PIXELS)
     height, width = image.shape[:2]
@@ -219,6 +234,15 @@ def run_on_image(
         record["grounded_caption"] = grounded_record(grounded)
     save_rgb_png(drawn, os.path.join(output_dir, f"{stem}.png"))
     atomic_write_text(os.path.join(output_dir, f"{stem}.json"), json.dumps(record, indent=2))
+    if report is not None:
+        view = ImageView("Prediction", kept, grounded, None, predictor.metadata)
+        scores = {"segments": len(kept.segments)}
+        if grounded is not None:
+            scores["grounded phrases"] = len(grounded.get("phrases") or ())
+        report.add_page(
+            page_key or stem, image, [view], title=os.path.basename(path), scores=scores,
+            source=path,
+        )
     return record
 
 
@@ -262,9 +286,15 @@ def main(args) -> list[dict]:
     )
     setup_logger(args.output, name="pix2cap")  # console and output/log.txt (tracebacks)
 
+    report = HtmlReport(args.html, title="pix2cap demo") if args.html else None
+    keys = dict(zip(paths, page_keys(paths)))
+
     def finished(path: str) -> bool:
-        # Done by an earlier run: its line is there and so are both of its files.
+        # Done by an earlier run: its line is there and so are both of its files (and its
+        # page, when a report is asked for).
         stem = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0])
+        if report is not None and not report.has_page(keys[path]):
+            return False
         return run.is_done(path) and all(os.path.isfile(stem + ext) for ext in (".png", ".json"))
 
     todo = [p for p in paths if not finished(p)]
@@ -275,10 +305,13 @@ def main(args) -> list[dict]:
                 record = run.append(
                     run_on_image(
                         predictor, path, args.output, args.confidence, args.alpha,
-                        args.grounded_writer,
+                        args.grounded_writer, report, keys[path],
                     )
                 )
                 logger.info("%s: %d segments", path, len(record["segments"]))
+    if report is not None:
+        index = report.write_index([keys[p] for p in paths if run.is_done(p)])
+        logger.info("HTML report: %s", index)
     run.finish(total=len(paths), resumed=len(paths) - len(todo))
     run.raise_for_failures(len(paths), input_error=DatasetError)
     return [run.get(p) for p in paths if run.is_done(p)]

@@ -32,6 +32,11 @@ the run was interrupted or not):
 * ``structured.json`` -- per image ``{"image_path", "height", "width", "structured"
   (PanopticContent.to_dict()), "structured_full", "stages" ({"1".."4"}), "stage3_extra"}``.
 
+With ``--html``, ``report/`` in ``--output`` is an interactive HTML report (``report/index.html``,
+a page per image; :mod:`pix2cap.viewer`): the decoded masks with their dense captions, the
+grounded caption linked to them, and the panoptic caption whose ``[[x1, y1, x2, y2]]`` boxes
+are drawn on the image as their text is hovered; for a dataset, the ground-truth caption beside.
+
 Class names come from the predictor's metadata, or from ``DATASETS.TRAIN[0]`` when the test
 dataset has no class vocabulary (SA-Pancap has none).
 """
@@ -51,10 +56,12 @@ from pix2cap.data.detection_utils import DEFAULT_MAX_IMAGE_PIXELS, read_image
 from pix2cap.data.errors import DatasetError
 from pix2cap.engine.defaults import collect_image_files, setup_cfg
 from pix2cap.engine.predictor import DefaultPredictor, class_metadata
+from pix2cap.structures import PanopticResult
 from pix2cap.utils.cli import add_verbose_flag, check_output_dir, main_guard
 from pix2cap.utils.file_io import atomic_write_json
 from pix2cap.utils.logger import setup_logger
 from pix2cap.utils.streaming import ResumableRun, file_identity
+from pix2cap.viewer import HtmlReport, ImageView, page_keys
 
 logger = logging.getLogger("pix2cap.pancap_infer")
 
@@ -94,6 +101,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--extra-instance-threshold", type=float, default=0.5)
     parser.add_argument("--min-segment-score", type=float, default=0.0)
     parser.add_argument("--limit", type=int, default=0, help="process at most N images (0 = all)")
+    parser.add_argument(
+        "--html", action="store_true",
+        help="also write an interactive HTML report of the captions to OUTPUT/report/",
+    )
     parser.add_argument(
         "--overwrite", action="store_true",
         help="start over: discard predictions.jsonl of an earlier run instead of continuing it",
@@ -185,13 +196,41 @@ def run_settings(args, cfg) -> dict:
     return settings
 
 
-def caption_image(bridge, predictor, file_name: str, image_path: str) -> dict:
-    """One image's line of ``predictions.jsonl``: its prediction and its structured record."""
+REPORT_FOLDER = "report"
+
+
+def report_views(bridge, output: dict, caption: dict, truth: dict | None) -> list[ImageView]:
+    """The report panels of one image: the prediction (decoded segments, the caption's
+    grounding, the panoptic caption) and, when the dataset has one, the true caption."""
+    metadata = bridge.metadata
+    views = [
+        ImageView(
+            "Prediction", PanopticResult.from_model_output(output, metadata),
+            caption["grounded_caption"], caption["caption"], metadata,
+        )
+    ]
+    if truth and truth.get("panoptic_caption"):
+        views.append(ImageView("Ground truth", panoptic_caption=truth["panoptic_caption"]))
+    return views
+
+
+def caption_image(
+    bridge, predictor, file_name: str, image_path: str, report=None, page: tuple = ()
+) -> dict:
+    """One image's line of ``predictions.jsonl``: its prediction and its structured record.
+    With ``report``, also writes its page: ``page`` is ``(key, dataset dict or None)``."""
     cfg = getattr(predictor, "cfg", None)  # None for an injected predictor: the default limit
     limit = DEFAULT_MAX_IMAGE_PIXELS if cfg is None else cfg.INPUT.MAX_IMAGE_PIXELS
     image = read_image(file_name, format="RGB", max_pixels=limit)  # DatasetError names the file
     height, width = image.shape[:2]
-    out = bridge(predictor(image), (height, width))
+    output = predictor(image)
+    out = bridge(output, (height, width))
+    if report is not None:
+        key, truth = page
+        report.add_page(
+            key, image, report_views(bridge, output, out, truth), title=image_path,
+            scores={"entities": len(out["structured"]["entities"])}, source=file_name,
+        )
     return {
         "image_path": image_path,
         "model_response": out["caption"],
@@ -237,7 +276,21 @@ def main(args, predictor=None, cfg=None) -> tuple[list[dict], list[dict]]:
         outputs=tuple(os.path.join(out_dir, f) for f in (PREDICTIONS_FILE, STRUCTURED_FILE)),
     )
     setup_logger(out_dir, name="pix2cap")  # console and out_dir/log.txt (tracebacks)
-    todo = [(f, p) for f, p in inputs if not run.is_done(p)]
+    report = None
+    if args.html:
+        report = HtmlReport(os.path.join(out_dir, REPORT_FOLDER), title="pix2cap panoptic captions")
+    keys = dict(zip((p for _, p in inputs), page_keys([p for _, p in inputs])))
+    truths = {}
+    if report is not None and args.dataset:
+        truths = {
+            str(d.get("image_path", d.get("image_id", d["file_name"]))): d
+            for d in DatasetCatalog.get(args.dataset)
+        }
+    # An image is done when its line is there (and its page, when a report is asked for).
+    todo = [
+        (f, p) for f, p in inputs
+        if not run.is_done(p) or (report is not None and not report.has_page(keys[p]))
+    ]
     writer = build_writer(args)  # a missing --lm-path fails before the model is loaded
     if todo and predictor is None:
         predictor = DefaultPredictor(cfg)
@@ -253,13 +306,21 @@ def main(args, predictor=None, cfg=None) -> tuple[list[dict], list[dict]]:
             logger.info("All %d image(s) are done already; writing the final files", len(inputs))
         for file_name, image_path in todo:
             with run.attempt(image_path):
-                record = run.append(caption_image(bridge, predictor, file_name, image_path))
+                record = run.append(
+                    caption_image(
+                        bridge, predictor, file_name, image_path, report,
+                        (keys[image_path], truths.get(image_path)),
+                    )
+                )
                 logger.info("%s: %d entities", image_path, len(record["structured"]["entities"]))
     done = [run.get(p) for _, p in inputs if run.is_done(p)]
     predictions = [{k: r[k] for k in PREDICTION_KEYS} for r in done]
     records = [{k: r[k] for k in STRUCTURED_KEYS} for r in done]
     atomic_write_json(os.path.join(out_dir, PREDICTIONS_FILE), predictions, indent=2)
     atomic_write_json(os.path.join(out_dir, STRUCTURED_FILE), records, indent=2)
+    if report is not None:
+        index = report.write_index([keys[p] for _, p in inputs if run.is_done(p)])
+        logger.info("HTML report: %s", index)
     run.finish(total=len(inputs), resumed=len(inputs) - len(todo))
     logger.info(
         "%d of %d image(s) written to %s (%d from an earlier run)",

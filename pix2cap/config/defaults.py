@@ -198,6 +198,9 @@ _C.SOLVER.AMP.DTYPE = "float16"  # Autocast dtype: "float16" or "bfloat16".
 _C.TEST = CN()
 _C.TEST.EVAL_PERIOD = 0  # Evaluate every this many iterations during training (0: only at the end).
 _C.TEST.DETECTIONS_PER_IMAGE = 100  # Cap on predicted segments per image.
+# Interactive HTML report of an evaluation (pix2cap.viewer): OUTPUT_DIR/inference/<dataset>/report/.
+_C.TEST.HTML_REPORT = False  # Write it (prediction beside ground truth, metrics, per-image PQ).
+_C.TEST.HTML_REPORT_MAX_IMAGES = 0  # Pages written at most, in loader order (0: every image).
 # SA-Pancap evaluation (evaluator_type "sapancap"): the bridge writes each image's panoptic
 # caption from the model's segments, PancapScore compares it with the ground truth.
 _C.TEST.PANCAP = CN()

@@ -21,6 +21,8 @@ from pix2cap.checkpoint import Checkpointer
 from pix2cap.config import CfgNode, load_cfg
 from pix2cap.data.build import build_test_loader, build_train_loader
 from pix2cap.evaluation import (
+    DatasetEvaluators,
+    HtmlReportWriter,
     build_evaluator,
     inference_on_dataset,
     log_results_to_storage,
@@ -467,6 +469,10 @@ class DefaultTrainer(TrainerBase):
         Returns:
             ``{dataset_name: results}``; with a single dataset, its results directly.
             A dataset without evaluator is run for inference only (logged) and has ``{}``.
+            With ``TEST.HTML_REPORT``, an HTML report of each dataset (prediction beside
+            ground truth, the results as tables) is written to
+            ``OUTPUT_DIR/inference/<dataset>/report/index.html``
+            (:class:`~pix2cap.evaluation.HtmlReportWriter`).
         """
         dataset_names = list(cfg.DATASETS.TEST)
         if evaluators is not None and not isinstance(evaluators, (list, tuple)):
@@ -489,7 +495,14 @@ class DefaultTrainer(TrainerBase):
                     "inference only",
                     dataset_name,
                 )
+            report = None
+            if cfg.TEST.HTML_REPORT:
+                folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name, "report")
+                report = HtmlReportWriter.from_config(cfg, dataset_name, folder)
+                evaluator = report if evaluator is None else DatasetEvaluators([evaluator, report])
             results[dataset_name] = inference_on_dataset(model, data_loader, evaluator)
+            if report is not None:
+                report.write_index(results[dataset_name])
             if comm.is_main_process() and results[dataset_name]:
                 logger.info(
                     "Evaluation results for %s:\n%s",

@@ -11,4 +11,5 @@ from .densecap_evaluation import DenseCaptionEvaluator, caption_metrics, denseca
 from .grounded_caption_evaluation import GroundedCaptionEvaluator
 from .pix2cap_evaluation import PanCapEvaluator, Pix2CapEvaluator
 from .sapancap_evaluation import SAPancapEvaluator
+from .html_report import HtmlReportWriter
 from .results import log_results_to_storage, print_results_table, write_results_json

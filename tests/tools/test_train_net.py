@@ -3,6 +3,7 @@ resume, evaluate."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,8 +55,8 @@ def test_train_resume_and_eval_only(tiny_shapes, tmp_path):
     assert final["iteration"] == 5
 
     log = _train_net(
-        *common, "MODEL.WEIGHTS", str(out / "model_final.pth"), flags=["--eval-only"],
-        env=tiny_shapes,
+        *common, "MODEL.WEIGHTS", str(out / "model_final.pth"), "TEST.HTML_REPORT", "True",
+        flags=["--eval-only"], env=tiny_shapes,
     )
     assert f"Loading from {out / 'model_final.pth'}" in log
     # Both evaluators of a "pix2cap" dataset ran on all of shapes_val and wrote their results.
@@ -68,6 +69,19 @@ def test_train_resume_and_eval_only(tiny_shapes, tmp_path):
         (out / "inference" / "shapes_val" / "panoptic_predictions.json").read_text()
     )
     assert len(exported["annotations"]) == 6
+
+    # TEST.HTML_REPORT: a page per image, prediction beside ground truth, the results as tables.
+    report = out / "inference" / "shapes_val" / "report"
+    index = (report / "index.html").read_text()
+    assert f"HTML report of 6 images: {report / 'index.html'}" in log
+    assert len(re.findall(r'class="card" href="pages/\d+\.html"', index)) == 6
+    assert f"<tr><th>PQ</th><td>{results['panoptic_seg']['PQ']:.4g}</td></tr>" in index
+    entries = [json.loads(p.read_text()) for p in sorted((report / "pages").glob("*.entry.json"))]
+    assert len(entries) == 6
+    for entry in entries:
+        assert set(entry["segments"]) == {"Prediction", "Ground truth"}
+        assert 0.0 <= entry["scores"]["PQ"] <= 100.0
+        assert entry["scores"]["true segments"] == entry["segments"]["Ground truth"] > 0
 
 
 def test_eval_only_on_a_coconut_pancap_dataset(tiny_shapes, tmp_path):
