@@ -6,18 +6,24 @@ borders, some crowd regions, the 133 COCO classes) and predictions that disagree
 (moved boundaries, relabelled, dropped and spurious segments, ids 1..N like a model's), writes
 both in COCO panoptic format to a temporary folder, and times
 
-* ``evaluator``: :class:`COCOPanopticEvaluator` fed the predictions in memory, as a model
-  feeds it (it reads each ground-truth PNG; no export);
-* ``file-to-file``: pix2cap reading both PNGs of every image, as panopticapi does;
+* ``evaluator``: :class:`COCOPanopticEvaluator` fed the predictions in memory one image per
+  ``process`` call, as a model with the test loader's batch size 1 feeds it (it decodes each
+  ground-truth PNG once, in its reader's ``--workers`` threads, overlapping images; no export);
+* ``evaluator serial``: the same with ``num_workers=0`` (everything in the calling thread);
+* ``file-to-file``: pix2cap reading both PNGs of every image serially, as panopticapi does;
 * ``panopticapi``: ``pq_compute`` on the files (its own pool of ``cpu_count()`` processes);
-* ``gt decode only``: reading the ground-truth PNGs, the floor every evaluator pays.
+* ``gt decode only``: decoding the ground-truth PNGs serially (``read_panoptic_ids``), the
+  floor every evaluator pays (divided by the threads at best).
 
-It then checks that PQ / SQ / RQ (All, Things, Stuff and every class) agree to 1e-9::
+It then checks that PQ / SQ / RQ (All, Things, Stuff and every class) agree with panopticapi
+to 1e-9 (it sums in another order) and that the threaded, serial and file-to-file counts are
+identical, and fails (exit status 1) if not::
 
     python tools/benchmark_pq.py --num-images 200 --height 480 --width 640
 
 Needs ``panopticapi`` (``pip install --no-deps panopticapi-lite``). Time it on a quiet machine:
-the load average is printed before and after.
+the load average is printed before and after; ``--min-speedup`` makes a slower evaluator an
+error too.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import torch
 from pix2cap.data.datasets.coco_categories import COCO_PANOPTIC_CATEGORIES
 from pix2cap.data.datasets.coco_panoptic import build_panoptic_metadata
 from pix2cap.data.detection_utils import read_panoptic_png
+from pix2cap.evaluation.ground_truth import default_num_workers, read_panoptic_ids
 from pix2cap.evaluation.panoptic_evaluation import (
     COCOPanopticEvaluator,
     PQStat,
@@ -166,6 +173,38 @@ def _load() -> str:
     return " / ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
+def _stat_key(stat: PQStat) -> dict:
+    """The counts of every category that has any, for an exact comparison."""
+    return {
+        c: (v.tp, v.fp, v.fn, v.iou)
+        for c, v in sorted(stat.pq_per_cat.items())
+        if v.tp + v.fp + v.fn > 0
+    }
+
+
+def compare(ours: dict, stat: PQStat, others: dict[str, PQStat], theirs: dict,
+            categories: dict) -> float:
+    """The largest difference between pix2cap's numbers and panopticapi's (percent vs
+    fraction handled); raises ``RuntimeError`` if it exceeds 1e-9 or if any of ``others``
+    (pix2cap's other paths) differs from ``stat`` at all."""
+    for name, other in others.items():
+        if _stat_key(other) != _stat_key(stat):
+            raise RuntimeError(f"the {name} counts differ from the evaluator's")
+    worst = 0.0
+    for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+        for metric in ("PQ", "SQ", "RQ"):
+            worst = max(worst, abs(ours[metric + suffix] - 100 * theirs[group][metric.lower()]))
+    _, per_class = stat.pq_average(categories)
+    for contiguous, cat in categories.items():
+        for metric in ("pq", "sq", "rq"):
+            worst = max(
+                worst, abs(per_class[contiguous][metric] - theirs["per_class"][cat["id"]][metric])
+            )
+    if not worst <= 1e-9:
+        raise RuntimeError(f"pix2cap and panopticapi disagree by {worst:.3g} (more than 1e-9)")
+    return worst
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-images", type=int, default=200)
@@ -173,6 +212,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each; the best counts")
+    parser.add_argument(
+        "--workers", type=int, default=None,
+        help=f"the evaluator's threads (default: the cores, at most 4: {default_num_workers()})",
+    )
+    parser.add_argument(
+        "--min-speedup", type=float, default=None,
+        help="fail unless the evaluator is at least this many times faster than panopticapi",
+    )
     add_verbose_flag(parser)
     args = parser.parse_args(argv)
     try:
@@ -194,13 +241,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{time.perf_counter() - start:.1f} s")
         categories = {i: c for i, c in enumerate(meta["categories"])}
 
-        def run_evaluator():
-            evaluator = COCOPanopticEvaluator(dataset_name="pq_benchmark", metadata=meta)
+        def run_evaluator(num_workers):
+            evaluator = COCOPanopticEvaluator(
+                dataset_name="pq_benchmark", metadata=meta, num_workers=num_workers
+            )
             evaluator.reset()
             for inp, out in zip(inputs, outputs):
                 evaluator.process([inp], [out])
             with contextlib.redirect_stdout(io.StringIO()):
-                return evaluator.pq_stat, evaluator.evaluate()["panoptic_seg"]
+                results = evaluator.evaluate()["panoptic_seg"]
+            return evaluator.pq_stat, results
 
         def run_file_to_file():
             total = PQStat()
@@ -222,52 +272,54 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         def run_decode_only():
             for inp in inputs:
-                read_panoptic_png(inp["pan_seg_file_name"])
+                read_panoptic_ids(inp["pan_seg_file_name"])
 
-        times = {"evaluator": [], "file-to-file": [], "panopticapi": [], "gt decode only": []}
+        workers = default_num_workers() if args.workers is None else args.workers
+        runs = {
+            "panopticapi": run_panopticapi,
+            "evaluator": lambda: run_evaluator(workers),
+            "evaluator serial": lambda: run_evaluator(0),
+            "file-to-file": run_file_to_file,
+            "gt decode only": run_decode_only,
+        }
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        results: dict = {}
         for _ in range(args.repeat):
-            runs = (
-                ("panopticapi", run_panopticapi),
-                ("evaluator", run_evaluator),
-                ("file-to-file", run_file_to_file),
-                ("gt decode only", run_decode_only),
-            )
-            for name, fn in runs:
+            for name, fn in runs.items():
                 start = time.perf_counter()
-                result = fn()
+                results[name] = fn()
                 times[name].append(time.perf_counter() - start)
-                if name == "panopticapi":
-                    theirs = result
-                elif name == "evaluator":
-                    stat, ours = result
-                elif name == "file-to-file":
-                    file_stat = result
 
-    # Agreement: every summary and every class, ours in percent.
-    worst = 0.0
-    for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
-        for metric in ("PQ", "SQ", "RQ"):
-            worst = max(worst, abs(ours[metric + suffix] - 100 * theirs[group][metric.lower()]))
-    _, per_class = stat.pq_average(categories)
-    _, file_per_class = file_stat.pq_average(categories)
-    for contiguous, cat in categories.items():
-        for metric in ("pq", "sq", "rq"):
-            ours_value = per_class[contiguous][metric]
-            worst = max(worst, abs(ours_value - theirs["per_class"][cat["id"]][metric]))
-            worst = max(worst, abs(file_per_class[contiguous][metric] - ours_value))
-    assert worst <= 1e-9, f"pix2cap and panopticapi disagree by {worst}"
+    theirs = results["panopticapi"]
+    stat, ours = results["evaluator"]
+    serial_stat, serial = results["evaluator serial"]
+    if serial != ours:
+        raise RuntimeError("the serial evaluator's results differ from the threaded one's")
+    worst = compare(
+        ours, stat,
+        {"serial evaluator": serial_stat, "file-to-file": results["file-to-file"]},
+        theirs, categories,
+    )
 
     best = {name: min(t) for name, t in times.items()}
     print(f"PQ {ours['PQ']:.3f}  SQ {ours['SQ']:.3f}  RQ {ours['RQ']:.3f}  "
           f"(Things {ours['PQ_th']:.3f}, Stuff {ours['PQ_st']:.3f}); "
-          f"largest difference to panopticapi: {worst:.2e}")
+          f"largest difference to panopticapi: {worst:.2e}; serial, threaded and "
+          "file-to-file counts identical")
     for name, t in times.items():
         per_image = 1000 * best[name] / args.num_images
-        print(f"{name:>13s}: best {best[name]:.3f} s ({per_image:.2f} ms/image), "
+        print(f"{name:>16s}: best {best[name]:.3f} s ({per_image:.2f} ms/image), "
               f"runs {', '.join(f'{x:.3f}' for x in t)}")
-    print(f"speed-up vs panopticapi: evaluator {best['panopticapi'] / best['evaluator']:.1f}x, "
+    speedup = best["panopticapi"] / best["evaluator"]
+    print(f"speed-up vs panopticapi: evaluator {speedup:.1f}x ({workers} threads), "
+          f"evaluator serial {best['panopticapi'] / best['evaluator serial']:.1f}x, "
           f"file-to-file {best['panopticapi'] / best['file-to-file']:.1f}x")
     print(f"load average after: {_load()}")
+    if args.min_speedup is not None and speedup < args.min_speedup:
+        raise RuntimeError(
+            f"the evaluator is {speedup:.2f}x faster than panopticapi, less than "
+            f"--min-speedup {args.min_speedup:g}"
+        )
     return 0
 
 

@@ -94,13 +94,13 @@ import numpy as np
 from pycocotools import mask as mask_util
 
 from pix2cap.data.catalog import DatasetCatalog, MetadataCatalog
-from pix2cap.data.detection_utils import read_panoptic_png
 from pix2cap.structures import PanopticResult
 from pix2cap.utils import comm
 
 from .build import EVALUATOR_REGISTRY
 from .caption_truth import CaptionVocabulary, caption_novelty, caption_truth
 from .evaluator import DatasetEvaluator
+from .ground_truth import GroundTruthReader
 from .meteor import JavaNotFoundError, MeteorScorer, find_java
 from .results import print_results_table, write_results_json
 
@@ -654,6 +654,10 @@ class DenseCaptionEvaluator(DatasetEvaluator):
         train_dataset_names: registered training datasets; their segment descriptions are the
             training captions of ``memorised`` and their ``attributes`` add to the caption-truth
             vocabulary. Empty: ``memorised`` is skipped.
+        ground_truth: a :class:`~pix2cap.evaluation.ground_truth.GroundTruthReader` shared with
+            the other evaluators of the same images (``Pix2CapEvaluator`` shares one with its
+            PQ evaluator, so each ground-truth PNG is decoded once for both); None: a serial
+            reader of this evaluator's own.
     """
 
     def __init__(
@@ -667,6 +671,7 @@ class DenseCaptionEvaluator(DatasetEvaluator):
         meteor_fn: Optional[MeteorFn] = None,
         compute_caption_metrics: bool = True,
         train_dataset_names: Sequence[str] = (),
+        ground_truth: Optional[GroundTruthReader] = None,
     ):
         self._dataset_name = dataset_name
         self._metadata = MetadataCatalog.get(dataset_name)
@@ -678,6 +683,10 @@ class DenseCaptionEvaluator(DatasetEvaluator):
         self._meteor_thresholds = tuple(float(s) for s in meteor_thresholds)
         self._meteor_fn = meteor_fn
         self._compute_caption_metrics = bool(compute_caption_metrics)
+        self._owns_reader = ground_truth is None
+        self._ground_truth = (
+            GroundTruthReader(num_workers=0) if ground_truth is None else ground_truth
+        )
         self._images: list[dict] = []
 
     def reset(self) -> None:
@@ -702,11 +711,33 @@ class DenseCaptionEvaluator(DatasetEvaluator):
                 )
             if "panoptic_seg" not in out:
                 raise KeyError(f"output for {png} lacks 'panoptic_seg' (has {sorted(out)})")
-            gt_ids = read_panoptic_png(png)
             gt_segments = inp["segments_info"]
             for seg in gt_segments:
                 if "description" not in seg:
                     raise KeyError(f"{png}: GT segment {seg.get('id')} has no 'description'")
+            for seg in out["panoptic_seg"][1]:
+                # Every prediction is ranked by its score and judged by its caption.
+                for key in ("id", "category_id", "score", "caption"):
+                    if key not in seg:
+                        raise KeyError(
+                            f"{png}: predicted segment {seg.get('id')} lacks {key!r} "
+                            f"(has {sorted(seg)})"
+                        )
+            # The prediction first: a shared reader's threads decode the PNG meanwhile.
+            prediction = PanopticResult.from_model_output(out)
+            segments = prediction.segments
+            pred = {
+                "masks": _encode_ids(prediction.panoptic_seg, [s.id for s in segments]),
+                "scores": [s.score for s in segments],
+                "captions": [s.caption for s in segments],
+                "category_ids": [s.category_id for s in segments],
+            }
+            gt_ids = self._ground_truth.read(png)
+            if prediction.image_size != gt_ids.shape:
+                raise ValueError(
+                    f"{png}: predicted panoptic map is {prediction.image_size} but the GT PNG "
+                    f"is {tuple(gt_ids.shape)}; predictions must be at the original resolution"
+                )
             gt = {
                 "image_id": inp.get("image_id"),
                 "masks": _encode_ids(gt_ids, [s["id"] for s in gt_segments]),
@@ -722,27 +753,6 @@ class DenseCaptionEvaluator(DatasetEvaluator):
                 "z_order": [_int_or_none(s.get("z_order")) for s in gt_segments],
                 "full_area": [_int_or_none(s.get("full_area")) for s in gt_segments],
             }
-            for seg in out["panoptic_seg"][1]:
-                # Every prediction is ranked by its score and judged by its caption.
-                for key in ("id", "category_id", "score", "caption"):
-                    if key not in seg:
-                        raise KeyError(
-                            f"{png}: predicted segment {seg.get('id')} lacks {key!r} "
-                            f"(has {sorted(seg)})"
-                        )
-            prediction = PanopticResult.from_model_output(out)
-            if prediction.image_size != gt_ids.shape:
-                raise ValueError(
-                    f"{png}: predicted panoptic map is {prediction.image_size} but the GT PNG "
-                    f"is {tuple(gt_ids.shape)}; predictions must be at the original resolution"
-                )
-            segments = prediction.segments
-            pred = {
-                "masks": _encode_ids(prediction.panoptic_seg, [s.id for s in segments]),
-                "scores": [s.score for s in segments],
-                "captions": [s.caption for s in segments],
-                "category_ids": [s.category_id for s in segments],
-            }
             self._images.append({"pred": pred, "gt": gt, "truth": truth})
 
     def _gt_is_thing(self, segment: dict) -> bool:
@@ -752,6 +762,8 @@ class DenseCaptionEvaluator(DatasetEvaluator):
         return self._metadata.is_thing(int(segment["category_id"]))
 
     def evaluate(self) -> Optional[dict]:
+        if self._owns_reader:
+            self._ground_truth.close()
         comm.synchronize()
         gathered = comm.gather(self._images, dst=0)
         if not comm.is_main_process():

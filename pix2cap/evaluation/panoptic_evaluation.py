@@ -18,9 +18,12 @@ One deliberate difference of input, not of rule: the ground-truth area of a segm
 count in the id map, where panopticapi reads the ``area`` field of the JSON. The two are equal in
 COCO and in any file written from its PNG.
 
-All intersections of an image come from one ``np.bincount`` over the pair index
-``gt_index * (num_pred + 1) + pred_index`` (segment ids are first mapped to their position in
-the segment lists); only the small ``[num_gt, num_pred]`` matrix is looked at afterwards.
+All intersections of an image come from one 2-D histogram of the pairs
+``(gt_index, pred_index)`` (segment ids are first mapped to their position in the segment
+lists; OpenCV's ``calcHist`` when both fit 8 bits, else ``np.bincount`` over
+``gt_index * (num_pred + 1) + pred_index``); only the small ``[num_gt, num_pred]`` matrix is
+looked at afterwards. The evaluator decodes the ground-truth PNGs through a
+:class:`~pix2cap.evaluation.ground_truth.GroundTruthReader` (threads, each file once).
 """
 
 from __future__ import annotations
@@ -28,22 +31,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import cv2
 import numpy as np
 import torch
 
 from pix2cap.data.catalog import Metadata, MetadataCatalog
-from pix2cap.data.detection_utils import encode_panoptic_png, read_panoptic_png
+from pix2cap.data.detection_utils import encode_panoptic_png
 from pix2cap.structures import PanopticResult
 from pix2cap.utils import comm
 from pix2cap.utils.file_io import atomic_write_bytes
 
 from .build import EVALUATOR_REGISTRY
 from .evaluator import DatasetEvaluator
+from .ground_truth import GroundTruthEntry, GroundTruthReader
 
 __all__ = [
     "OFFSET",
@@ -207,6 +212,13 @@ def _index_map(ids: np.ndarray, keys: np.ndarray) -> np.ndarray:
     max_id = int(ids.max()) if ids.size else 0
     if max_id <= _LUT_MAX_ID:
         # Small ids (a model's 1..N): one lookup table indexed by the id itself.
+        if max_id < 256 and dtype == np.uint8 and ids.ndim == 2 and ids.size:
+            # Both 8-bit: OpenCV's table lookup, several times faster than np.take (which
+            # copies the ids to intp first); the narrowing copy is exact below 256.
+            lut = np.full(256, num_keys, dtype=np.uint8)
+            present = keys <= max_id
+            lut[keys[present]] = np.nonzero(present)[0]
+            return cv2.LUT(ids.astype(np.uint8), lut)
         lut = np.full(max_id + 1, num_keys, dtype=dtype)
         present = keys <= max_id
         lut[keys[present]] = np.nonzero(present)[0]
@@ -242,6 +254,34 @@ def _index_map(ids: np.ndarray, keys: np.ndarray) -> np.ndarray:
     position = np.take(representable[order].astype(dtype), where)
     position[~found] = num_keys
     return position
+
+
+def _confusion(
+    gt_index: np.ndarray, pred_index: np.ndarray, num_rows: int, num_cols: int
+) -> np.ndarray:
+    """Int64[num_rows, num_cols]: the number of pixels of each (row, column) pair.
+
+    Args:
+        gt_index, pred_index: UInt[H, W] in ``[0, num_rows)`` and ``[0, num_cols)``.
+    """
+    if (
+        gt_index.dtype == np.uint8
+        and pred_index.dtype == np.uint8
+        and 0 < gt_index.size < 1 << 24
+    ):
+        # OpenCV's 8-bit 2-D histogram (unit bins over [0, n): one bin per value) counts in
+        # int32 and returns float32, exact below 2^24 pixels; about twice as fast as
+        # np.bincount, which first copies the pair indices to intp.
+        hist = cv2.calcHist(
+            [gt_index, pred_index], [0, 1], None, [num_rows, num_cols],
+            [0, num_rows, 0, num_cols],
+        )
+        return hist.astype(np.int64)
+    num_pairs = num_rows * num_cols
+    pair = gt_index.astype(_small_dtype(num_pairs))
+    pair *= num_cols
+    pair += pred_index
+    return np.bincount(pair.ravel(), minlength=num_pairs).reshape(num_rows, num_cols)
 
 
 def _evaluate_image(
@@ -283,12 +323,7 @@ def _evaluate_image(
             f"In {_image_name(image_id)} segment id(s) {unknown[:10].tolist()} are present in "
             f"the predicted id map and not in its segments_info"
         )
-    num_pairs = (num_gt + 2) * num_cols
-    pair = gt_index.astype(_small_dtype(num_pairs))
-    pair *= num_cols
-    pair += pred_index
-    confusion = np.bincount(pair.ravel(), minlength=num_pairs)
-    confusion = confusion.reshape(num_gt + 2, num_cols)
+    confusion = _confusion(gt_index, pred_index, num_gt + 2, num_cols)
 
     gt_area = confusion[:num_gt].sum(axis=1)
     pred_area = confusion[:, :num_pred].sum(axis=0)
@@ -418,19 +453,34 @@ def _format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 class COCOPanopticEvaluator(DatasetEvaluator):
     """PQ / SQ / RQ of panoptic predictions (panopticapi's rules), per image as it goes.
 
-    ``process`` reads each ground-truth PNG once and accumulates that image's counts, so
-    ``evaluate`` needs no second pass over files; with ``output_dir`` it also keeps each
-    prediction (PNG bytes + segments) and ``evaluate`` writes them in COCO panoptic format:
+    ``process`` copies each prediction to the host and queues the image while the threads of
+    its :class:`~pix2cap.evaluation.ground_truth.GroundTruthReader` decode the image's
+    ground-truth PNG (once, even for several evaluators sharing the reader); an image is
+    counted, in the calling thread and in image order, once ``2 * num_workers`` newer ones
+    wait behind it (or by ``evaluate``), so PNG decoding overlaps the counting and the model's
+    next batches even at one image per batch, and the numbers do not depend on the threads.
+    The queue holds one prediction and one ground-truth map per waiting image. ``evaluate``
+    needs no second pass over files; with ``output_dir`` it also keeps each prediction (PNG
+    bytes + segments) and writes them in COCO panoptic format:
     ``output_dir/panoptic_predictions/<image>.png`` and ``output_dir/panoptic_predictions.json``
     (``annotations`` with dataset category ids, and the dataset's ``categories``), a layout
     that ``panopticapi.evaluation.pq_compute`` reads.
 
+    Errors: a malformed output dict or input dict raises in ``process`` itself; an error that
+    needs the ground truth (sizes differ, unknown ids, unreadable PNG) raises, naming the
+    image, from a later ``process`` call or from ``evaluate`` (with ``num_workers=0``, from
+    the ``process`` call of the image, everything running in the caller's thread).
+
     Expects the test mapper's dicts (``pan_seg_file_name``, ``segments_info`` with contiguous
     ``category_id``, ``image_id``, ``file_name``) and outputs
     ``{"panoptic_seg": (Int[H, W] tensor, segments_info)}``, ``segments_info`` dicts holding
-    ``id`` and contiguous ``category_id``, read as a :class:`PanopticResult` (``score`` and a
-    non-empty ``caption`` are exported when present).
+    ``id`` and contiguous ``category_id``; for the export they are read as a
+    :class:`PanopticResult` (``score`` and a non-empty ``caption`` are exported when present).
     """
+
+    #: Images waiting per decoding thread: enough that the threads decode ahead while the
+    #: caller counts, few enough that the queue stays a few maps.
+    _QUEUE_PER_WORKER = 2
 
     def __init__(
         self,
@@ -439,6 +489,8 @@ class COCOPanopticEvaluator(DatasetEvaluator):
         output_dir: Optional[str] = None,
         metadata: Optional[Metadata | Mapping] = None,
         png_compression: int = 1,
+        ground_truth: Optional[GroundTruthReader] = None,
+        num_workers: Optional[int] = None,
     ):
         """
         Args:
@@ -447,17 +499,29 @@ class COCOPanopticEvaluator(DatasetEvaluator):
             metadata: overrides the catalog's metadata (a ``Metadata``; a mapping is wrapped
                 in one).
             png_compression: zlib level 0-9 of the exported PNGs (1: fast, larger files).
+            ground_truth: a reader shared with other evaluators of the same images (each PNG
+                is then decoded once for all of them); None: a reader of this evaluator's own,
+                closed by ``evaluate``.
+            num_workers: threads of the own reader (None: the cores, at most 4; 0: serial, in
+                the caller's thread). Give a shared reader its threads instead.
         """
         if metadata is None:
             metadata = MetadataCatalog.get(dataset_name)
         elif not isinstance(metadata, Metadata):
             # Class names and thing/stuff then follow Metadata's rules, as everywhere else.
             metadata = Metadata(**{"name": dataset_name, **metadata})
+        if ground_truth is not None and num_workers is not None:
+            raise ValueError("num_workers is that of the reader: set it on the shared reader")
         self._dataset_name = dataset_name
         self._metadata = metadata
         self._output_dir = output_dir
         self._png_compression = int(png_compression)
         self._categories = _contiguous_categories(metadata, dataset_name)
+        self._owns_reader = ground_truth is None
+        self._ground_truth = (
+            GroundTruthReader(num_workers=num_workers) if ground_truth is None else ground_truth
+        )
+        self._pending: deque[tuple] = deque()
         self.reset()
 
     @property
@@ -466,11 +530,19 @@ class COCOPanopticEvaluator(DatasetEvaluator):
         return self._categories
 
     @property
+    def ground_truth(self) -> GroundTruthReader:
+        """The reader of the ground-truth PNGs."""
+        return self._ground_truth
+
+    @property
     def pq_stat(self) -> PQStat:
-        """The counts accumulated by this process since the last ``reset``."""
+        """The counts accumulated by this process since the last ``reset`` (waits for the
+        queued images)."""
+        self._drain(0)
         return self._pq_stat
 
     def reset(self) -> None:
+        self._pending = deque()
         self._pq_stat = PQStat()
         self._num_images = 0
         self._predictions: list[dict] = []
@@ -478,42 +550,83 @@ class COCOPanopticEvaluator(DatasetEvaluator):
     def process(self, inputs: list[dict], outputs: list[dict]) -> None:
         for inp, out in zip(inputs, outputs):
             image_id = inp.get("image_id")
-            prediction = self._read_prediction(out, image_id)
+            pred_ids, pred_segments = self._read_prediction(out, image_id)
             for key in ("pan_seg_file_name", "segments_info"):
                 if key not in inp:
                     raise KeyError(
                         f"the input dict of image {image_id!r} has no {key!r}; use the "
                         "test mapper, which keeps the ground truth for evaluators"
                     )
-            gt_ids = read_panoptic_png(inp["pan_seg_file_name"])
-            stat = _evaluate_image(
-                gt_ids,
-                inp["segments_info"],
-                prediction.panoptic_seg,
-                prediction.segments_info(),
-                self._categories,
-                VOID,
-                image_id,
-            )
+            # Decoding starts in the reader's threads while the image waits in the queue.
+            (entry,) = self._ground_truth.prefetch([inp["pan_seg_file_name"]])
+            # What the queued work reads of the input (the export names files after it).
+            image = {k: inp[k] for k in ("image_id", "file_name", "segments_info") if k in inp}
+            self._pending.append((image, entry, pred_ids, pred_segments))
+            self._drain(self._QUEUE_PER_WORKER * self._ground_truth.num_workers)
+
+    def _drain(self, limit: int) -> None:
+        """Count the oldest queued images until at most ``limit`` wait (in image order)."""
+        while len(self._pending) > limit:
+            stat, encoded = self._evaluate_one(*self._pending.popleft())
             self._pq_stat += stat
             self._num_images += 1
-            if self._output_dir is not None:
-                self._predictions.append(self._encode_prediction(inp, prediction))
+            if encoded is not None:
+                self._predictions.append(encoded)
 
-    def _read_prediction(self, out: Mapping, image_id) -> PanopticResult:
-        """The model output of one image as a :class:`PanopticResult` (one device-to-host
-        copy serves both the PQ counts and the export); errors name the image."""
+    def _read_prediction(self, out: Mapping, image_id) -> tuple[np.ndarray, list[dict]]:
+        """The model output of one image: its id map copied to the host (the caller may
+        reuse its tensors once ``process`` returns) and its segment dicts (shallow copies),
+        checked for what the queued work needs; errors name the image."""
         if "panoptic_seg" not in out:
             raise KeyError(f"the output for image {image_id!r} has no 'panoptic_seg'")
-        if out["panoptic_seg"][1] is None:
+        ids, segments_info = out["panoptic_seg"]
+        if segments_info is None:
             raise ValueError(
                 f"the output for image {image_id!r} has segments_info=None; this "
                 "evaluator needs the list of segments (id, category_id)"
             )
-        try:
-            return PanopticResult.from_model_output(out, self._metadata)
-        except (KeyError, ValueError, TypeError) as e:
-            raise type(e)(f"the output for image {image_id!r}: {e.args[0]}") from None
+        segments = []
+        for k, info in enumerate(segments_info):
+            for key in ("id", "category_id"):
+                if key not in info:
+                    raise KeyError(
+                        f"the output for image {image_id!r}: segments_info[{k}] has no "
+                        f"{key!r} (keys: {sorted(info)})"
+                    )
+            segments.append(dict(info))
+        if isinstance(ids, torch.Tensor):
+            ids = ids.detach()
+            # A device tensor's copy to the host is already a new array.
+            ids = ids.cpu().numpy() if ids.device.type != "cpu" else ids.numpy().copy()
+        else:
+            ids = np.array(ids, copy=True)
+        return ids, segments
+
+    def _evaluate_one(
+        self, image: dict, entry: GroundTruthEntry, pred_ids: np.ndarray, pred_segments: list
+    ) -> tuple[PQStat, Optional[dict]]:
+        """One queued image: its PQ counts, and its export."""
+        image_id = image.get("image_id")
+        prediction = None
+        if self._output_dir is not None:
+            try:
+                prediction = PanopticResult.from_panoptic(pred_ids, pred_segments, self._metadata)
+            except (KeyError, ValueError, TypeError) as e:
+                raise type(e)(f"the output for image {image_id!r}: {e.args[0]}") from None
+        segments = [
+            {"id": int(s["id"]), "category_id": int(s["category_id"])} for s in pred_segments
+        ]
+        stat = _evaluate_image(
+            entry.result(),
+            image["segments_info"],
+            pred_ids,
+            segments,
+            self._categories,
+            VOID,
+            image_id,
+        )
+        encoded = None if prediction is None else self._encode_prediction(image, prediction)
+        return stat, encoded
 
     def _encode_prediction(self, inp: dict, prediction: PanopticResult) -> dict:
         """PNG bytes and COCO ``segments_info`` of one prediction (dataset category ids)."""
@@ -547,6 +660,11 @@ class COCOPanopticEvaluator(DatasetEvaluator):
         }
 
     def evaluate(self) -> Optional[dict]:
+        try:
+            self._drain(0)
+        finally:
+            if self._owns_reader:
+                self._ground_truth.close()
         if comm.get_world_size() > 1:
             comm.synchronize()
             stats = comm.gather(self._pq_stat)

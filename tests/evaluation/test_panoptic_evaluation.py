@@ -544,16 +544,23 @@ def test_categories_from_detectron2_style_metadata():
         COCOPanopticEvaluator(dataset_name="custom", metadata={})
 
 
-def test_evaluator_input_errors(shapes_val):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_evaluator_input_errors(shapes_val, num_workers):
     _, records = shapes_val
-    evaluator = COCOPanopticEvaluator(dataset_name="shapes_val")
+    evaluator = COCOPanopticEvaluator(dataset_name="shapes_val", num_workers=num_workers)
     ids, segments = _gt_as_prediction(records[0])["panoptic_seg"]
+    # Malformed dicts raise in process() itself, whatever the threads.
     with pytest.raises(ValueError, match="segments_info=None"):
         evaluator.process(records[:1], [{"panoptic_seg": (ids, None)}])
+    with pytest.raises(KeyError, match=r"image 0.*segments_info\[0\] has no 'category_id'"):
+        evaluator.process(records[:1], [{"panoptic_seg": (ids, [{"id": 1}])}])
     bad = dict(records[0])
     del bad["pan_seg_file_name"]
     with pytest.raises(KeyError, match="pan_seg_file_name"):
         evaluator.process([bad], [{"panoptic_seg": (ids, segments)}])
-    with pytest.raises(ValueError, match="original image size"):
+    # An error that needs the ground truth: serially from process(), with threads from a
+    # later process() or from evaluate(); either way naming the image.
+    with pytest.raises(ValueError, match="image with id 0.*original image size"):
         evaluator.process(records[:1], [{"panoptic_seg": (ids[:10], segments)}])
+        evaluator.evaluate()
     assert COCOPanopticEvaluator(dataset_name="shapes_val").evaluate() == {}
