@@ -18,12 +18,18 @@ layers under an attention mask:
 
 Decoding reuses that property: the memory's keys/values of every layer are computed once, and
 each step adds the key/value of one new token (a KV cache), instead of re-running the whole
-sequence at every step.
+sequence at every step. The cache is static (:mod:`.kv_cache`): preallocated to the longest
+caption and written in place, so that on a GPU a step has fixed shapes, reads nothing on the
+host and is captured once as a CUDA graph, then replayed per token. On a CPU the same step
+runs eagerly, attending over the tokens written so far.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import logging
+import weakref
+from collections import OrderedDict
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +38,7 @@ from torch import nn
 from pix2cap.config.config import configurable
 
 from .build import CAPTION_HEAD_REGISTRY
+from .kv_cache import DecodeState, StaticKVCache
 from .scene_memory import (
     BOX_FEATURE_DIM,
     PAIR_FEATURE_DIM,
@@ -43,6 +50,8 @@ from .scene_memory import (
 from .tokenizer import build_caption_tokenizer, caption_vocab_kwargs
 
 __all__ = ["DenseCaptionHead", "MEMORY_KINDS", "scale_grad"]
+
+logger = logging.getLogger(__name__)
 
 MEMORY_KINDS = ("query_global", "scene")
 
@@ -110,6 +119,12 @@ class CaptionEmbeddings(nn.Module):
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
         return self.dropout(self.norm(x))
 
+    def forward_at(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids Long[N, t] at the positions ``positions`` (Long[t], a device tensor: no
+        host synchronisation) -> [N, t, hidden]; the same values as :meth:`forward`."""
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        return self.dropout(self.norm(x))
+
 
 class CaptionSelfAttention(nn.Module):
     """Multi-head self-attention that can extend a key/value cache."""
@@ -153,6 +168,48 @@ class CaptionSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(n, length, c)
         return self.proj(y), (k, v)
 
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        cache: StaticKVCache,
+        layer: int,
+        write_index: torch.Tensor,
+        attn_mask: Optional[torch.Tensor],
+        num_keys: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Attention of new tokens over a static cache, their keys/values written into it.
+
+        Args:
+            x: [N, t, C] the new tokens.
+            cache: the static cache; ``layer``: this layer's index in it.
+            write_index: Long[t], the new tokens' absolute positions in the cache.
+            attn_mask: Bool, broadcastable to [N, heads, t, keys], True where attending is
+                allowed (None: every key attended).
+            num_keys: attend over the first so many positions (eager decoding, the tokens
+                written so far, the new ones last: ``write_index`` is then
+                ``num_keys - t ... num_keys - 1``); None: over all of them, under
+                ``attn_mask`` (fixed shapes).
+
+        Returns:
+            [N, t, C].
+        """
+        n, length, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q = q.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+        if num_keys is None:
+            cache.write(layer, write_index, k, v)
+        else:  # the host knows the new tokens are the last of the first num_keys positions
+            cache.write(layer, write_index, k, v, start=num_keys - length)
+        keys, values = cache.layer(layer)
+        if num_keys is not None:
+            keys, values = keys[:, :, :num_keys], values[:, :, :num_keys]
+        dropout = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(n, length, c)
+        return self.proj(y)
+
 
 class CaptionDecoderLayer(nn.Module):
     """BERT layer, post-norm: ``x = LN(x + Attn(x)); x = LN(x + FFN(x))``."""
@@ -174,6 +231,14 @@ class CaptionDecoderLayer(nn.Module):
         x = self.norm1(x + self.dropout(attn_out))
         x = self.norm2(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
         return x, kv
+
+    def forward_cached(self, x, cache, layer, write_index, attn_mask, num_keys=None):
+        """:meth:`forward` of new tokens over a static cache (see
+        :meth:`CaptionSelfAttention.forward_cached`); inference only."""
+        attn_out = self.attn.forward_cached(x, cache, layer, write_index, attn_mask, num_keys)
+        x = self.norm1(x + self.dropout(attn_out))
+        x = self.norm2(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
+        return x
 
 
 def _layout_embedding(in_dim: int, hidden_size: int, eps: float) -> nn.Sequential:
@@ -561,34 +626,21 @@ class DenseCaptionHead(nn.Module):
             cache.append(kv)
         return cache
 
-    def _cached_step(
-        self,
-        input_ids: torch.Tensor,
-        position: int,
-        cache: KVCache,
-        memory_valid: Optional[torch.Tensor] = None,
-    ):
-        """One new token per row: Long[N, 1] at ``position`` -> ([N, C] state, extended cache).
-
-        memory_valid: Bool[N, M] of the cached memory, False on padding (None: no padding).
-        """
-        x = self.embeddings(input_ids, start_position=position)
-        mask = None
-        if memory_valid is not None:
-            # The new token sees the real memory and every text token so far (itself included).
-            mask = self._key_padding(memory_valid, position + 1)
-        new_cache = []
-        for layer, past_kv in zip(self.layers, cache):
-            x, kv = layer(x, attn_mask=mask, past_kv=past_kv)
-            new_cache.append(kv)
-        return x[:, -1], new_cache
-
     def next_token_logits(
         self, hidden: torch.Tensor, memory: torch.Tensor, memory_valid: Optional[torch.Tensor]
     ) -> torch.Tensor:
         """[N, C] decoder states of the newest tokens -> [N, V] next-token logits (or log-
-        probabilities). A head that reads words from its memory overrides this."""
+        probabilities). A head that reads words from its memory overrides this (and, if the
+        override reads nothing but its arguments and parameters, may declare it capturable:
+        see :meth:`_decode_step_capturable`)."""
         return self.lm_logits(hidden)
+
+    def _decode_step_capturable(self) -> bool:
+        """Whether a decoding step may be captured as a CUDA graph: everything it reads must
+        be the step's own buffers or the head's parameters. True unless a subclass overrides
+        :meth:`next_token_logits` (its override may read tensors set per call, which a graph
+        would keep reading at their first address); such a subclass can override this."""
+        return type(self).next_token_logits is DenseCaptionHead.next_token_logits
 
     def _mask_logits(self, logits: torch.Tensor, prev_tokens: torch.Tensor, suppress_repeat: bool):
         """Forbid [BOS], [PAD] and (optionally) the previous token. logits [N, V] float."""
@@ -610,6 +662,9 @@ class DenseCaptionHead(nn.Module):
         suppress_repeat: bool = True,
         return_scores: bool = False,
         scene: Optional[SceneContext] = None,
+        fixed_shapes: Optional[bool] = None,
+        use_cuda_graph: Optional[bool] = None,
+        stop_check_interval: Optional[int] = None,
     ):
         """Caption N objects at once (call in eval mode).
 
@@ -620,10 +675,20 @@ class DenseCaptionHead(nn.Module):
             max_length: tokens per caption, [BOS] and [EOS] included (default: the head's).
             num_beams: 1 = greedy; more = beam search, the best beam chosen by the mean
                 log-probability per generated token.
-            use_cache: reuse keys/values of earlier tokens; False re-runs the whole sequence
-                every step (same result, for tests and benchmarks).
+            use_cache: reuse keys/values of earlier tokens (a static cache, see
+                :mod:`.kv_cache`); False re-runs the whole sequence every step (same result,
+                for tests and benchmarks).
             suppress_repeat: forbid emitting the previous token again.
             return_scores: also return each caption's mean token log-probability.
+            fixed_shapes: every step attends over the whole preallocated cache under a mask
+                and reads nothing on the host (the step a CUDA graph captures); False: each
+                step attends over the tokens written so far. None: True on a CUDA device.
+            use_cuda_graph: capture the fixed-shape step once as a CUDA graph and replay it
+                for every token (CUDA only; graphs are kept per batch shape, the number of
+                objects rounded up to a multiple of 8). None: on a CUDA device in eval mode.
+            stop_check_interval: with fixed shapes, test whether every caption has ended only
+                every so many steps (a host synchronisation; the steps in between change
+                nothing once all have ended). None: 8 with fixed shapes, else every step.
 
         Returns:
             Long[N, L] (L <= max_length) rows ``[BOS] words [EOS] [PAD]...`` (no [EOS] where
@@ -639,6 +704,9 @@ class DenseCaptionHead(nn.Module):
             use_cache=use_cache,
             suppress_repeat=suppress_repeat,
             return_scores=return_scores,
+            fixed_shapes=fixed_shapes,
+            use_cuda_graph=use_cuda_graph,
+            stop_check_interval=stop_check_interval,
         )
 
     @torch.no_grad()
@@ -652,6 +720,9 @@ class DenseCaptionHead(nn.Module):
         use_cache: bool = True,
         suppress_repeat: bool = True,
         return_scores: bool = False,
+        fixed_shapes: Optional[bool] = None,
+        use_cuda_graph: Optional[bool] = None,
+        stop_check_interval: Optional[int] = None,
     ):
         """:meth:`generate` from encoded memory tokens: ``memory`` [N, M, C] and
         ``memory_valid`` Bool[N, M] (False on padding; None: no padding). Same arguments and
@@ -659,72 +730,380 @@ class DenseCaptionHead(nn.Module):
         max_length = self.max_length if max_length is None else max_length
         if not 2 <= max_length <= self.max_length:
             raise ValueError(f"max_length must be in [2, {self.max_length}], got {max_length}")
-        num_objects = memory.shape[0]
-        beams = num_beams
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be at least 1, got {num_beams}")
+        on_cuda = _graph_device(memory.device)
+        if use_cuda_graph and not on_cuda:
+            raise ValueError("use_cuda_graph needs the memory on a CUDA device")
+        if fixed_shapes is None:
+            fixed_shapes = use_cache and (on_cuda or bool(use_cuda_graph))
+        if fixed_shapes and not use_cache:
+            raise ValueError("fixed_shapes decodes with the key/value cache (use_cache=True)")
+        if use_cuda_graph and not fixed_shapes:
+            raise ValueError("use_cuda_graph captures the fixed-shape step (fixed_shapes=True)")
+        if use_cuda_graph is None:
+            use_cuda_graph = fixed_shapes and on_cuda and not self.training
+            use_cuda_graph = use_cuda_graph and self._decode_step_capturable()
+        if stop_check_interval is None:
+            stop_check_interval = 8 if fixed_shapes else 1
+        if stop_check_interval < 1:
+            raise ValueError(f"stop_check_interval must be at least 1, got {stop_check_interval}")
+
+        num_objects, beams = memory.shape[0], num_beams
+        if num_objects == 0:
+            tokens = torch.full((0, 1), self.bos_token_id, dtype=torch.long, device=memory.device)
+            scores = memory.new_zeros(0, dtype=torch.float32)
+            return (tokens, scores) if return_scores else tokens
+        steps = max_length - 1
+        if use_cuda_graph:
+            entry = _decode_graph(self, memory, memory_valid, max_length, beams, suppress_repeat)
+            state = entry.state
+            self._run_graph_decode(entry, steps, stop_check_interval, suppress_repeat)
+        else:
+            state = self._decode_state(
+                memory, memory_valid, max_length, beams, use_cache, num_objects, fixed_shapes
+            )
+            for step in range(steps):
+                self._decode_step(state, None if fixed_shapes else step, suppress_repeat)
+                if (step + 1) % stop_check_interval == 0 and bool(state.finished.all()):
+                    break
+
+        rows = num_objects * beams
+        tokens, scores = state.tokens[:rows], state.scores[:rows]
+        if use_cuda_graph:  # the graph's buffers are reused by the next call
+            tokens, scores = tokens.clone(), scores.clone()
+        num_generated = (tokens[:, 1:] != self.pad_token_id).sum(1).clamp(min=1)
+        mean_scores = scores / num_generated
+        if beams > 1:
+            best = mean_scores.view(num_objects, beams).argmax(dim=1)
+            pick = torch.arange(num_objects, device=memory.device) * beams + best
+            tokens, mean_scores = tokens[pick], mean_scores[pick]
+        # Drop trailing all-[PAD] columns (every caption ended before them).
+        length = int((tokens != self.pad_token_id).sum(1).max())
+        tokens = tokens[:, :length]
+        if return_scores:
+            return tokens, mean_scores
+        return tokens
+
+    # -----------------------------------------------------------------------------------------
+    # Decoding steps (one token per row, on a DecodeState, in place)
+    # -----------------------------------------------------------------------------------------
+    def _decode_state(
+        self,
+        memory: torch.Tensor,
+        memory_valid: Optional[torch.Tensor],
+        max_length: int,
+        beams: int,
+        use_cache: bool,
+        num_real: int,
+        fixed_shapes: bool = True,
+        state: Optional[DecodeState] = None,
+    ) -> DecodeState:
+        """A decoding's state at its start: ``[BOS]`` in every row, the memory's keys/values
+        in the cache (``use_cache``).
+
+        Args:
+            memory: [N, M, C], memory_valid: Bool[N, M] or None: N objects, the first
+                ``num_real`` of them real; the others pad a batch to a fixed shape and are
+                finished from the start.
+            fixed_shapes: the steps will attend over the whole cache (it starts at zeros).
+            state: a state of the same shapes to refill in place (its buffers keep their
+                addresses, as a captured graph needs); None: a new one.
+        """
         device = memory.device
+        num_objects = memory.shape[0]
+        num_memory = memory.shape[1]
         if beams > 1:
             # [N*B, M, C]: the beams of one object are adjacent rows.
             memory = memory.repeat_interleave(beams, dim=0)
             if memory_valid is not None:
                 memory_valid = memory_valid.repeat_interleave(beams, dim=0)
         rows = memory.shape[0]
-        cache = self._memory_cache(memory, memory_valid) if use_cache else None
+        max_text = max_length - 1  # [BOS] and every generated token but the last are fed
+        memory_kv = self._memory_cache(memory, memory_valid) if use_cache else None
+        key_valid = None
+        if memory_valid is not None:
+            text = memory_valid.new_ones((rows, max_text))
+            key_valid = torch.cat([memory_valid, text], dim=1)[:, None, None, :]
+        elif use_cache:
+            key_valid = torch.ones(
+                (1, 1, 1, num_memory + max_text), dtype=torch.bool, device=device
+            )
 
-        tokens = torch.full((rows, 1), self.bos_token_id, dtype=torch.long, device=device)
-        finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        scores = torch.zeros(rows, device=device)  # summed log-probabilities
+        if state is None:
+            cache = None
+            if use_cache:
+                k0 = memory_kv[0][0]
+                cache = StaticKVCache(
+                    len(self.layers),
+                    rows,
+                    k0.shape[1],
+                    num_memory,
+                    max_text,
+                    k0.shape[3],
+                    dtype=k0.dtype,
+                    device=device,
+                    zeros=fixed_shapes,
+                )
+            state = DecodeState(
+                memory=memory,
+                memory_valid=memory_valid,
+                cache=cache,
+                key_valid=key_valid,
+                key_index=torch.arange(num_memory + max_text, device=device),
+                tokens=torch.full(
+                    (rows, max_length), self.pad_token_id, dtype=torch.long, device=device
+                ),
+                position=torch.zeros(1, dtype=torch.long, device=device),
+                finished=torch.zeros(rows, dtype=torch.bool, device=device),
+                scores=torch.zeros(rows, device=device),  # summed log-probabilities
+                num_objects=num_objects,
+                beams=beams,
+                object_offsets=torch.arange(num_objects, device=device) * beams,
+                row_index=torch.arange(rows, device=device),
+            )
+        else:
+            state.memory.copy_(memory)
+            if memory_valid is not None:
+                state.memory_valid.copy_(memory_valid)
+            if key_valid is not None:
+                state.key_valid.copy_(key_valid)
+            if use_cache:
+                state.cache.clear_text()
+            state.tokens.fill_(self.pad_token_id)
+            state.position.zero_()
+            state.finished.zero_()
+            state.scores.zero_()
+        if use_cache:
+            state.cache.fill_memory(memory_kv)
+        state.tokens[:, 0] = self.bos_token_id
+        if num_real < num_objects:
+            state.finished[num_real * beams :] = True
         if beams > 1:
             # All beams start identical: keep only the first alive at step 0 to avoid duplicates.
-            scores.view(num_objects, beams)[:, 1:] = float("-inf")
+            state.scores.view(num_objects, beams)[:, 1:] = float("-inf")
+        return state
 
-        for step in range(max_length - 1):
-            if use_cache:
-                hidden, cache = self._cached_step(tokens[:, -1:], step, cache, memory_valid)
+    def _decode_step(
+        self, state: DecodeState, position: Optional[int], suppress_repeat: bool
+    ) -> None:
+        """Feed every row's newest token and write the next one, in place.
+
+        ``position``: the step's text position when the host knows it (eager decoding: the
+        step attends over the tokens written so far and, in beam search, gathers the cache
+        into a second buffer); None: fixed shapes, the position is read from
+        ``state.position`` on the device and the step reads no value on the host (it can be
+        captured as a CUDA graph).
+        Rows that have finished write [PAD] at no cost; once every row has, a step changes
+        nothing, so the host may test for the end only every few steps.
+        """
+        pos = state.position
+        last = state.tokens.index_select(1, pos)  # [rows, 1], the newest tokens
+        if state.cache is None:
+            if position is None:
+                raise ValueError("recomputation (no cache) needs the host's position")
+            inputs = state.tokens[:, : position + 1]
+            hidden = self._decode_text(state.memory, inputs, state.memory_valid)[:, -1]
+        else:
+            hidden = self._cached_hidden(state, last, position)
+        logits = self.next_token_logits(hidden, state.memory, state.memory_valid)
+        logits = self._mask_logits(logits.float(), last[:, 0], suppress_repeat)
+        log_probs = F.log_softmax(logits, dim=-1)  # [rows, V]
+
+        finished = state.finished
+        if state.beams == 1:
+            next_tokens = logits.argmax(dim=-1)
+            token_scores = log_probs.gather(1, next_tokens[:, None]).squeeze(1)
+            next_tokens = torch.where(finished, self.pad_token_id, next_tokens)
+            state.scores.add_(torch.where(finished, 0.0, token_scores))
+        else:
+            next_tokens = self._beam_step(state, log_probs, position)
+        state.tokens.index_copy_(1, pos + 1, next_tokens[:, None])
+        state.finished.logical_or_(next_tokens == self.eos_token_id)
+        pos.add_(1)
+
+    def _cached_hidden(
+        self, state: DecodeState, last: torch.Tensor, position: Optional[int]
+    ) -> torch.Tensor:
+        """Last-layer states [rows, C] of the newest tokens ``last`` (Long[rows, 1]), their
+        keys/values written into the cache."""
+        num_memory = state.num_memory
+        write_index = state.position + num_memory  # Long[1]
+        x = self.embeddings.forward_at(last, state.position)
+        if position is None:
+            # Fixed shapes: every cached position, those not written yet masked.
+            num_keys = None
+            mask = state.key_valid & (state.key_index <= write_index)
+        else:
+            num_keys = num_memory + position + 1
+            mask = None if state.memory_valid is None else state.key_valid[..., :num_keys]
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_cached(x, state.cache, i, write_index, mask, num_keys)
+        return x[:, -1]
+
+    def _beam_step(
+        self, state: DecodeState, log_probs: torch.Tensor, position: Optional[int]
+    ) -> torch.Tensor:
+        """Keep the best ``beams`` extensions of each object's beams: reorders the rows of the
+        state (tokens, finished, scores, cache) in place; returns the next tokens Long[rows]."""
+        finished = state.finished
+        # A finished beam can only be extended by [PAD], at no cost.
+        log_probs.masked_fill_(finished[:, None], float("-inf"))
+        log_probs[:, self.pad_token_id].masked_fill_(finished, 0.0)
+        vocab = log_probs.shape[1]
+        candidates = (state.scores[:, None] + log_probs).view(
+            state.num_objects, state.beams * vocab
+        )
+        top_scores, top_index = candidates.topk(state.beams, dim=1)  # [N, B]
+        origin = (top_index // vocab + state.object_offsets[:, None]).view(-1)
+        next_tokens = (top_index % vocab).view(-1)
+        top_scores = top_scores.view(-1)
+        if position is None:
+            # The host may run steps after every row finished: they must change nothing (in
+            # eager decoding the loop has stopped by then). Ties could otherwise swap beams.
+            done = finished.all()
+            origin = torch.where(done, state.row_index, origin)
+            next_tokens = torch.where(done, self.pad_token_id, next_tokens)
+            top_scores = torch.where(done, state.scores, top_scores)
+        state.scores.copy_(top_scores)
+        state.tokens.copy_(state.tokens.index_select(0, origin))
+        state.finished.copy_(finished.index_select(0, origin))
+        if state.cache is not None:
+            state.cache.reorder_(origin, in_place=position is None)
+        return next_tokens
+
+    def _run_graph_decode(
+        self, entry: "_DecodeGraph", steps: int, stop_check_interval: int, suppress_repeat: bool
+    ) -> None:
+        """Decode ``steps`` tokens on ``entry.state`` by replaying its captured step (captured
+        at its first use, after warm-up steps that are this decoding's first steps)."""
+        state, step = entry.state, 0
+
+        def decode_step() -> None:
+            self._decode_step(state, None, suppress_repeat)
+
+        if entry.graph is None and entry.capturable and steps > _WARMUP_STEPS:
+            device = state.tokens.device
+            _warm_up(decode_step, device, _WARMUP_STEPS)
+            step = _WARMUP_STEPS
+            try:
+                entry.graph = _capture(decode_step, device)
+            except Exception as e:  # an op that cannot be captured: decode eagerly
+                entry.capturable = False
+                logger.warning("caption decoding: CUDA graph capture failed, eager steps (%s)", e)
+        while step < steps:
+            if entry.graph is not None:
+                entry.graph.replay()
             else:
-                hidden = self._decode_text(memory, tokens, memory_valid)[:, -1]
-            logits = self.next_token_logits(hidden, memory, memory_valid)
-            logits = self._mask_logits(logits.float(), tokens[:, -1], suppress_repeat)
-            log_probs = F.log_softmax(logits, dim=-1)  # [rows, V]
-
-            if beams == 1:
-                next_tokens = logits.argmax(dim=-1)
-                token_scores = log_probs.gather(1, next_tokens[:, None]).squeeze(1)
-                next_tokens = torch.where(finished, self.pad_token_id, next_tokens)
-                scores = scores + torch.where(finished, 0.0, token_scores)
-            else:
-                # A finished beam can only be extended by [PAD], at no cost.
-                log_probs[finished] = float("-inf")
-                log_probs[finished, self.pad_token_id] = 0.0
-                vocab = log_probs.shape[1]
-                candidates = (scores[:, None] + log_probs).view(num_objects, beams * vocab)
-                top_scores, top_index = candidates.topk(beams, dim=1)  # [N, B]
-                origin = (
-                    top_index // vocab + torch.arange(num_objects, device=device)[:, None] * beams
-                )
-                origin = origin.view(-1)
-                next_tokens = (top_index % vocab).view(-1)
-                scores = top_scores.view(-1)
-                tokens = tokens[origin]
-                finished = finished[origin]
-                if use_cache:
-                    cache = [(k[origin], v[origin]) for k, v in cache]
-                if memory_valid is not None:
-                    memory, memory_valid = memory[origin], memory_valid[origin]
-
-            tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
-            finished = finished | (next_tokens == self.eos_token_id)
-            if bool(finished.all()):
+                decode_step()
+            step += 1
+            if step % stop_check_interval == 0 and bool(state.finished.all()):
                 break
 
-        num_generated = (tokens[:, 1:] != self.pad_token_id).sum(1).clamp(min=1)
-        mean_scores = scores / num_generated
-        if beams > 1:
-            best = mean_scores.view(num_objects, beams).argmax(dim=1)
-            pick = torch.arange(num_objects, device=device) * beams + best
-            tokens, mean_scores = tokens[pick], mean_scores[pick]
-        # Drop trailing all-[PAD] columns (every caption ended before them).
-        length = int((tokens != self.pad_token_id).sum(1).max()) if tokens.shape[0] else 1
-        tokens = tokens[:, :length]
-        if return_scores:
-            return tokens, mean_scores
-        return tokens
+
+_WARMUP_STEPS = 2  # eager steps before a step is captured (lazy initialisations run in them)
+
+
+def _graph_device(device: torch.device) -> bool:
+    """Whether decoding on ``device`` can capture CUDA graphs."""
+    return device.type == "cuda"
+
+
+def _warm_up(step: Callable[[], None], device: torch.device, count: int) -> None:
+    """Run ``step`` ``count`` times on a side stream, as CUDA graph capture requires before
+    capturing (cuBLAS handles, workspaces and the like are created outside the capture)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(count):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+def _capture(step: Callable[[], None], device: torch.device):
+    """A CUDA graph of one call of ``step`` (recorded, not run); ``replay()`` runs it."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.device(device), torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+class _DecodeGraph:
+    """A captured decoding step and the state buffers it reads and writes."""
+
+    def __init__(self, state: DecodeState):
+        self.state = state
+        self.graph = None  # torch.cuda.CUDAGraph once captured
+        self.capturable = True
+
+
+# Per head: {shape key: _DecodeGraph}, most recently used last. Kept off the module so that
+# copying or pickling a head never meets a CUDA graph.
+_DECODE_GRAPHS: "weakref.WeakKeyDictionary[DenseCaptionHead, OrderedDict]" = (
+    weakref.WeakKeyDictionary()
+)
+_MAX_DECODE_GRAPHS = 4  # per head
+
+
+def _graph_objects(n: int) -> int:
+    """Objects of a graph's batch: ``n`` rounded up to a multiple of 8, so that images with
+    different numbers of segments share graphs."""
+    return -(-n // 8) * 8
+
+
+def _decode_graph(
+    head: DenseCaptionHead,
+    memory: torch.Tensor,
+    memory_valid: Optional[torch.Tensor],
+    max_length: int,
+    beams: int,
+    suppress_repeat: bool,
+) -> _DecodeGraph:
+    """The graph (state and, once captured, CUDA graph) for this batch's shapes, its state
+    filled with ``memory``: padded with copies of its last object (finished from the start)
+    and, where the memory has padding already (``memory_valid``), with masked memory tokens,
+    so that batches of about the same size share a graph."""
+    num_real = memory.shape[0]
+    num_objects = _graph_objects(num_real)
+    if num_objects > num_real:
+        pad = num_objects - num_real
+        memory = torch.cat([memory, memory[-1:].expand(pad, -1, -1)])
+        if memory_valid is not None:
+            memory_valid = torch.cat([memory_valid, memory_valid[-1:].expand(pad, -1)])
+    if memory_valid is not None and memory.shape[1] % 8:
+        pad = 8 - memory.shape[1] % 8
+        memory = F.pad(memory, (0, 0, 0, pad))
+        memory_valid = F.pad(memory_valid, (0, pad), value=False)
+    key = (
+        num_objects,
+        beams,
+        tuple(memory.shape[1:]),
+        memory.dtype,
+        memory.device,
+        memory_valid is not None,
+        max_length,
+        suppress_repeat,
+        (head.bos_token_id, head.eos_token_id, head.pad_token_id),
+        torch.is_inference_mode_enabled(),
+        # A step captured under autocast has its casts baked in.
+        torch.is_autocast_enabled(memory.device.type),
+        torch.get_autocast_dtype(memory.device.type),
+        # Parameters moved or replaced (``.to()``, a new dtype) invalidate the graphs.
+        tuple(p.data_ptr() for p in head.parameters()),
+    )
+    graphs = _DECODE_GRAPHS.setdefault(head, OrderedDict())
+    entry = graphs.pop(key, None)
+    if entry is None:
+        # Buffers of the graph's own: later calls refill them in place.
+        memory = memory.clone()
+        memory_valid = None if memory_valid is None else memory_valid.clone()
+        state = head._decode_state(memory, memory_valid, max_length, beams, True, num_real)
+        entry = _DecodeGraph(state)
+    else:
+        head._decode_state(
+            memory, memory_valid, max_length, beams, True, num_real, True, entry.state
+        )
+    graphs[key] = entry
+    while len(graphs) > _MAX_DECODE_GRAPHS:
+        graphs.popitem(last=False)
+    return entry
