@@ -215,10 +215,11 @@ def report_views(bridge, output: dict, caption: dict, truth: dict | None) -> lis
 
 
 def caption_image(
-    bridge, predictor, file_name: str, image_path: str, report=None, page: tuple = ()
+    bridge, predictor, file_name: str, image_path: str, report=None, page_key: str = "",
+    truth: dict | None = None,
 ) -> dict:
     """One image's line of ``predictions.jsonl``: its prediction and its structured record.
-    With ``report``, also writes its page: ``page`` is ``(key, dataset dict or None)``."""
+    With ``report``, also writes its page ``page_key``, beside ``truth`` (its dataset dict)."""
     cfg = getattr(predictor, "cfg", None)  # None for an injected predictor: the default limit
     limit = DEFAULT_MAX_IMAGE_PIXELS if cfg is None else cfg.INPUT.MAX_IMAGE_PIXELS
     image = read_image(file_name, format="RGB", max_pixels=limit)  # DatasetError names the file
@@ -226,9 +227,8 @@ def caption_image(
     output = predictor(image)
     out = bridge(output, (height, width))
     if report is not None:
-        key, truth = page
         report.add_page(
-            key, image, report_views(bridge, output, out, truth), title=image_path,
+            page_key, image, report_views(bridge, output, out, truth), title=image_path,
             scores={"entities": len(out["structured"]["entities"])}, source=file_name,
         )
     return {
@@ -309,7 +309,7 @@ def main(args, predictor=None, cfg=None) -> tuple[list[dict], list[dict]]:
                 record = run.append(
                     caption_image(
                         bridge, predictor, file_name, image_path, report,
-                        (keys[image_path], truths.get(image_path)),
+                        keys[image_path], truths.get(image_path),
                     )
                 )
                 logger.info("%s: %d entities", image_path, len(record["structured"]["entities"]))

@@ -22,11 +22,12 @@ import logging
 import os
 from typing import Any, Mapping, Optional
 
-from pix2cap.bridge import PanopticCaptionBridge, build_caption_writer
+from pix2cap.bridge import PanopticCaptionBridge
 from pix2cap.data.catalog import DatasetCatalog, MetadataCatalog
 from pix2cap.data.detection_utils import read_image
 from pix2cap.evaluation.evaluator import DatasetEvaluator
 from pix2cap.evaluation.panoptic_evaluation import _contiguous_categories, pq_compute_single
+from pix2cap.evaluation.sapancap_evaluation import pancap_bridge_from_config
 from pix2cap.structures import PanopticResult
 from pix2cap.utils import comm
 from pix2cap.viewer import HtmlReport, ImageView, page_key
@@ -99,27 +100,15 @@ class HtmlReportWriter(DatasetEvaluator):
 
     @classmethod
     def from_config(cls, cfg, dataset_name: str, output_dir: str) -> "HtmlReportWriter":
-        """The writer ``cfg.TEST.HTML_REPORT*`` and ``cfg.TEST.PANCAP`` describe."""
-        pancap = cfg.TEST.PANCAP
-        writer_kwargs = {"model_path": pancap.LM_PATH} if pancap.LM_PATH else {}
+        """The writer ``cfg.TEST.HTML_REPORT*`` describes, with the panoptic-caption bridge of
+        ``cfg.TEST.PANCAP`` (the one SA-Pancap evaluation uses)."""
         train = list(cfg.DATASETS.TRAIN)
-        class_names = train[0] if train else None
-        bridge = None
-        if pancap.WRITER:
-            metadata = MetadataCatalog.get(class_names or dataset_name)
-            if not metadata.get("stuff_classes"):
-                metadata = MetadataCatalog.get(dataset_name)
-            bridge = PanopticCaptionBridge(
-                build_caption_writer(pancap.WRITER, **writer_kwargs),
-                metadata=metadata,
-                min_segment_score=pancap.MIN_SEGMENT_SCORE,
-            )
         return cls(
             dataset_name,
             output_dir,
-            bridge=bridge,
+            bridge=pancap_bridge_from_config(cfg, dataset_name) if cfg.TEST.PANCAP.WRITER else None,
             max_images=cfg.TEST.HTML_REPORT_MAX_IMAGES,
-            class_names_dataset=class_names,
+            class_names_dataset=train[0] if train else None,
         )
 
     def reset(self) -> None:

@@ -36,9 +36,49 @@ from .pancapscore import (
 from .pancapscore.score import DIMENSION_KEYS
 from .results import write_results_json
 
-__all__ = ["SAPancapEvaluator"]
+__all__ = ["SAPancapEvaluator", "build_pancap_bridge", "pancap_bridge_from_config"]
 
 logger = logging.getLogger(__name__)
+
+def build_pancap_bridge(
+    writer: Any,
+    writer_kwargs: Optional[dict] = None,
+    class_names_dataset: Optional[str] = None,
+    dataset_name: Optional[str] = None,
+    min_segment_score: float = 0.0,
+) -> PanopticCaptionBridge:
+    """The bridge that writes an evaluated image's panoptic caption.
+
+    Args:
+        writer: a caption writer, or a name for ``build_caption_writer``.
+        writer_kwargs: for a named writer (``model_path`` of an LM writer).
+        class_names_dataset: the dataset whose metadata names the model's classes; None:
+            ``dataset_name``'s.
+        min_segment_score: segments below it are left out of the caption.
+    """
+    if isinstance(writer, str):
+        writer = build_caption_writer(writer, **(writer_kwargs or {}))
+    metadata = MetadataCatalog.get(class_names_dataset or dataset_name)
+    return PanopticCaptionBridge(writer, metadata=metadata, min_segment_score=min_segment_score)
+
+
+def _bridge_kwargs(cfg) -> dict:
+    """``build_pancap_bridge``'s arguments from ``cfg.TEST.PANCAP`` and ``DATASETS.TRAIN[0]``
+    (the class names: a test set such as SA-Pancap has none)."""
+    pancap = cfg.TEST.PANCAP
+    train = list(cfg.DATASETS.TRAIN)
+    return {
+        "writer": pancap.WRITER,
+        "writer_kwargs": {"model_path": pancap.LM_PATH} if pancap.LM_PATH else {},
+        "class_names_dataset": train[0] if train else None,
+        "min_segment_score": pancap.MIN_SEGMENT_SCORE,
+    }
+
+
+def pancap_bridge_from_config(cfg, dataset_name: str) -> PanopticCaptionBridge:
+    """The bridge ``cfg.TEST.PANCAP`` describes, for the images of ``dataset_name``."""
+    return build_pancap_bridge(dataset_name=dataset_name, **_bridge_kwargs(cfg))
+
 
 PREDICTIONS_FILE = "pancap_predictions.json"
 STRUCTURED_FILE = "pancap_structured.json"
@@ -83,11 +123,8 @@ class SAPancapEvaluator(DatasetEvaluator):
     ):
         self._dataset_name = dataset_name
         self._output_dir = output_dir
-        if isinstance(writer, str):
-            writer = build_caption_writer(writer, **(writer_kwargs or {}))
-        metadata = MetadataCatalog.get(class_names_dataset or dataset_name)
-        self._bridge = PanopticCaptionBridge(
-            writer, metadata=metadata, min_segment_score=min_segment_score
+        self._bridge = build_pancap_bridge(
+            writer, writer_kwargs, class_names_dataset, dataset_name, min_segment_score
         )
         if isinstance(embedder, str) and embedder == "default":
             embedder = SentenceTransformerEmbedder(None)
@@ -109,7 +146,6 @@ class SAPancapEvaluator(DatasetEvaluator):
         """Keyword arguments from ``cfg.TEST.PANCAP`` (writer, judge, extractors, embedder)
         and ``cfg.DATASETS.TRAIN[0]`` (the class names)."""
         pancap = cfg.TEST.PANCAP
-        writer_kwargs = {"model_path": pancap.LM_PATH} if pancap.LM_PATH else {}
         embedder: Any = "default"
         if pancap.EMBEDDER.lower() == "none":
             embedder = None
@@ -124,12 +160,8 @@ class SAPancapEvaluator(DatasetEvaluator):
             raise ValueError(
                 f"TEST.PANCAP.JUDGE={pancap.JUDGE!r}: use structured, hf_local or openai_http"
             )
-        train = list(cfg.DATASETS.TRAIN)
         return {
-            "writer": pancap.WRITER,
-            "writer_kwargs": writer_kwargs,
-            "class_names_dataset": train[0] if train else None,
-            "min_segment_score": pancap.MIN_SEGMENT_SCORE,
+            **_bridge_kwargs(cfg),
             "judge": judge,
             "extractor": pancap.EXTRACTOR,
             "gt_extractor": pancap.GT_EXTRACTOR,

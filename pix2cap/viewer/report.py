@@ -237,7 +237,8 @@ class HtmlReport:
         }
         thumb_view = next((v for v in views if v.result is not None), None)
         thumb = _thumbnail(image, thumb_view, display_size(height, width, self.thumb_size))
-        atomic_write_bytes(self._path("media", f"{key}.jpg"), _jpeg(_resize(image, size), self.jpeg_quality))
+        shown = _jpeg(_resize(image, size), self.jpeg_quality)
+        atomic_write_bytes(self._path("media", f"{key}.jpg"), shown)
         atomic_write_bytes(self._path("media", f"{key}.thumb.jpg"), _jpeg(thumb, self.jpeg_quality))
         atomic_write_text(self._path("pages", f"{key}.html"), self._page_html(payload))
         entry = {
@@ -321,7 +322,8 @@ class HtmlReport:
             "<a id=\"nav-next\" title=\"next image (right arrow)\">next &rarr;</a>\n"
             f"<h1>{html.escape(title)}</h1>\n"
             + (f"<span class=\"hint\">{html.escape(source)}</span>\n" if source else "")
-            + (f"<span class=\"hint\" id=\"scores\">{html.escape(scores)}</span>\n" if scores else "")
+            + (f"<span class=\"hint\" id=\"scores\">{html.escape(scores)}</span>\n"
+               if scores else "")
             + "<span class=\"controls\">\n"
             "<label><input type=\"checkbox\" id=\"masks-toggle\" checked> masks (m)</label>\n"
             "<button type=\"button\" id=\"masks-all\">all</button>\n"

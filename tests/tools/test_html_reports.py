@@ -31,7 +31,8 @@ def page_data(report: Path, key: str) -> dict:
 
 
 def index_keys(report: Path) -> list:
-    return re.findall(r'class="card" href="pages/([^"]+)\.html"', (report / "index.html").read_text())
+    index = (report / "index.html").read_text()
+    return re.findall(r'class="card" href="pages/([^"]+)\.html"', index)
 
 
 def report_order(report: Path) -> list:

@@ -82,6 +82,19 @@ def test_train_resume_and_eval_only(tiny_shapes, tmp_path):
         assert set(entry["segments"]) == {"Prediction", "Ground truth"}
         assert 0.0 <= entry["scores"]["PQ"] <= 100.0
         assert entry["scores"]["true segments"] == entry["segments"]["Ground truth"] > 0
+    # The prediction has the bridge's panoptic caption (TEST.PANCAP.WRITER, template: a box
+    # per decoded segment, or the sentence for none), the ground truth the dataset's own,
+    # their boxes cut out.
+    page = (report / "pages" / f"{entries[0]['key']}.html").read_text()
+    payload = json.loads(re.search(r'id="page-data">(.*?)</script>', page, re.DOTALL).group(1))
+    prediction, truth = payload["views"]
+    caption = "".join(p["text"] for p in prediction["panoptic"])
+    if prediction["segments"]:
+        assert any(p.get("literal") for p in prediction["panoptic"]), caption
+    else:
+        assert caption.startswith("The image shows no recognisable entities"), caption
+    assert "".join(p["text"] for p in truth["panoptic"]).startswith("This image is")
+    assert any(p.get("literal") for p in truth["panoptic"])
 
 
 def test_eval_only_on_a_coconut_pancap_dataset(tiny_shapes, tmp_path):
@@ -176,3 +189,33 @@ def test_eval_only_on_an_sapancap_dataset(tiny_shapes, tmp_path):
     assert all(set(p) == {"image_path", "model_response"} for p in predictions)
     assert predictions[0]["image_path"].startswith("images/val/")
     assert "Overall" in log and "pancapscore" in log and "PancapScore (official protocol)" in log
+
+
+def test_eval_only_html_report_of_a_captions_only_dataset(tiny_shapes, tmp_path):
+    """TEST.HTML_REPORT on SA-Pancap (no masks in the ground truth): the prediction's segments
+    and panoptic caption beside the true caption; no per-image PQ."""
+    import shutil
+
+    root = Path(tiny_shapes["PIX2CAP_DATASETS"])
+    shapes, sapancap = root / "shapes", root / "sapancap"
+    shutil.copytree(shapes / "images" / "val", sapancap / "images" / "val")
+    for kind in ("data_list", "gtcaption"):
+        shutil.copy(shapes / "annotations" / f"sapancap_val_{kind}.json", sapancap)
+    out = tmp_path / "eval"
+    _eval_only(
+        "sapancap_val", out, tiny_shapes, "INPUT.MAX_SIZE_TEST", "64",
+        "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD", "0.0", "TEST.HTML_REPORT", "True",
+        "TEST.HTML_REPORT_MAX_IMAGES", "2",
+    )
+    pages = out / "inference" / "sapancap_val" / "report" / "pages"
+    entries = [json.loads(p.read_text()) for p in sorted(pages.glob("*.entry.json"))]
+    assert len(entries) == 2  # TEST.HTML_REPORT_MAX_IMAGES
+    for entry in entries:
+        assert "PQ" not in entry["scores"] and "true segments" not in entry["scores"]
+        page = (pages / f"{entry['key']}.html").read_text()
+        payload = json.loads(re.search(r'id="page-data">(.*?)</script>', page, re.DOTALL).group(1))
+        prediction, truth = payload["views"]
+        assert prediction["name"] == "Prediction" and prediction["panoptic"]
+        assert truth["name"] == "Ground truth" and truth["masks"] is None
+        boxes = [p["xyxy"] for p in truth["panoptic"] if p.get("literal")]
+        assert boxes and all(0.0 <= v <= 1.0 for box in boxes for v in box)

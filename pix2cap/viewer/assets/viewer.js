@@ -302,18 +302,25 @@
     });
   };
 
-  View.prototype.hoverable = function (node, ids) {
-    var self = this;
-    var on = function () {
-      self.setHover(ids.slice());
-    };
-    var off = function () {
-      self.setHover(null);
-    };
+  // Pointer and keyboard alike: hovering or focusing a node turns it on, leaving turns it off.
+  function onHover(node, on, off) {
     node.addEventListener("mouseenter", on);
     node.addEventListener("mouseleave", off);
     node.addEventListener("focus", on);
     node.addEventListener("blur", off);
+  }
+
+  View.prototype.hoverable = function (node, ids) {
+    var self = this;
+    onHover(
+      node,
+      function () {
+        self.setHover(ids.slice());
+      },
+      function () {
+        self.setHover(null);
+      }
+    );
     node.addEventListener("click", function () {
       self.pinned = String(self.pinned) === String(ids) ? null : ids.slice();
       self.update();
@@ -379,16 +386,15 @@
 
   View.prototype.boxHoverable = function (node, piece) {
     var self = this;
-    var on = function () {
-      self.drawBox(piece);
-    };
-    var off = function () {
-      self.drawBox(null);
-    };
-    node.addEventListener("mouseenter", on);
-    node.addEventListener("mouseleave", off);
-    node.addEventListener("focus", on);
-    node.addEventListener("blur", off);
+    onHover(
+      node,
+      function () {
+        self.drawBox(piece);
+      },
+      function () {
+        self.drawBox(null);
+      }
+    );
   };
 
   View.prototype.drawBox = function (piece) {
