@@ -158,17 +158,23 @@ def test_eval_only_without_java_still_writes_what_needs_no_java(tiny_shapes, tmp
         assert "java" in grounded["skipped"][metric]
 
 
-def test_eval_only_on_an_sapancap_dataset(tiny_shapes, tmp_path):
-    """An SA-Pancap-format split (the shapes generator's files) under the built-in
-    sapancap_val: --eval-only writes the bridge's captions in the official prediction form and
-    prints PancapScore's E / L / A / R / G / Overall with the setup that produced them."""
+def _sapancap_split(env) -> None:
+    """The shapes generator's SA-Pancap files of the tiny val split, where the built-in
+    sapancap_val reads them."""
     import shutil
 
-    root = Path(tiny_shapes["PIX2CAP_DATASETS"])
+    root = Path(env["PIX2CAP_DATASETS"])
     shapes, sapancap = root / "shapes", root / "sapancap"
     shutil.copytree(shapes / "images" / "val", sapancap / "images" / "val")
     for kind in ("data_list", "gtcaption"):
         shutil.copy(shapes / "annotations" / f"sapancap_val_{kind}.json", sapancap)
+
+
+def test_eval_only_on_an_sapancap_dataset(tiny_shapes, tmp_path):
+    """An SA-Pancap-format split (the shapes generator's files) under the built-in
+    sapancap_val: --eval-only writes the bridge's captions in the official prediction form and
+    prints PancapScore's E / L / A / R / G / Overall with the setup that produced them."""
+    _sapancap_split(tiny_shapes)
     out = tmp_path / "eval"
     log = _eval_only(
         "sapancap_val", out, tiny_shapes,
@@ -194,13 +200,7 @@ def test_eval_only_on_an_sapancap_dataset(tiny_shapes, tmp_path):
 def test_eval_only_html_report_of_a_captions_only_dataset(tiny_shapes, tmp_path):
     """TEST.HTML_REPORT on SA-Pancap (no masks in the ground truth): the prediction's segments
     and panoptic caption beside the true caption; no per-image PQ."""
-    import shutil
-
-    root = Path(tiny_shapes["PIX2CAP_DATASETS"])
-    shapes, sapancap = root / "shapes", root / "sapancap"
-    shutil.copytree(shapes / "images" / "val", sapancap / "images" / "val")
-    for kind in ("data_list", "gtcaption"):
-        shutil.copy(shapes / "annotations" / f"sapancap_val_{kind}.json", sapancap)
+    _sapancap_split(tiny_shapes)
     out = tmp_path / "eval"
     _eval_only(
         "sapancap_val", out, tiny_shapes, "INPUT.MAX_SIZE_TEST", "64",
