@@ -30,6 +30,8 @@ setup(
         "iopath",
         "pycocotools",
         "opencv-python-headless",
+        # PNG decoding of ground-truth panoptic maps in evaluation (libpng over zlib-ng).
+        "imagecodecs",
         "Pillow",
         "PyYAML",
         "scipy",

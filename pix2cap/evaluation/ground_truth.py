@@ -9,15 +9,16 @@ hands one to its PQ and dense-caption evaluators), so a PNG that both need is de
 * a small LRU keeps the last ``cache_size`` entries; :meth:`GroundTruthReader.pinned` keeps a
   batch's entries for the duration of a block whatever the batch size, and evaluators keep the
   entries of the images they have queued, so memory stays bounded by a few id maps;
-* ``num_workers`` threads decode ahead (:meth:`~GroundTruthReader.prefetch`); OpenCV's PNG
-  decoding releases the GIL, so they use other cores while the evaluators count in the
-  calling thread. An asker never waits for a queued prefetch: it decodes the file itself,
+* ``num_workers`` threads decode ahead (:meth:`~GroundTruthReader.prefetch`); PNG decoding
+  (imagecodecs' libpng over zlib-ng, or OpenCV's) releases the GIL, so they use other cores
+  while the evaluators count in the calling thread. An asker never waits for a queued prefetch: it decodes the file itself,
   and the prefetch, when its turn comes, finds nothing left to do.
 
 The evaluators keep their numpy work (counting, mask encoding) in the calling thread: done in
-worker threads, its large temporary arrays went back to the system and faulted in again
-(glibc's per-thread arenas; about 2 ms of system time per 480x640 image in the PQ
-evaluator), more than the threads saved on a busy 2-core machine.
+worker threads as well, it made the PQ evaluation slower on a 2-core machine (measured
+again with imagecodecs' decoding: 3.22 against 2.76 ms an image on 200 images of 480x640),
+as its large temporary arrays went back to the system and faulted in again (glibc's
+per-thread arenas).
 
 :func:`read_panoptic_ids` decodes an 8-bit RGB panoptic PNG straight to ``uint32`` ids (one
 file read, one colour conversion); anything else goes to
@@ -38,6 +39,11 @@ import numpy as np
 
 from pix2cap.data.detection_utils import read_panoptic_png
 
+try:  # libpng over zlib-ng: about 20 % faster than OpenCV's PNG decoding, GIL released too
+    from imagecodecs import png_decode as _png_decode_rgb
+except ImportError:  # platforms without its wheels: OpenCV decodes
+    _png_decode_rgb = None
+
 __all__ = ["GroundTruthEntry", "GroundTruthReader", "default_num_workers", "read_panoptic_ids"]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -50,10 +56,10 @@ def read_panoptic_ids(path: PathLike) -> np.ndarray:
 
     The same ids as :func:`~pix2cap.data.detection_utils.read_panoptic_png`, as ``uint32``
     (half the memory of int64; every evaluator accepts any integer dtype): the file is read
-    once and decoded by OpenCV from memory, and one ``BGR -> RGBA`` conversion lays each
-    pixel out as a little-endian word whose low 24 bits are the id. Files that are not plain
-    8-bit RGB PNGs (palette, grey, 16-bit, with transparency), missing or corrupt files go to
-    ``read_panoptic_png`` (int64 ids, or its ``DatasetError``).
+    once and decoded from memory (imagecodecs, else OpenCV), and one colour conversion to
+    RGBA lays each pixel out as a little-endian word whose low 24 bits are the id. Files that
+    are not plain 8-bit RGB PNGs (palette, grey, 16-bit, with transparency), missing or
+    corrupt files go to ``read_panoptic_png`` (int64 ids, or its ``DatasetError``).
 
     Returns:
         uint32 [H, W] (int64 [H, W] from the fallback).
@@ -64,8 +70,8 @@ def read_panoptic_ids(path: PathLike) -> np.ndarray:
             data = f.read()
     except OSError:
         data = b""
-    # IHDR: bit depth 8, colour type 2 (truecolour). OpenCV expands palette PNGs silently to
-    # BGR (palette indices would become wrong ids), so the header decides, as in
+    # IHDR: bit depth 8, colour type 2 (truecolour). Decoders expand palette PNGs silently to
+    # RGB (palette indices would become wrong ids), so the header decides, as in
     # read_panoptic_png.
     if (
         len(data) >= 26
@@ -73,13 +79,30 @@ def read_panoptic_ids(path: PathLike) -> np.ndarray:
         and data[12:16] == b"IHDR"
         and (data[24], data[25]) == (8, 2)
     ):
-        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-        if bgr is not None and bgr.dtype == np.uint8 and bgr.ndim == 3 and bgr.shape[2] == 3:
-            rgba = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGBA)
-            ids = rgba.view("<u4")[..., 0]  # R + 256 G + 256^2 B + 2^24 * 255 (the alpha)
-            ids &= 0xFFFFFF
+        pixels = _decode_truecolour(data)
+        if pixels is not None:
+            image, conversion = pixels
+            ids = cv2.cvtColor(image, conversion).view("<u4")[..., 0]
+            ids &= 0xFFFFFF  # R + 256 G + 256^2 B + 2^24 * 255 (the alpha)
             return ids
     return read_panoptic_png(path)
+
+
+def _decode_truecolour(data: bytes) -> Optional[tuple[np.ndarray, int]]:
+    """``(uint8 [H, W, 3], the cv2 conversion to RGBA)`` of an 8-bit RGB PNG's bytes, or None
+    where it does not decode to exactly that (corrupt, or RGBA from a transparency chunk)."""
+    if _png_decode_rgb is not None:
+        try:
+            image = _png_decode_rgb(data)
+        except Exception:  # imagecodecs' PngError and friends: read_panoptic_png reports it
+            return None
+        conversion = cv2.COLOR_RGB2RGBA
+    else:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        conversion = cv2.COLOR_BGR2RGBA
+    if image is None or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        return None
+    return image, conversion
 
 
 def default_num_workers() -> int:

@@ -202,7 +202,13 @@ def _check_expected(results):
 # ------------------------------------------------------------------------------- decoding
 
 
-def test_read_panoptic_ids_equals_read_panoptic_png(tmp_path):
+@pytest.mark.parametrize("decoder", ["imagecodecs", "opencv"])
+def test_read_panoptic_ids_equals_read_panoptic_png(tmp_path, monkeypatch, decoder):
+    if decoder == "opencv":  # the path taken where imagecodecs is not installed
+        monkeypatch.setattr(ground_truth, "_png_decode_rgb", None)
+    else:
+        pytest.importorskip("imagecodecs")
+        assert ground_truth._png_decode_rgb is not None
     rng = np.random.default_rng(0)
     ids = rng.choice(np.array([0, 1, 255, 256, 65535, 65536, (1 << 24) - 1]), size=(7, 9))
     path = tmp_path / "ids.png"
