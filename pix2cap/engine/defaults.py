@@ -300,11 +300,21 @@ class DefaultTrainer(TrainerBase):
                     raise ValueError(
                         f"SOLVER.AMP.DTYPE={cfg.SOLVER.AMP.DTYPE!r}; use 'float16' or 'bfloat16'"
                     )
-                return AMPTrainer(model, data_loader, optimizer, grad_clipper, precision=dtype)
+                return AMPTrainer(
+                    model,
+                    data_loader,
+                    optimizer,
+                    grad_clipper,
+                    precision=dtype,
+                    metrics_period=cfg.LOG_PERIOD,
+                )
             logger.warning(
                 "SOLVER.AMP.ENABLED is set but the model is on the CPU; training in float32"
             )
-        return SimpleTrainer(model, data_loader, optimizer, grad_clipper)
+        # Losses stay on the device between writes: checked and logged every LOG_PERIOD.
+        return SimpleTrainer(
+            model, data_loader, optimizer, grad_clipper, metrics_period=cfg.LOG_PERIOD
+        )
 
     # The inner trainer does the step; expose its parts under the usual names.
     @property

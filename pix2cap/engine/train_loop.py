@@ -9,6 +9,7 @@ import weakref
 from typing import Callable, Iterable, Optional
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from pix2cap.utils import comm
@@ -101,6 +102,8 @@ class TrainerBase:
                     self.before_step()
                     self.run_step()
                     self.after_step()
+                # Metrics still on the device (see SimpleTrainer.metrics_period) are read now.
+                self.storage.flush()
                 # ``self.iter`` is the last iteration run, so hooks' after_train sees
                 # ``iter == max_iter - 1`` after a full run; step past it for the writers.
                 self.iter += 1
@@ -108,7 +111,16 @@ class TrainerBase:
                 logger.exception("Exception during training:")
                 raise
             finally:
+                self._flush_after_failure()
                 self.after_train()
+
+    def _flush_after_failure(self) -> None:
+        """Record the metrics still deferred when training stopped early; a problem with
+        them (a non-finite loss) is logged, not raised over the error that stopped it."""
+        try:
+            self.storage.flush()
+        except Exception:  # noqa: BLE001 - an exception is already on its way out
+            logger.exception("Metrics of the last iterations could not be recorded:")
 
     def before_train(self) -> None:
         for hook in self._hooks:
@@ -164,6 +176,15 @@ class TrainerBase:
                 logger.warning("Checkpoint has state for hook %s, which is not registered", name)
 
 
+def _device_collectives(device: torch.device) -> bool:
+    """Whether the default process group gathers tensors on ``device`` (NCCL: CUDA, gloo:
+    CPU)."""
+    backend = dist.get_backend()
+    if device.type == "cuda":
+        return backend == dist.Backend.NCCL
+    return device.type == "cpu" and backend == dist.Backend.GLOO
+
+
 def _format_losses(losses: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.6g}" for k, v in sorted(losses.items()))
 
@@ -178,10 +199,18 @@ class SimpleTrainer(TrainerBase):
         optimizer: a torch optimizer over the model's parameters.
         grad_clipper: optional ``fn(parameters)`` clipping gradients in place before the step
             (see ``pix2cap.solver.build_gradient_clipper``).
+        metrics_period: the losses are checked and recorded every this many iterations (and
+            at the end of training, and whenever the event storage is read, e.g. for a
+            checkpoint), not every step: until then they stay on the device, so a step never
+            waits for the device to finish just to log its losses. 1: every step. The
+            default trainer uses ``LOG_PERIOD``, when the writers read them anyway.
 
-    Losses of all processes are all-gathered every step before ``backward``: a non-finite loss
-    on any rank makes every rank raise ``FloatingPointError`` (naming the iteration and the
-    losses) rather than some ranks waiting forever in a collective.
+    Losses of all processes are all-gathered every step on the device (no host wait) and
+    checked every ``metrics_period`` iterations, before that iteration's ``backward``: a
+    non-finite loss on any rank makes every rank raise ``FloatingPointError`` (naming the
+    first iteration with one and its losses) rather than some ranks waiting forever in a
+    collective. The optimizer may have taken up to ``metrics_period - 1`` steps on the bad
+    losses by then; no checkpoint holds them (saving reads the storage, which checks first).
     """
 
     def __init__(
@@ -190,14 +219,18 @@ class SimpleTrainer(TrainerBase):
         data_loader: Iterable,
         optimizer: torch.optim.Optimizer,
         grad_clipper: Optional[Callable] = None,
+        metrics_period: int = 1,
     ):
         super().__init__()
+        if metrics_period < 1:
+            raise ValueError(f"metrics_period must be >= 1, got {metrics_period}")
         model.train()
         self.model = model
         self._data_loader = data_loader
         self._data_loader_iter_obj = None
         self.optimizer = optimizer
         self.grad_clipper = grad_clipper
+        self.metrics_period = metrics_period
 
     @property
     def data_loader(self) -> Iterable:
@@ -244,7 +277,11 @@ class SimpleTrainer(TrainerBase):
         self.optimizer.step()
 
     def _check_and_sum(self, loss_dict, data_time: float) -> torch.Tensor:
-        """Validate the loss dict, record the metrics of all ranks and return the total loss."""
+        """Validate the loss dict, record the metrics of all ranks and return the total loss.
+
+        The metrics are deferred (kept on the device); every ``metrics_period`` iterations
+        they are read, checked and recorded, before this iteration's ``backward``.
+        """
         if isinstance(loss_dict, torch.Tensor):
             loss_dict = {"total_loss": loss_dict}
         if not isinstance(loss_dict, dict) or not loss_dict:
@@ -253,6 +290,8 @@ class SimpleTrainer(TrainerBase):
                 f"{type(loss_dict).__name__}"
             )
         self.write_metrics(loss_dict, data_time, iteration=self.iter)
+        if (self.iter + 1) % self.metrics_period == 0:
+            get_event_storage().flush()
         return sum(loss_dict.values())
 
     @staticmethod
@@ -261,12 +300,51 @@ class SimpleTrainer(TrainerBase):
     ) -> None:
         """All-gather losses and data time; rank 0 records the means in the event storage.
 
-        Raises:
+        The losses stay on the device: they are stacked into one tensor (all-gathered on the
+        device between processes) and handed to the storage's ``put_deferred``, which records
+        them at this iteration when the storage is next read or flushed.
+
+        Raises (then):
             FloatingPointError: on every rank, if any rank's total loss is not finite.
         """
-        metrics = {k: float(v.detach().float().item()) for k, v in loss_dict.items()}
-        metrics["data_time"] = data_time
-        all_metrics = comm.all_gather(metrics)
+        keys = list(loss_dict)
+        values = torch.stack([v.detach().float().reshape(()) for v in loss_dict.values()])
+        world_size = comm.get_world_size()
+        gather_on_device = world_size > 1 and _device_collectives(values.device)
+        if gather_on_device:
+            # The data time travels with the losses (float64 keeps both exact).
+            local = torch.cat(
+                [
+                    values.double(),
+                    torch.tensor([data_time], dtype=torch.float64).to(
+                        values.device, non_blocking=True
+                    ),
+                ]
+            )
+            gathered = [torch.empty_like(local) for _ in range(world_size)]
+            dist.all_gather(gathered, local)
+            values = torch.stack(gathered)
+
+        def record(host: list) -> None:
+            if gather_on_device:
+                width = len(keys) + 1
+                rows = [host[r * width : (r + 1) * width] for r in range(world_size)]
+                all_metrics = [{**dict(zip(keys, row[:-1])), "data_time": row[-1]} for row in rows]
+            else:
+                metrics = {**dict(zip(keys, host)), "data_time": data_time}
+                all_metrics = comm.all_gather(metrics) if world_size > 1 else [metrics]
+            SimpleTrainer._record_metrics(all_metrics, iteration, prefix)
+
+        if world_size > 1 and not gather_on_device:
+            # No collective of this backend for these tensors: gather on the host, now (a
+            # deferred gather would be a collective some ranks may run at other times).
+            record(values.tolist())
+            return
+        get_event_storage().put_deferred(values, record)
+
+    @staticmethod
+    def _record_metrics(all_metrics: list[dict], iteration: int, prefix: str) -> None:
+        """Check the metrics of every rank and (rank 0) put their means in the storage."""
         for rank, rank_metrics in enumerate(all_metrics):
             losses = {k: v for k, v in rank_metrics.items() if k != "data_time"}
             if not math.isfinite(sum(losses.values())):
@@ -315,6 +393,7 @@ class AMPTrainer(SimpleTrainer):
         grad_clipper: Optional[Callable] = None,
         grad_scaler: Optional[torch.amp.GradScaler] = None,
         precision: torch.dtype = torch.float16,
+        metrics_period: int = 1,
     ):
         module = model.module if isinstance(model, DistributedDataParallel) else model
         devices = {p.device.type for p in module.parameters()}
@@ -326,7 +405,7 @@ class AMPTrainer(SimpleTrainer):
             )
         if precision not in (torch.float16, torch.bfloat16):
             raise ValueError(f"AMP precision must be float16 or bfloat16, got {precision}")
-        super().__init__(model, data_loader, optimizer, grad_clipper)
+        super().__init__(model, data_loader, optimizer, grad_clipper, metrics_period)
         self.precision = precision
         # bfloat16 has float32's exponent range, so it needs no loss scaling.
         self.grad_scaler = grad_scaler or torch.amp.GradScaler(

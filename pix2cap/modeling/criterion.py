@@ -8,8 +8,9 @@ matches; per-layer losses get the suffix ``_{i}`` (``i`` = index in ``aux_output
 
 from __future__ import annotations
 
+import inspect
 import re
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -19,9 +20,144 @@ from torch import nn
 from .caption_head.scene_memory import SceneContext
 from .mask_losses import dice_loss, point_mask_losses, sigmoid_ce_loss
 
-__all__ = ["SetCriterion", "dice_loss", "point_mask_losses", "sigmoid_ce_loss"]
+__all__ = [
+    "BatchTargets",
+    "Matching",
+    "SetCriterion",
+    "dice_loss",
+    "point_mask_losses",
+    "sigmoid_ce_loss",
+]
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _accepts(fn: Optional[Callable], name: str) -> bool:
+    """Whether ``fn`` takes a keyword argument ``name``."""
+    if fn is None:
+        return False
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+class Matching(list):
+    """A matcher's per-image ``(pred_idx, tgt_idx)`` pairs (host tensors), with their flat
+    form on the device computed once and shared by every loss of the layer."""
+
+    _flat: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+class BatchTargets:
+    """The criterion's targets with what every layer's losses read, computed once per forward:
+    the labels (and masks, caption tokens) of all images concatenated on the device, and on
+    the host which targets have a caption to learn. Indexing and iteration give the per-image
+    dicts."""
+
+    def __init__(self, targets: List[Dict[str, torch.Tensor]], device, pad_token_id: int = 0):
+        self.targets = targets
+        self.device = device
+        self.pad_token_id = pad_token_id
+        self.sizes = [int(t["labels"].shape[0]) for t in targets]
+        self.offsets = [0]
+        for n in self.sizes[:-1]:
+            self.offsets.append(self.offsets[-1] + n)
+        self._labels: Optional[torch.Tensor] = None
+        self._masks: Optional[torch.Tensor] = None
+        self._tokens: Optional[torch.Tensor] = None
+        self._captioned: Optional[List[Optional[List[bool]]]] = None
+
+    def __getitem__(self, index):
+        return self.targets[index]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __iter__(self):
+        return iter(self.targets)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Long[sum M], every image's labels in order."""
+        if self._labels is None:
+            self._labels = torch.cat(
+                [t["labels"].to(self.device, non_blocking=True) for t in self.targets]
+            )
+        return self._labels
+
+    @property
+    def masks(self) -> torch.Tensor:
+        """[sum M, H, W] every image's masks in order (their own dtype), zero-padded at the
+        bottom/right to the largest when images carry masks of different sizes."""
+        if self._masks is None:
+            masks = [t["masks"].to(self.device, non_blocking=True) for t in self.targets]
+            max_h = max(m.shape[-2] for m in masks)
+            max_w = max(m.shape[-1] for m in masks)
+            masks = [
+                m
+                if m.shape[-2:] == (max_h, max_w)
+                else F.pad(m.float(), (0, max_w - m.shape[-1], 0, max_h - m.shape[-2]))
+                for m in masks
+            ]
+            self._masks = torch.cat(masks)
+        return self._masks
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """Long[sum M, T] every image's caption tokens (images without: [PAD] rows), padded to
+        the longest."""
+        if self._tokens is None:
+            width = max(
+                (t["caption_tokens"].shape[1] for t in self.targets if "caption_tokens" in t),
+                default=2,
+            )
+            rows = []
+            for t, n in zip(self.targets, self.sizes):
+                tokens = t.get("caption_tokens")
+                if tokens is None:
+                    tokens = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+                tokens = tokens.to(self.device, non_blocking=True)
+                rows.append(F.pad(tokens, (0, width - tokens.shape[1]), value=self.pad_token_id))
+            self._tokens = torch.cat(rows)
+        return self._tokens
+
+    def captioned(self) -> List[Optional[List[bool]]]:
+        """Per image (None without ``caption_tokens``), on the host: whether each target has a
+        caption to learn (more than [CLS] [SEP], and ``caption_valid``).
+
+        Read from the targets' host-side ``captioned`` when given (``Pix2Cap.prepare_targets``
+        computes it before the tokens go to the device); otherwise computed from the tokens,
+        with one device-to-host copy for the batch when they are on the device.
+        """
+        if self._captioned is None:
+            flags = []
+            for t in self.targets:
+                if "caption_tokens" not in t:
+                    flags.append(None)
+                elif "captioned" in t:
+                    flags.append(torch.as_tensor(t["captioned"], dtype=torch.bool))
+                else:
+                    tokens = t["caption_tokens"]
+                    # [CLS] [SEP] alone (an empty description) is no caption to learn.
+                    valid = (tokens != self.pad_token_id).sum(1) > 2
+                    if "caption_valid" in t:
+                        valid &= t["caption_valid"].to(
+                            device=valid.device, dtype=torch.bool, non_blocking=True
+                        )
+                    flags.append(valid)
+            on_device = [f for f in flags if f is not None and f.device.type != "cpu"]
+            if on_device:  # one copy for the batch
+                host = iter(torch.cat(on_device).cpu().split([len(f) for f in on_device]))
+            self._captioned = [
+                None if f is None else (next(host) if f.device.type != "cpu" else f).tolist()
+                for f in flags
+            ]
+        return self._captioned
+
+
+TargetsLike = Union[List[Dict[str, torch.Tensor]], BatchTargets]
 
 
 CaptionLossFn = Callable[..., torch.Tensor]
@@ -74,10 +210,13 @@ class SetCriterion(nn.Module):
             caption_loss_fn: ``(query_feats [m, D], global_feats [m, Dg] or None,
                 tokens Long[m, T]) -> scalar``, usually ``DenseCaptionHead.loss``. A plain
                 callable, not a submodule, so the head's parameters belong to the model once.
+                One that takes ``has_targets=`` is told True (every row it gets has a
+                caption).
             num_caption_layers: compute the caption loss on the last this many predictions
                 only (the final one counts as one); None: on all of them.
             caption_pad_token_id: padding id of ``caption_tokens``, to tell empty captions.
-            caption_scene_fn: for a scene-memory caption head, its ``scene_context``: the
+            caption_scene_fn: for a scene-memory caption head, its ``scene_context`` (given
+                ``boxes=`` too when it takes them and the targets carry ``scene_boxes``): the
                 caption loss then also passes ``scene=`` (a ``SceneContext``) to
                 ``caption_loss_fn``, built per image from the matched queries (the other
                 objects of a captioned query are the other matched queries of its image),
@@ -110,6 +249,12 @@ class SetCriterion(nn.Module):
         self.caption_pad_token_id = caption_pad_token_id
         self.caption_scene_fn = caption_scene_fn
         self.caption_scene_masks = caption_scene_masks
+        self._scene_takes_boxes = _accepts(caption_scene_fn, "boxes")
+        # Every row the caption loss gets has a caption, known on the host: a loss that can be
+        # told so need not read its tokens back from the device.
+        self._caption_loss_extra = (
+            {"has_targets": True} if _accepts(caption_loss_fn, "has_targets") else {}
+        )
 
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
@@ -119,33 +264,32 @@ class SetCriterion(nn.Module):
     # -----------------------------------------------------------------------------------------
     # Individual losses: (outputs, targets, indices, num_masks) -> dict of scalar tensors
     # -----------------------------------------------------------------------------------------
-    def loss_labels(self, outputs, targets, indices: Indices, num_masks: float):
+    def loss_labels(self, outputs, targets: TargetsLike, indices: Indices, num_masks: float):
         """Cross-entropy over K+1 classes; unmatched queries are trained towards no-object."""
         src_logits = outputs["pred_logits"].float()  # [B, Q, K+1]
-        batch_idx, src_idx = self._get_src_permutation_idx(indices)
+        batch = self._batch(targets, src_logits.device)
+        batch_idx, src_idx, _, tgt_flat = self._flat_indices(indices, batch)
         target_classes = torch.full(
             src_logits.shape[:2], self.num_classes, dtype=torch.int64, device=src_logits.device
         )
         if batch_idx.numel() > 0:
-            target_classes_o = torch.cat(
-                [t["labels"].to(src_logits.device)[j] for t, (_, j) in zip(targets, indices)]
-            )
-            target_classes[batch_idx, src_idx] = target_classes_o
+            target_classes[batch_idx, src_idx] = batch.labels[tgt_flat]
         loss_ce = F.cross_entropy(
             src_logits.transpose(1, 2), target_classes, self.empty_weight.to(src_logits.dtype)
         )
         return {"loss_ce": loss_ce}
 
-    def loss_masks(self, outputs, targets, indices: Indices, num_masks: float):
+    def loss_masks(self, outputs, targets: TargetsLike, indices: Indices, num_masks: float):
         """Sigmoid BCE and dice on importance-sampled points of the matched masks."""
         pred_masks = outputs["pred_masks"]  # [B, Q, h, w]
-        batch_idx, src_idx = self._get_src_permutation_idx(indices)
+        batch = self._batch(targets, pred_masks.device)
+        batch_idx, src_idx, _, tgt_flat = self._flat_indices(indices, batch)
         if batch_idx.numel() == 0:
             # Keep the graph (and every key) alive for a batch without any segment.
             zero = pred_masks.sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero.clone()}
         src_masks = pred_masks[batch_idx, src_idx]  # [m, h, w]
-        target_masks = self._gather_target_masks(targets, indices, src_masks.device)
+        target_masks = batch.masks[tgt_flat].to(torch.float32)  # [m, H, W]
         loss_mask, loss_dice = point_mask_losses(
             src_masks,
             target_masks,
@@ -156,53 +300,84 @@ class SetCriterion(nn.Module):
         )
         return {"loss_mask": loss_mask, "loss_dice": loss_dice}
 
-    def loss_captions(self, outputs, targets, indices: Indices, num_masks: float):
-        """Caption loss of the queries matched to segments that have a caption."""
+    def loss_captions(self, outputs, targets: TargetsLike, indices: Indices, num_masks: float):
+        """Caption loss of the queries matched to segments that have a caption.
+
+        Which matched targets have a caption is known on the host (``BatchTargets.captioned``)
+        and the matching is on the host: the captioned rows are chosen there and gathered on
+        the device with one index copy, without reading the device.
+        """
         query_features = outputs["query_features"]  # [B, Q, D]
         global_features = outputs.get("global_features")  # [B, Dg] or None
         device = query_features.device
-        feats, globals_, tokens, scenes = [], [], [], []
+        batch = self._batch(targets, device)
+        captioned = batch.captioned()
+        # Per captioned row: image, query, target (flat), and its position among the image's
+        # matched pairs (for the scene); per image the rows' range and the tokens' width.
+        rows: List[List[int]] = [[], [], [], []]
+        images, widths = [], []
         for b, (src, tgt) in enumerate(indices):
-            target = targets[b]
-            if "caption_tokens" not in target or src.numel() == 0:
+            if captioned[b] is None or src.numel() == 0:
                 continue
-            src, tgt = src.to(device), tgt.to(device)
-            caption_tokens = target["caption_tokens"].to(device)[tgt]  # [m_b, T_b]
-            # [CLS] [SEP] alone (an empty description) is no caption to learn.
-            valid = (caption_tokens != self.caption_pad_token_id).sum(1) > 2
-            if "caption_valid" in target:
-                valid &= target["caption_valid"].to(device=device, dtype=torch.bool)[tgt]
-            if not bool(valid.any()):
+            flags = captioned[b]
+            tgt_list = tgt.tolist()
+            keep = [k for k, j in enumerate(tgt_list) if flags[j]]
+            if not keep:
                 continue
-            feats.append(query_features[b, src[valid]])
-            tokens.append(caption_tokens[valid])
-            if global_features is not None:
-                globals_.append(global_features[b].unsqueeze(0).expand(int(valid.sum()), -1))
-            if self.caption_scene_fn is not None:
-                scenes.append(self._scene(outputs, target, b, src, tgt, valid.nonzero()[:, 0]))
-        if not feats:
+            src_list = src.tolist()
+            images.append((b, len(rows[0]), len(keep)))
+            widths.append(int(batch[b]["caption_tokens"].shape[1]))
+            rows[0] += [b] * len(keep)
+            rows[1] += [src_list[k] for k in keep]
+            rows[2] += [batch.offsets[b] + tgt_list[k] for k in keep]
+            rows[3] += keep
+        if not images:
             return {"loss_caption": query_features.sum() * 0.0}
 
-        max_len = max(t.shape[1] for t in tokens)
-        tokens = torch.cat(
-            [F.pad(t, (0, max_len - t.shape[1]), value=self.caption_pad_token_id) for t in tokens]
-        )
-        feats = torch.cat(feats)
-        globals_ = torch.cat(globals_) if globals_ else None
+        packed = torch.as_tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+        image_idx, query_idx, tgt_flat, positions = packed
+        feats = query_features[image_idx, query_idx]
+        tokens = batch.tokens[tgt_flat][:, : max(widths)]
+        globals_ = global_features[image_idx] if global_features is not None else None
         if self.caption_scene_fn is None:
-            return {"loss_caption": self.caption_loss_fn(feats, globals_, tokens)}
+            return {
+                "loss_caption": self.caption_loss_fn(
+                    feats, globals_, tokens, **self._caption_loss_extra
+                )
+            }
+        _, flat_src, tgt_local, _ = self._flat_indices(indices, batch)
+        starts = self._image_starts(indices)
+        scenes = []
+        for b, first, count in images:
+            lo, hi = starts[b], starts[b + 1]
+            scenes.append(
+                self._scene(
+                    outputs,
+                    batch[b],
+                    b,
+                    flat_src[lo:hi],
+                    tgt_local[lo:hi],
+                    positions[first : first + count],
+                )
+            )
         scene = SceneContext.cat(scenes)
-        return {"loss_caption": self.caption_loss_fn(feats, globals_, tokens, scene=scene)}
+        loss = self.caption_loss_fn(feats, globals_, tokens, scene=scene, **self._caption_loss_extra)
+        return {"loss_caption": loss}
 
     def _scene(
         self, outputs, target, b: int, src: torch.Tensor, tgt: torch.Tensor, captioned
     ) -> SceneContext:
-        """Scene facts of image ``b``'s matched queries ``src`` (segments ``tgt``) at
-        positions ``captioned``."""
+        """Scene facts of image ``b``'s matched queries ``src`` (segments ``tgt``; both on the
+        device) at positions ``captioned``."""
         if "pixel_features" not in outputs:
             raise KeyError("a scene-memory caption loss needs outputs['pixel_features']")
+        extra = {}
         if self.caption_scene_masks == "target":
             mask_probs = target["masks"][tgt].float()  # [n, H, W], the padded image grid
+            if "scene_boxes" in target and self._scene_takes_boxes:
+                # Boxes measured on the host from the ground truth (Pix2Cap.prepare_targets):
+                # the scene needs no connected components of device masks.
+                extra["boxes"] = target["scene_boxes"][tgt]
         else:
             mask_probs = outputs["pred_masks"][b, src].detach().float().sigmoid()
         window = outputs["grid_window"][b] if "grid_window" in outputs else None
@@ -212,6 +387,7 @@ class SetCriterion(nn.Module):
             [level[b] for level in outputs["pixel_features"]],
             captioned,
             window=window,
+            **extra,
         )
 
     def _loss_map(self):
@@ -226,7 +402,10 @@ class SetCriterion(nn.Module):
 
     # -----------------------------------------------------------------------------------------
     def forward(
-        self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]
+        self,
+        outputs: Dict,
+        targets: List[Dict[str, torch.Tensor]],
+        final_indices: Optional[Indices] = None,
     ) -> Dict[str, torch.Tensor]:
         """Compute the losses of the final prediction and of every auxiliary prediction.
 
@@ -240,7 +419,16 @@ class SetCriterion(nn.Module):
                 layer first.
             targets: B dicts: ``"labels"`` Long[M], ``"masks"`` [M, H, W], optionally
                 ``"caption_tokens"`` Long[M, T] (row m captions segment m) and
-                ``"caption_valid"`` Bool[M].
+                ``"caption_valid"`` Bool[M]; and, computed on the host so that no loss has
+                to read the device: ``"captioned"`` host Bool[M] (the segment has a caption to
+                learn: more than [CLS] [SEP], and ``caption_valid``) and ``"scene_boxes"``
+                [M, 6] (the masks' scene boxes, ``scene_memory.mask_boxes(masks, window,
+                largest_part=True)``, for a scene memory built from the target masks).
+            final_indices: the final prediction's matching, when the caller has made it
+                (``self.matcher`` of ``outputs`` without ``"aux_outputs"``, as this method
+                would, so that other losses can share it); None: matched here.
+
+        Host synchronisations: one per matcher call (its cost matrices), none in the losses.
 
         Returns:
             name -> scalar tensor, unweighted.
@@ -249,21 +437,25 @@ class SetCriterion(nn.Module):
         device = outputs["pred_logits"].device
         num_masks = self._num_masks(targets, device)
         first_caption_layer = self._first_caption_layer(len(aux_outputs))
+        # Concatenated once, read by every layer's losses.
+        batch = BatchTargets(targets, device, self.caption_pad_token_id)
 
         final = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         losses: Dict[str, torch.Tensor] = {}
-        indices = self.matcher(final, targets)
+        if final_indices is None:
+            final_indices = self.matcher(final, targets)
+        indices = Matching(final_indices)
         for loss in self._losses_for_layer(final, len(aux_outputs), first_caption_layer):
-            losses.update(self.get_loss(loss, final, targets, indices, num_masks))
+            losses.update(self.get_loss(loss, final, batch, indices, num_masks))
 
         for i, aux in enumerate(aux_outputs):
             # The global token and pixel features are the same for every layer; given once.
             shared = {k: outputs[k] for k in _SHARED_OUTPUTS if k in outputs and k not in aux}
             if shared:
                 aux = {**aux, **shared}
-            indices = self.matcher(aux, targets)
+            indices = Matching(self.matcher(aux, targets))
             for loss in self._losses_for_layer(aux, i, first_caption_layer):
-                l_dict = self.get_loss(loss, aux, targets, indices, num_masks)
+                l_dict = self.get_loss(loss, aux, batch, indices, num_masks)
                 losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
         return losses
 
@@ -305,39 +497,57 @@ class SetCriterion(nn.Module):
             yield loss
 
     @staticmethod
-    def _num_masks(targets, device) -> float:
-        """Average number of target masks per process (at least 1), the loss normaliser."""
-        num_masks = sum(len(t["labels"]) for t in targets)
-        num_masks = torch.as_tensor([num_masks], dtype=torch.float, device=device)
-        world_size = 1
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(num_masks)
-            world_size = dist.get_world_size()
-        return torch.clamp(num_masks / world_size, min=1).item()
+    def _num_masks(targets, device) -> Union[float, torch.Tensor]:
+        """Average number of target masks per process (at least 1), the loss normaliser.
 
-    @staticmethod
-    def _get_src_permutation_idx(indices: Indices):
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        src_idx = torch.cat([src for (src, _) in indices])
-        return batch_idx, src_idx
-
-    @staticmethod
-    def _gather_target_masks(targets, indices: Indices, device) -> torch.Tensor:
-        """Matched target masks, in the order of ``_get_src_permutation_idx``: [m, H, W].
-
-        Images of a batch may carry masks of different sizes; they are zero-padded at the
-        bottom/right to the largest, the way images are padded into a batch.
+        A float (known on the host) in a single process; under ``torch.distributed`` the
+        all-reduced 0-dim tensor on ``device``, so the normaliser never waits for the device.
         """
-        masks = [t["masks"][j.to(t["masks"].device)] for t, (_, j) in zip(targets, indices)]
-        max_h = max(m.shape[-2] for m in masks)
-        max_w = max(m.shape[-1] for m in masks)
-        padded = []
-        for m in masks:
-            m = m.to(device=device, dtype=torch.float32)
-            if m.shape[-2] != max_h or m.shape[-1] != max_w:
-                m = F.pad(m, (0, max_w - m.shape[-1], 0, max_h - m.shape[-2]))
-            padded.append(m)
-        return torch.cat(padded)
+        num_masks = sum(len(t["labels"]) for t in targets)
+        if not (dist.is_available() and dist.is_initialized()):
+            # What clamp(float32(n) / 1, min=1) gives, without building a tensor.
+            return max(float(num_masks), 1.0)
+        num_masks = torch.as_tensor([num_masks], dtype=torch.float).to(device, non_blocking=True)
+        dist.all_reduce(num_masks)
+        return torch.clamp(num_masks / dist.get_world_size(), min=1)[0]
+
+    def _batch(self, targets: TargetsLike, device) -> BatchTargets:
+        if isinstance(targets, BatchTargets):
+            return targets
+        return BatchTargets(targets, device, self.caption_pad_token_id)
+
+    @staticmethod
+    def _image_starts(indices: Indices) -> List[int]:
+        """Where each image's pairs start in the flat indices (and the total at the end)."""
+        starts = [0]
+        for src, _ in indices:
+            starts.append(starts[-1] + int(src.shape[0]))
+        return starts
+
+    @staticmethod
+    def _flat_indices(indices: Indices, batch: BatchTargets) -> Tuple[torch.Tensor, ...]:
+        """``(batch_idx, src_idx, tgt_idx, tgt_flat)`` Long[m] on the device: every matched
+        pair's image, query, target within its image and target among the concatenated ones.
+
+        Built on the host from the matcher's host indices and copied to the device in one
+        non-blocking copy; cached on a :class:`Matching`.
+        """
+        cached = getattr(indices, "_flat", None)
+        if cached is not None:
+            return cached
+        pairs = [(src.cpu(), tgt.cpu()) for src, tgt in indices]
+        if pairs:
+            batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(pairs)])
+            src_idx = torch.cat([src for src, _ in pairs])
+            tgt_idx = torch.cat([tgt for _, tgt in pairs])
+            tgt_flat = torch.cat([tgt + batch.offsets[i] for i, (_, tgt) in enumerate(pairs)])
+            packed = torch.stack([batch_idx, src_idx, tgt_idx, tgt_flat]).long()
+        else:
+            packed = torch.zeros((4, 0), dtype=torch.long)
+        flat = tuple(packed.to(batch.device, non_blocking=True))
+        if isinstance(indices, Matching):
+            indices._flat = flat
+        return flat
 
     def extra_repr(self) -> str:
         return (

@@ -22,15 +22,15 @@ def batch_dice_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     """Pairwise dice loss between every prediction and every target.
 
     Args:
-        inputs: [Q, P] mask logits at P points.
-        targets: [M, P] binary targets at the same points.
+        inputs: [..., Q, P] mask logits at P points.
+        targets: [..., M, P] binary targets at the same points (same leading batch dims).
 
     Returns:
-        [Q, M] dice loss ``1 - (2 |x t| + 1) / (|x| + |t| + 1)``.
+        [..., Q, M] dice loss ``1 - (2 |x t| + 1) / (|x| + |t| + 1)``.
     """
     inputs = inputs.sigmoid()
-    numerator = 2 * inputs @ targets.T
-    denominator = inputs.sum(-1)[:, None] + targets.sum(-1)[None, :]
+    numerator = 2 * inputs @ targets.transpose(-2, -1)
+    denominator = inputs.sum(-1).unsqueeze(-1) + targets.sum(-1).unsqueeze(-2)
     return 1 - (numerator + 1) / (denominator + 1)
 
 
@@ -41,16 +41,17 @@ def batch_sigmoid_ce_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.
     instead of a [Q, M, P] tensor.
 
     Args:
-        inputs: [Q, P] mask logits at P points.
-        targets: [M, P] binary targets at the same points.
+        inputs: [..., Q, P] mask logits at P points.
+        targets: [..., M, P] binary targets at the same points (same leading batch dims).
 
     Returns:
-        [Q, M] BCE averaged over the points.
+        [..., Q, M] BCE averaged over the points.
     """
-    num_points = inputs.shape[1]
+    num_points = inputs.shape[-1]
     pos = F.binary_cross_entropy_with_logits(inputs, torch.ones_like(inputs), reduction="none")
     neg = F.binary_cross_entropy_with_logits(inputs, torch.zeros_like(inputs), reduction="none")
-    return (pos @ targets.T + neg @ (1 - targets).T) / num_points
+    targets_t = targets.transpose(-2, -1)
+    return (pos @ targets_t + neg @ (1 - targets_t)) / num_points
 
 
 class HungarianMatcher(nn.Module):
@@ -59,6 +60,11 @@ class HungarianMatcher(nn.Module):
     Cost = ``cost_class * (-p(target class)) + cost_mask * BCE + cost_dice * dice``; the mask
     terms are evaluated on ``num_points`` random points drawn once per image and shared by
     every predicted and target mask of that image.
+
+    The costs of the whole batch are one batched computation on the predictions' device
+    (targets padded to the image with the most segments) and reach the host in one copy per
+    call, for ``scipy.optimize.linear_sum_assignment``: the only host synchronisation of a
+    call, whatever the batch size and the number of queries.
     """
 
     def __init__(
@@ -77,60 +83,105 @@ class HungarianMatcher(nn.Module):
         self.num_points = num_points
 
     @torch.no_grad()
+    def batch_costs(
+        self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]
+    ) -> Tuple[torch.Tensor, List[int], List[int]]:
+        """The cost matrices of the images that have targets, on the device.
+
+        Returns:
+            ``(cost, images, sizes)``: cost [B', Q, M_max] (fp32, NaN/inf replaced), the
+            batch index of each of its rows (the images with at least one target, in order)
+            and their target counts; ``cost[i, :, :sizes[i]]`` is image ``images[i]``'s.
+        """
+        pred_logits = outputs["pred_logits"]
+        pred_masks = outputs["pred_masks"]
+        device = pred_logits.device
+        counts = [int(t["labels"].shape[0]) for t in targets]
+        images = [b for b, n in enumerate(counts) if n > 0]
+        sizes = [counts[b] for b in images]
+        if not images:
+            return pred_logits.new_zeros((0, pred_logits.shape[1], 0)), images, sizes
+        # Costs in fp32 whatever the training precision: fp16 BCE/dice are too coarse to rank.
+        with torch.autocast(device_type=device.type, enabled=False):
+            # One draw per image, in image order: the random stream of the per-image matcher.
+            point_coords = torch.cat(
+                [torch.rand(1, self.num_points, 2, device=device) for _ in images]
+            )  # [B', P, 2]
+            select = (
+                torch.as_tensor(images).to(device, non_blocking=True)
+                if len(images) < len(targets)
+                else None
+            )
+            logits = pred_logits if select is None else pred_logits[select]
+            masks = pred_masks if select is None else pred_masks[select]
+
+            labels = [targets[b]["labels"] for b in images]
+            tgt_ids = nn.utils.rnn.pad_sequence(
+                [t.to(device, non_blocking=True) for t in labels], batch_first=True
+            )  # [B', M_max], 0 where padded
+            prob = logits.float().softmax(-1)  # [B', Q, K+1]
+            # -p(class) approximates the NLL and keeps the cost on the mask costs' scale.
+            cost_class = -torch.gather(
+                prob, 2, tgt_ids[:, None, :].expand(-1, prob.shape[1], -1)
+            )  # [B', Q, M_max]
+
+            out_points = point_sample(masks.float(), point_coords)  # [B', Q, P]
+            tgt_points = self._target_points(targets, images, sizes, point_coords)
+
+            cost_mask = batch_sigmoid_ce_cost(out_points, tgt_points)
+            cost_dice = batch_dice_cost(out_points, tgt_points)
+            cost = (
+                self.cost_mask * cost_mask
+                + self.cost_class * cost_class
+                + self.cost_dice * cost_dice
+            )
+            cost = torch.nan_to_num(
+                cost, nan=_INVALID_COST, posinf=_INVALID_COST, neginf=-_INVALID_COST
+            )
+        return cost, images, sizes
+
+    @staticmethod
+    def _target_points(targets, images, sizes, point_coords) -> torch.Tensor:
+        """[B', M_max, P] the target masks of ``images`` at their image's points (0 on
+        padding rows)."""
+        device = point_coords.device
+        masks = [targets[b]["masks"] for b in images]
+        if len({tuple(m.shape[-2:]) for m in masks}) == 1:
+            # One grid_sample for all the masks of the batch, each at its image's points.
+            flat = torch.cat(
+                [m.to(device=device, dtype=torch.float32, non_blocking=True) for m in masks]
+            )
+            owner = torch.as_tensor(
+                [i for i, n in enumerate(sizes) for _ in range(n)], dtype=torch.long
+            ).to(device, non_blocking=True)
+            points = point_sample(flat[:, None], point_coords[owner]).squeeze(1)  # [sum M, P]
+            per_image = points.split(sizes)
+        else:
+            per_image = [
+                point_sample(
+                    m.to(device=device, dtype=torch.float32, non_blocking=True)[:, None],
+                    point_coords[i : i + 1].expand(m.shape[0], -1, -1),
+                ).squeeze(1)
+                for i, m in enumerate(masks)
+            ]
+        return nn.utils.rnn.pad_sequence(list(per_image), batch_first=True)
+
+    @torch.no_grad()
     def memory_efficient_forward(
         self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]
     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        pred_logits = outputs["pred_logits"]
-        pred_masks = outputs["pred_masks"]
-        batch_size = pred_logits.shape[0]
-        device = pred_logits.device
-
-        indices = []
-        # Costs in fp32 whatever the training precision: fp16 BCE/dice are too coarse to rank.
-        with torch.autocast(device_type=device.type, enabled=False):
-            for b in range(batch_size):
-                tgt_ids = targets[b]["labels"].to(device)
-                num_targets = tgt_ids.shape[0]
-                if num_targets == 0:
-                    empty = torch.empty(0, dtype=torch.int64)
-                    indices.append((empty, empty.clone()))
-                    continue
-
-                prob = pred_logits[b].float().softmax(-1)  # [Q, K+1]
-                # -p(class) approximates the NLL and keeps the cost on the mask costs' scale.
-                cost_class = -prob[:, tgt_ids]  # [Q, M]
-
-                out_mask = pred_masks[b].float()[:, None]  # [Q, 1, h, w]
-                tgt_mask = targets[b]["masks"].to(device=device, dtype=torch.float32)[:, None]
-                point_coords = torch.rand(1, self.num_points, 2, device=device)
-                tgt_points = point_sample(
-                    tgt_mask, point_coords.expand(tgt_mask.shape[0], -1, -1)
-                ).squeeze(
-                    1
-                )  # [M, P]
-                out_points = point_sample(
-                    out_mask, point_coords.expand(out_mask.shape[0], -1, -1)
-                ).squeeze(
-                    1
-                )  # [Q, P]
-
-                cost_mask = batch_sigmoid_ce_cost(out_points, tgt_points)
-                cost_dice = batch_dice_cost(out_points, tgt_points)
-                cost = (
-                    self.cost_mask * cost_mask
-                    + self.cost_class * cost_class
-                    + self.cost_dice * cost_dice
-                )
-                cost = torch.nan_to_num(
-                    cost, nan=_INVALID_COST, posinf=_INVALID_COST, neginf=-_INVALID_COST
-                )
-                row, col = linear_sum_assignment(cost.cpu().numpy())
-                indices.append(
-                    (
-                        torch.as_tensor(np.asarray(row), dtype=torch.int64),
-                        torch.as_tensor(np.asarray(col), dtype=torch.int64),
-                    )
-                )
+        cost, images, sizes = self.batch_costs(outputs, targets)
+        empty = torch.empty(0, dtype=torch.int64)
+        indices = [(empty, empty.clone()) for _ in targets]
+        if not images:
+            return indices
+        host = cost.cpu().numpy()  # the one device-to-host copy of the call
+        for i, (b, n) in enumerate(zip(images, sizes)):
+            row, col = linear_sum_assignment(host[i, :, :n])
+            indices[b] = (
+                torch.as_tensor(np.asarray(row), dtype=torch.int64),
+                torch.as_tensor(np.asarray(col), dtype=torch.int64),
+            )
         return indices
 
     @torch.no_grad()

@@ -15,7 +15,7 @@ import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from fvcore.common.history_buffer import HistoryBuffer
@@ -60,6 +60,8 @@ class EventStorage:
         self._latest_scalars: dict[str, tuple[float, int]] = {}
         self._iter = start_iter
         self._current_prefix = ""
+        # (iteration, device values, record) put with put_deferred and not read yet.
+        self._deferred: list[tuple[int, torch.Tensor, Callable[[list], None]]] = []
 
     def put_scalar(self, name: str, value, smoothing_hint: bool = True) -> None:
         """Record ``value`` (a number or a 0-dim tensor) for ``name`` at the current iteration.
@@ -87,8 +89,46 @@ class EventStorage:
         for name, value in kwargs.items():
             self.put_scalar(name, value, smoothing_hint=smoothing_hint)
 
+    def put_deferred(self, values: torch.Tensor, record: Callable[[list], None]) -> None:
+        """Record values that are still on the device without waiting for them.
+
+        ``record(values.flatten().tolist())`` runs later, with the storage's iteration set to
+        the current one (so what it puts is recorded at this iteration), when the storage is
+        read (``history``, ``histories``, ``latest``, ``latest_with_smoothing_hint``,
+        ``state_dict``) or :meth:`flush` runs: all values deferred since the last read reach
+        the host in one copy per device. ``record`` puts scalars (and may raise, e.g. on a
+        non-finite loss); a name should be put either always deferred or never, so that its
+        history stays in iteration order.
+        """
+        self._deferred.append((self._iter, values.detach(), record))
+
+    def flush(self) -> None:
+        """Bring every deferred value to the host (one copy per device) and record it."""
+        if not self._deferred:
+            return
+        pending, self._deferred = self._deferred, []
+        by_device: dict[torch.device, list[int]] = defaultdict(list)
+        for k, (_, values, _) in enumerate(pending):
+            by_device[values.device].append(k)
+        host: list[list] = [[] for _ in pending]
+        for ks in by_device.values():
+            flat = torch.cat([pending[k][1].reshape(-1) for k in ks]).tolist()
+            start = 0
+            for k in ks:
+                end = start + pending[k][1].numel()
+                host[k] = flat[start:end]
+                start = end
+        current = self._iter
+        try:
+            for (iteration, _, record), values in zip(pending, host):
+                self._iter = iteration
+                record(values)
+        finally:
+            self._iter = current
+
     def history(self, name: str) -> HistoryBuffer:
         """The ``HistoryBuffer`` of ``name`` (raises ``KeyError`` naming the known scalars)."""
+        self.flush()
         if name not in self._history:
             raise KeyError(
                 f"no history for metric {name!r}; recorded: {sorted(self._history)}"
@@ -96,15 +136,18 @@ class EventStorage:
         return self._history[name]
 
     def histories(self) -> dict[str, HistoryBuffer]:
+        self.flush()
         return dict(self._history)
 
     def latest(self) -> dict[str, tuple[float, int]]:
         """name -> (latest value, iteration it was recorded at)."""
+        self.flush()
         return dict(self._latest_scalars)
 
     def latest_with_smoothing_hint(self, window_size: int = 20) -> dict[str, tuple[float, int]]:
         """Like ``latest`` but smoothed scalars report the median of their last
         ``window_size`` values."""
+        self.flush()
         result = {}
         for name, (value, iteration) in self._latest_scalars.items():
             if self._smoothing_hints[name]:
@@ -122,6 +165,7 @@ class EventStorage:
         A resumed run that loads them reports the same windowed medians (windows up to
         ``max_length``) as an uninterrupted run.
         """
+        self.flush()
         state = {}
         for name, buffer in self._history.items():
             kept = buffer.values()[-max_length:]

@@ -153,6 +153,8 @@ class GroundedCaptionHead(DenseCaptionHead):
         self.register_buffer(
             "seg_token_ids", torch.tensor(list(seg_token_ids), dtype=torch.long), persistent=False
         )
+        # The same ids on the host, for planning the training losses without reading the device.
+        self._host_seg_token_ids = frozenset(int(i) for i in seg_token_ids)
 
         new = nn.ModuleDict(
             {
@@ -243,6 +245,7 @@ class GroundedCaptionHead(DenseCaptionHead):
         global_feats: torch.Tensor,
         windows: Optional[torch.Tensor] = None,
         slot_captions: Optional[Sequence[torch.Tensor]] = None,
+        slot_boxes: Optional[Sequence[torch.Tensor]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """The memory of each image: the global token, one token per segment slot, then (with
         ``copy_captions``) the tokens of each slot's caption.
@@ -258,6 +261,9 @@ class GroundedCaptionHead(DenseCaptionHead):
                 (``Pix2Cap.grid_windows``); None: the grid is the image.
             slot_captions: with ``copy_captions``, per image Long[n_b, L_b] the token ids of
                 each slot's caption (``[CLS] words [SEP] [PAD]...``).
+            slot_boxes: per image [n_b, 6] the slots' boxes when already known, as
+                ``mask_boxes(slot_masks[b], windows[b], largest_part=True)`` gives them
+                (training measures the ground truth's on the host); None: measured here.
 
         Returns:
             memory [B, M, C], Bool[B, M] (False on padding) and, with ``copy_captions``, Long[B,
@@ -294,7 +300,10 @@ class GroundedCaptionHead(DenseCaptionHead):
                 continue
             probs = slot_masks[b].detach().float()
             window = None if windows is None else windows[b]
-            boxes = mask_boxes(probs, window, largest_part=True).to(dtype)  # [n, 6]
+            if slot_boxes is not None:
+                boxes = slot_boxes[b].to(dtype)  # [n, 6]
+            else:
+                boxes = mask_boxes(probs, window, largest_part=True).to(dtype)  # [n, 6]
             look = mask_pool(probs, mask_features[b].float()).to(dtype)  # [n, Cm]
             classes = class_logits[b].detach().float().softmax(-1).to(dtype)
             memory[b, 1 : 1 + n] = (
@@ -432,6 +441,7 @@ class GroundedCaptionHead(DenseCaptionHead):
         seg_masks: Sequence[torch.Tensor],
         seg_valid: Sequence[torch.Tensor],
         copy_ids: Optional[torch.Tensor] = None,
+        host_tokens: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """Teacher-forced caption, SEG selection and SEG mask losses of a batch.
 
@@ -444,8 +454,11 @@ class GroundedCaptionHead(DenseCaptionHead):
             seg_slots: per image Bool[S_b, n_b], the slots each SEG's phrase names (S_b = the
                 SEG tokens of row b, in order).
             seg_masks: per image Bool[S_b, H, W], the union of each SEG's segments.
-            seg_valid: per image Bool[S_b]; False where every segment of the phrase was
-                cropped away (its words are still learned, its mask is not).
+            seg_valid: per image Bool[S_b] on the host; False where every segment of the
+                phrase was cropped away (its words are still learned, its mask is not).
+            host_tokens: ``tokens`` on the host (where they were built), to find the SEGs
+                and whether there is any target without reading the device; None: read from
+                ``tokens`` (a device-to-host copy when they are on the device).
 
         Returns:
             ``loss_grounded_caption`` (cross-entropy over non-pad targets),
@@ -454,8 +467,16 @@ class GroundedCaptionHead(DenseCaptionHead):
             union at ``num_points`` uniform points per image, mean over valid SEGs).
         """
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        if host_tokens is None:
+            host_tokens = tokens.cpu()
+        host_targets = host_tokens[:, 1:].tolist()
+        # Per row, the SEG positions of the inputs, in order (the host's copy of is_seg).
+        seg_positions = [
+            [t for t, token in enumerate(row[:-1]) if token in self._host_seg_token_ids]
+            for row in host_tokens.tolist()
+        ]
         memory_states, states = self._decode_text(memory, inputs, memory_valid, return_memory=True)
-        if not bool((targets != self.pad_token_id).any()):
+        if not any(token != self.pad_token_id for row in host_targets for token in row):
             loss_text = self.lm_logits(states).sum() * 0.0
         elif self.copy_captions:
             # The mix is a distribution already: its negative log-likelihood.
@@ -474,32 +495,38 @@ class GroundedCaptionHead(DenseCaptionHead):
                 label_smoothing=self.label_smoothing,
             )
 
-        is_seg = self._seg_positions(inputs)
         summaries = self.slot_caption_summaries(
             memory, memory_valid, max((int(m.shape[0]) for m in slot_masks), default=0)
         )
-        num_masks = max(sum(int(v.sum()) for v in seg_valid), 1)
+        valid_lists = [v.tolist() for v in seg_valid]
+        num_masks = max(sum(sum(bool(x) for x in v) for v in valid_lists), 1)
         zero = states.sum() * 0.0
         loss_select, loss_mask, loss_dice = zero, zero.clone(), zero.clone()
+        device = states.device
         for b in range(tokens.shape[0]):
-            seg_states = states[b, is_seg[b]]  # [S_b, C], the SEGs in order
-            count = min(seg_states.shape[0], len(seg_valid[b]))
-            valid = seg_valid[b][:count].to(states.device)
+            # The SEGs in order, the first ``count`` of them with a (valid) phrase.
+            count = min(len(seg_positions[b]), len(valid_lists[b]))
+            valid = [s for s in range(count) if valid_lists[b][s]]
             n = int(slot_masks[b].shape[0])
-            if not bool(valid.any()) or n == 0:
+            if not valid or n == 0:
                 continue
+            rows = torch.as_tensor([seg_positions[b][s] for s in valid], dtype=torch.long)
             select_logits = self.seg_selection(
-                seg_states[:count][valid],
+                states[b, rows.to(device, non_blocking=True)],
                 memory_states[b, 1 : 1 + n],
                 None if summaries is None else summaries[b][:n],
             )  # [S, n]
-            select_target = seg_slots[b][:count][valid.to(seg_slots[b].device)]
+            chosen = torch.as_tensor(valid, dtype=torch.long)
+            select_target = seg_slots[b][chosen.to(seg_slots[b].device, non_blocking=True)]
+            select_target = select_target.to(device, non_blocking=True)
             loss_select = loss_select + F.binary_cross_entropy_with_logits(
                 select_logits, select_target.to(select_logits).float(), reduction="none"
             ).mean(1).sum() / num_masks
-            coords = torch.rand(1, self.num_points, 2, device=states.device)
-            slot_probs = point_sample(slot_masks[b][:, None].float().to(states.device), coords.expand(n, -1, -1))[:, 0]
-            target = seg_masks[b][:count][valid.to(seg_masks[b].device)].to(states.device)
+            coords = torch.rand(1, self.num_points, 2, device=device)
+            slot_probs = slot_masks[b][:, None].float().to(device, non_blocking=True)
+            slot_probs = point_sample(slot_probs, coords.expand(n, -1, -1))[:, 0]
+            target = seg_masks[b][chosen.to(seg_masks[b].device, non_blocking=True)]
+            target = target.to(device, non_blocking=True)
             target = point_sample(target[:, None].float(), coords.expand(target.shape[0], -1, -1))
             probs = self.union_probs(select_logits.sigmoid(), slot_probs).clamp(1e-6, 1 - 1e-6)
             mask_logits = torch.logit(probs)  # [S, P]

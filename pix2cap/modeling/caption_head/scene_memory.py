@@ -193,12 +193,13 @@ def mask_boxes(
         return mask_probs.new_zeros((0, BOX_DIM))
     binary = mask_probs > 0.5
     empty = ~binary.flatten(1).any(dim=1)
-    if bool(empty.any()):
-        peak = mask_probs[empty].flatten(1).argmax(dim=1)
-        fallback = torch.zeros_like(binary[empty]).flatten(1)
-        fallback[torch.arange(peak.numel(), device=peak.device), peak] = True
-        binary = binary.clone()
-        binary[empty] = fallback.view(-1, h, w)
+    # Every mask's most probable pixel, used where a mask is empty: computed for all masks,
+    # so that nothing here waits for the device to say whether any mask is empty.
+    scores = mask_probs if mask_probs.is_floating_point() else mask_probs.float()
+    peak = scores.flatten(1).argmax(dim=1)
+    fallback = torch.zeros_like(binary).flatten(1)
+    fallback[torch.arange(n, device=peak.device), peak] = True
+    binary = torch.where(empty[:, None, None], fallback.view(n, h, w), binary)
     if largest_part:
         binary = largest_parts(binary)
     rows = binary.any(dim=2)  # [n, h]
@@ -253,6 +254,7 @@ def scene_context(
     *,
     max_objects: int = 16,
     window: Optional[torch.Tensor] = None,
+    boxes: Optional[torch.Tensor] = None,
 ) -> SceneContext:
     """The scene facts of the objects of one image.
 
@@ -267,6 +269,10 @@ def scene_context(
         max_objects: at most this many other objects per object (the first ones in order).
         window: Float[4], where the mask grid lies in the original image (see
             :func:`mask_boxes`).
+        boxes: ``[n, 6]`` the objects' boxes when already known, as
+            ``mask_boxes(mask_probs, window, largest_part=True)`` gives them (training measures
+            the ground truth's on the host, where its connected components are); None:
+            measured here.
 
     Returns:
         a :class:`SceneContext` of the ``m`` captioned objects, ``S = min(n - 1, max_objects)``.
@@ -279,7 +285,9 @@ def scene_context(
         captioned = torch.arange(n, device=device)
     probs = mask_probs.detach().float()
     # The same rule for ground-truth masks in training and predicted ones at inference.
-    boxes = mask_boxes(probs, window, largest_part=True).to(query_feats.dtype)  # [n, 6]
+    if boxes is None:
+        boxes = mask_boxes(probs, window, largest_part=True)
+    boxes = boxes.to(query_feats.dtype)  # [n, 6]
     sel_probs = probs[captioned]
     pixel_feats = [mask_pool(sel_probs, level) for level in pixel_maps]
     # Every object's look at the finest level, for when it is another object's neighbour.
@@ -287,10 +295,9 @@ def scene_context(
 
     # Other objects of captioned object i: every j != i, the first max_objects of them.
     slots = max(0, min(n - 1, max_objects))
-    positions = torch.arange(n, device=device)
-    others = positions[None, :].expand(captioned.numel(), n)
-    keep = others != captioned[:, None]  # [m, n], exactly n - 1 True per row
-    other_index = others[keep].view(captioned.numel(), max(n - 1, 0))[:, :slots]  # [m, S]
+    # Row i: 0 .. n-1 without captioned[i], in order (no data-dependent shape).
+    positions = torch.arange(slots, device=device)[None, :]
+    other_index = positions + (positions >= captioned[:, None]).long()  # [m, S]
     return SceneContext(
         pixel_feats=pixel_feats,
         boxes=boxes[captioned],

@@ -586,6 +586,7 @@ class DenseCaptionHead(nn.Module):
         global_feats: Optional[torch.Tensor],
         tokens: torch.Tensor,
         scene: Optional[SceneContext] = None,
+        has_targets: Optional[bool] = None,
     ) -> torch.Tensor:
         """Label-smoothed cross-entropy of every non-pad next token.
 
@@ -593,13 +594,18 @@ class DenseCaptionHead(nn.Module):
             query_feats: [N, Dq]; global_feats: [N, Dg] or None.
             tokens: Long[N, T] ``[BOS] words [EOS] [PAD]...``.
             scene: the objects' scene facts (scene memory only).
+            has_targets: whether some target token is not [PAD], when the caller knows it
+                (the criterion passes only rows with a caption); None: read from ``tokens``
+                (a device-to-host copy when they are on an accelerator).
 
         Returns:
             scalar, the mean over the non-pad target tokens (0, with a graph, if there are none).
         """
         targets = tokens[:, 1:]
         logits = self(query_feats, global_feats, tokens[:, :-1], scene=scene)
-        if not bool((targets != self.pad_token_id).any()):
+        if has_targets is None:
+            has_targets = bool((targets != self.pad_token_id).any())
+        if not has_targets:
             return logits.sum() * 0.0
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),

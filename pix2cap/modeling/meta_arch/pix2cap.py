@@ -45,6 +45,7 @@ from ..caption_head import (
     encode_captions,
 )
 from ..caption_head.phrase_ties import agreeing_slots, ground_unmarked_mentions
+from ..caption_head.scene_memory import mask_boxes, scene_context
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
 from ..pixel_decoder import PIXEL_DECODER_REGISTRY
@@ -59,7 +60,7 @@ from ..postprocessing import (
 from ..transformer_decoder import TRANSFORMER_DECODER_REGISTRY
 from .build import META_ARCH_REGISTRY
 
-__all__ = ["Pix2Cap", "thing_ids_from_metadata"]
+__all__ = ["Pix2Cap", "thing_ids_from_metadata", "training_scene_fn"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,34 @@ def thing_ids_from_metadata(dataset_names: Sequence[str]) -> set[int]:
         if mapping:
             return {int(v) for v in mapping.values()}
     return set()
+
+
+def training_scene_fn(caption_head: nn.Module):
+    """The criterion's ``caption_scene_fn`` for a scene-memory caption head: its
+    ``scene_context``, taking ``boxes=`` (the targets' boxes, measured on the host by
+    :meth:`Pix2Cap.prepare_targets`) so that training never copies masks to the host for their
+    connected components. A head whose ``scene_context`` does not take ``boxes`` yet gets
+    ``scene_memory.scene_context`` with its ``max_scene_objects``, which is what its method
+    computes."""
+    method = caption_head.scene_context
+    params = inspect.signature(method).parameters
+    if "boxes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return method
+
+    def scene_fn(query_feats, mask_probs, pixel_maps, captioned=None, window=None, boxes=None):
+        if boxes is None:
+            return method(query_feats, mask_probs, pixel_maps, captioned, window=window)
+        return scene_context(
+            query_feats,
+            mask_probs,
+            pixel_maps,
+            captioned,
+            max_objects=caption_head.max_scene_objects,
+            window=window,
+            boxes=boxes,
+        )
+
+    return scene_fn
 
 
 def class_names_from_metadata(dataset_names: Sequence[str]) -> Optional[list[str]]:
@@ -340,7 +369,7 @@ class Pix2Cap(nn.Module):
             importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
             caption_loss_fn=caption_head.loss,
             caption_scene_fn=(
-                caption_head.scene_context
+                training_scene_fn(caption_head)
                 if getattr(caption_head, "memory", None) == "scene"
                 else None
             ),
@@ -483,9 +512,16 @@ class Pix2Cap(nn.Module):
             outputs = self._predict(image_list, self.image_frames(batched_inputs))
             if not self.deep_supervision:
                 outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-            losses = self.criterion.weighted(self.criterion(outputs, targets))
-            if self.grounded_head is not None:
-                losses.update(self._grounded_losses(batched_inputs, image_list, outputs, targets))
+            if self.grounded_head is None:
+                return self.criterion.weighted(self.criterion(outputs, targets))
+            # The grounded head reads each segment through the query the criterion matches to
+            # it in the final prediction: one matching for both.
+            final = {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"]}
+            indices = self.criterion.matcher(final, targets)
+            losses = self.criterion.weighted(self.criterion(outputs, targets, indices))
+            losses.update(
+                self._grounded_losses(batched_inputs, image_list, outputs, targets, indices)
+            )
             return losses
         outputs = self._predict(image_list, self.image_frames(batched_inputs))
         return self.inference(batched_inputs, image_list, outputs)
@@ -493,7 +529,8 @@ class Pix2Cap(nn.Module):
     def _normalize(self, image: torch.Tensor) -> torch.Tensor:
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"'image' must be a [3, H, W] tensor, got {tuple(image.shape)}")
-        return (image.to(self.device).float() - self.pixel_mean) / self.pixel_std
+        # Non-blocking: the copy queues behind the device's work instead of waiting for it.
+        return (image.to(self.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std
 
     def _padding_mask(self, image_list: ImageList) -> Optional[torch.Tensor]:
         """Bool[B, H, W], True on padding; None when no image of the batch is padded."""
@@ -530,7 +567,9 @@ class Pix2Cap(nn.Module):
         if self._scene_memory:
             outputs["pixel_features"] = [*multi_scale_features, mask_features]
         if self._scene_memory or self.grounded_head is not None:
-            outputs["grid_window"] = self.grid_windows(image_list, frames).to(mask_features.device)
+            outputs["grid_window"] = self.grid_windows(image_list, frames).to(
+                mask_features.device, non_blocking=True
+            )
         if self.grounded_head is not None:
             outputs["mask_features"] = mask_features
         return outputs
@@ -593,10 +632,18 @@ class Pix2Cap(nn.Module):
     def prepare_targets(self, batched_inputs: list[dict], image_list: ImageList) -> list[dict]:
         """Criterion targets, one dict per image.
 
+        Everything is prepared on the host, where the loader's targets are, and copied to the
+        device without waiting for it (non-blocking copies); what the losses need to know on
+        the host is computed here too, so that they never read the device.
+
         Returns:
             ``{"labels": Long[M], "masks": Bool[M, H_pad, W_pad], "caption_tokens":
-            Long[M, T]}`` with crowd segments dropped; masks zero-padded like the images;
-            ``T <= max_caption_length`` is the longest caption of the batch.
+            Long[M, T], "captioned": Bool[M] (host)}`` with crowd segments dropped; masks
+            zero-padded like the images; ``T <= max_caption_length`` is the longest caption of
+            the batch; ``captioned``: the segment has a caption to learn (more than [CLS]
+            [SEP]). With a scene memory built from the target masks, or a grounded caption
+            head, also ``"scene_boxes"`` [M, 6]: each mask's box as the scene memory measures
+            it (``scene_memory.mask_boxes(mask, grid window, largest_part=True)``).
         """
         height, width = image_list.tensor.shape[-2:]
         labels, masks, captions = [], [], []
@@ -608,10 +655,8 @@ class Pix2Cap(nn.Module):
                     "e.g. panoptic_lsj)"
                 )
             instances = x["instances"]
-            keep = torch.ones(len(instances), dtype=torch.bool)
-            if instances.has("gt_iscrowd"):
-                keep = ~instances.gt_iscrowd.cpu().bool()
-            gt_masks = instances.gt_masks[keep.to(instances.gt_masks.device)]
+            rows = self._kept_rows(instances)
+            gt_masks = instances.gt_masks[rows.to(instances.gt_masks.device)]
             h, w = image_list.image_sizes[index]
             if tuple(gt_masks.shape[-2:]) != (h, w):
                 raise ValueError(
@@ -619,28 +664,66 @@ class Pix2Cap(nn.Module):
                     f"{tuple(gt_masks.shape[-2:])} but the image is {(h, w)}"
                 )
             padded = torch.zeros(
-                (gt_masks.shape[0], height, width), dtype=torch.bool, device=self.device
+                (gt_masks.shape[0], height, width), dtype=torch.bool, device=gt_masks.device
             )
-            padded[:, :h, :w] = gt_masks.to(self.device).bool()
-            labels.append(instances.gt_classes[keep.to(instances.gt_classes.device)])
+            padded[:, :h, :w] = gt_masks.bool()
+            labels.append(instances.gt_classes[rows.to(instances.gt_classes.device)])
             masks.append(padded)
             if instances.has("gt_captions"):
-                captions.append(
-                    [c for c, k in zip(instances.gt_captions, keep.tolist()) if k]
-                )
+                captions.append([instances.gt_captions[i] for i in rows.tolist()])
             else:
-                captions.append([""] * int(keep.sum()))
+                captions.append([""] * len(rows))
         # One tokenizer call for the whole batch.
         flat = [c for per_image in captions for c in per_image]
         tokens = encode_captions(flat, self.max_caption_length, tokenizer=self.tokenizer)
         # Columns that are [PAD] in every row only cost decoder and vocabulary compute.
+        lengths = (tokens != self.tokenizer.pad_token_id).sum(1).tolist()
         if tokens.numel():
-            length = int((tokens != self.tokenizer.pad_token_id).sum(1).max())
-            tokens = tokens[:, : max(length, 2)]
-        tokens = tokens.to(self.device).split([len(c) for c in captions])
+            tokens = tokens[:, : max(max(lengths), 2)]
+        # [CLS] [SEP] alone (an empty description) is no caption to learn.
+        captioned = torch.tensor([n > 2 for n in lengths], dtype=torch.bool)
+        sizes = [len(c) for c in captions]
+        boxes = self._target_boxes(masks, image_list, batched_inputs)
+        tokens = tokens.to(self.device, non_blocking=True).split(sizes)
+        targets = []
+        for b, (lab, m, tok, cap) in enumerate(zip(labels, masks, tokens, captioned.split(sizes))):
+            target = {
+                "labels": lab.to(self.device, non_blocking=True).long(),
+                "masks": m.to(self.device, non_blocking=True),
+                "caption_tokens": tok,
+                "captioned": cap,
+            }
+            if boxes is not None:
+                target["scene_boxes"] = boxes[b]
+            targets.append(target)
+        return targets
+
+    @staticmethod
+    def _kept_rows(instances) -> torch.Tensor:
+        """Long[n] the rows of ``instances`` that are targets (crowd segments dropped), read
+        on the host."""
+        if instances.has("gt_iscrowd"):
+            crowd = instances.gt_iscrowd.tolist()
+            return torch.tensor([i for i, c in enumerate(crowd) if not c], dtype=torch.long)
+        return torch.arange(len(instances))
+
+    def _target_boxes(
+        self, masks: list[torch.Tensor], image_list: ImageList, batched_inputs: list[dict]
+    ) -> Optional[list[torch.Tensor]]:
+        """Per image the scene boxes of its padded target ``masks`` (where the loader put
+        them, the host: connected components are a host computation), on the device; None
+        when no loss reads them."""
+        scene_targets = self._scene_memory and (
+            getattr(self.criterion, "caption_scene_masks", "target") == "target"
+        )
+        if not (scene_targets or self.grounded_head is not None):
+            return None
+        windows = self.grid_windows(image_list, self.image_frames(batched_inputs))
         return [
-            {"labels": lab.to(self.device).long(), "masks": m, "caption_tokens": tok}
-            for lab, m, tok in zip(labels, masks, tokens)
+            mask_boxes(m.float(), window.to(m.device), largest_part=True).to(
+                self.device, non_blocking=True
+            )
+            for m, window in zip(masks, windows)
         ]
 
     # -----------------------------------------------------------------------------------------
@@ -779,17 +862,20 @@ class Pix2Cap(nn.Module):
         image_list: ImageList,
         outputs: dict,
         targets: list[dict],
+        indices: Sequence[tuple[torch.Tensor, torch.Tensor]],
     ) -> dict[str, torch.Tensor]:
         """Weighted ``loss_grounded_*`` of a training batch.
 
         The memory's slots are the image's ground-truth segments in the order its caption
-        describes them (:meth:`_caption_slot_order`), each read through the query Hungarian-matched to it (the final
-        decoder layer's matching) and its ground-truth mask, as the dense caption head's scene
+        describes them (:meth:`_caption_slot_order`), each read through the query
+        Hungarian-matched to it (``indices``: the criterion's matching of the final decoder
+        layer, host tensors) and its ground-truth mask, as the dense caption head's scene
         memory is in training.
         """
-        tokens, slot_rows, seg_slots, seg_masks, seg_valid = self.prepare_grounded_targets(
+        host_tokens, slot_rows, seg_slots, seg_masks, seg_valid = self._grounded_targets(
             batched_inputs, image_list
         )
+        tokens = host_tokens.to(self.device, non_blocking=True)
         # Each target row's caption: its segment's ground-truth description.
         row_captions = []
         for x in batched_inputs:
@@ -799,22 +885,37 @@ class Pix2Cap(nn.Module):
             if instances.has("gt_iscrowd"):
                 texts = [t for t, crowd in zip(texts, instances.gt_iscrowd.tolist()) if not crowd]
             row_captions.append(texts)
-        final = {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"]}
-        indices = self.criterion.matcher(final, targets)
         queries, slot_masks, captions = [], [], []
+        slot_boxes: Optional[list[torch.Tensor]] = []
         for b, (src, tgt) in enumerate(indices):
+            # The matching is on the host: the slots are chosen there.
             query_of_row = dict(zip(tgt.tolist(), src.tolist()))
-            rows = slot_rows[b]
-            matched = torch.tensor([r in query_of_row for r in rows.tolist()], dtype=torch.bool)
+            order = slot_rows[b].tolist()
             # A segment left without a query (more segments than queries) has no slot.
-            rows = rows[matched]
-            seg_slots[b] = seg_slots[b][:, matched]
-            queries.append(torch.tensor([query_of_row[r] for r in rows.tolist()], dtype=torch.long))
-            slot_masks.append(targets[b]["masks"][rows.to(self.device)].float())
-            captions.append([row_captions[b][r] for r in rows.tolist()])
-        memory, valid, copy_ids = self._slot_memory(outputs, queries, slot_masks, captions)
+            columns = [k for k, r in enumerate(order) if r in query_of_row]
+            kept = [order[k] for k in columns]
+            seg_slots[b] = seg_slots[b][:, torch.tensor(columns, dtype=torch.long)]
+            queries.append(torch.tensor([query_of_row[r] for r in kept], dtype=torch.long))
+            rows = torch.tensor(kept, dtype=torch.long).to(self.device, non_blocking=True)
+            slot_masks.append(targets[b]["masks"][rows].float())
+            if slot_boxes is not None and "scene_boxes" in targets[b]:
+                slot_boxes.append(targets[b]["scene_boxes"][rows])
+            else:
+                slot_boxes = None
+            captions.append([row_captions[b][r] for r in kept])
+        memory, valid, copy_ids = self._slot_memory(
+            outputs, queries, slot_masks, captions, slot_boxes=slot_boxes
+        )
         losses = self.grounded_head.losses(
-            memory, valid, tokens, slot_masks, seg_slots, seg_masks, seg_valid, copy_ids=copy_ids
+            memory,
+            valid,
+            tokens,
+            slot_masks,
+            seg_slots,
+            seg_masks,
+            seg_valid,
+            copy_ids=copy_ids,
+            host_tokens=host_tokens,
         )
         return {k: v * self.grounded_loss_weights.get(k, 1.0) for k, v in losses.items()}
 
@@ -824,20 +925,25 @@ class Pix2Cap(nn.Module):
         queries: list[torch.Tensor],
         slot_masks: list[torch.Tensor],
         captions: list[list[str]],
+        slot_boxes: Optional[list[torch.Tensor]] = None,
     ):
         """The grounded head's memory (``image_memory``'s memory, valid, copy ids): per image
         the slots' queries Long[n_b] (into the final decoder outputs), their masks [n_b, H_pad,
-        W_pad] and their captions (read by a head with ``copy_captions``)."""
+        W_pad] and their captions (read by a head with ``copy_captions``); ``slot_boxes``:
+        their boxes when known (training: the targets' ``scene_boxes``)."""
         device = outputs["query_features"].device
-        queries = [q.to(device) for q in queries]
+        queries = [q.to(device, non_blocking=True) for q in queries]
         slot_captions = None
         if getattr(self.grounded_head, "copy_captions", False):
             flat = [c for per_image in captions for c in per_image]
             tokens = encode_captions(flat, self.max_caption_length, tokenizer=self.tokenizer)
             if tokens.numel():
-                length = int((tokens != self.tokenizer.pad_token_id).sum(1).max())
+                length = max((tokens != self.tokenizer.pad_token_id).sum(1).tolist())
                 tokens = tokens[:, : max(length, 2)]
-            slot_captions = list(tokens.to(device).split([len(c) for c in captions]))
+            slot_captions = list(
+                tokens.to(device, non_blocking=True).split([len(c) for c in captions])
+            )
+        extra = {} if slot_boxes is None else {"slot_boxes": slot_boxes}
         return self.grounded_head.image_memory(
             [outputs["query_features"][b, q] for b, q in enumerate(queries)],
             [outputs["pred_logits"][b, q] for b, q in enumerate(queries)],
@@ -846,6 +952,7 @@ class Pix2Cap(nn.Module):
             outputs["global_features"],
             outputs.get("grid_window"),
             slot_captions=slot_captions,
+            **extra,
         )
 
     def prepare_grounded_targets(self, batched_inputs: list[dict], image_list: ImageList):
@@ -862,8 +969,15 @@ class Pix2Cap(nn.Module):
             non-crowd segments (rows of :meth:`prepare_targets`' targets) in the order the
             caption describes them (:meth:`_caption_slot_order`); Bool[S_b, n_b] the segments each
             SEG names; Bool[S_b, H_pad, W_pad] their union; Bool[S_b] (False: every segment of
-            the phrase was cropped away, so no selection or mask loss).
+            the phrase was cropped away, so no selection or mask loss). The tokens and SEG
+            masks are on the model's device, the rest on the host.
         """
+        tokens, *rest = self._grounded_targets(batched_inputs, image_list)
+        return (tokens.to(self.device, non_blocking=True), *rest)
+
+    def _grounded_targets(self, batched_inputs: list[dict], image_list: ImageList):
+        """:meth:`prepare_grounded_targets` with the tokens left on the host, where they are
+        built (the losses plan the SEGs from them)."""
         codec = self.grounded_codec
         height, width = image_list.tensor.shape[-2:]
         markups, has_caption = [], []
@@ -876,16 +990,17 @@ class Pix2Cap(nn.Module):
                     f"the loader's parsed dict, got {type(grounded).__name__}"
                 )
             instances = x["instances"]
-            keep = torch.ones(len(instances), dtype=torch.bool)
-            if instances.has("gt_iscrowd"):
-                keep = ~instances.gt_iscrowd.cpu().bool()
+            kept_rows = self._kept_rows(instances)
+            keep = [False] * len(instances)
+            for r in kept_rows.tolist():
+                keep[r] = True
             ids = instances.gt_segment_ids.tolist() if instances.has("gt_segment_ids") else []
             # Target row (crowd segments dropped, as in prepare_targets) of each segment id.
             row_of = {}
-            for i, k in zip(ids, keep.tolist()):
+            for i, k in zip(ids, keep):
                 if k:
                     row_of[int(i)] = len(row_of)
-            classes = instances.gt_classes[keep].tolist()
+            classes = instances.gt_classes[kept_rows.to(instances.gt_classes.device)].tolist()
 
             def seg_token(segment_ids: list[int]) -> str:
                 present = [classes[row_of[i]] for i in segment_ids if i in row_of]
@@ -903,26 +1018,33 @@ class Pix2Cap(nn.Module):
             has_caption.append(bool(markup))
             order = self._caption_slot_order(markup, segs, row_of, classes)
             slot_of_row = {r: k for k, r in enumerate(order)}
+            named = [
+                sorted({slot_of_row[row_of[i]] for i in segment_ids if i in row_of})
+                for segment_ids in segs
+            ]
             slots = torch.zeros((len(segs), len(order)), dtype=torch.bool)
-            for s_index, segment_ids in enumerate(segs):
-                for i in segment_ids:
-                    if i in row_of:
-                        slots[s_index, slot_of_row[row_of[i]]] = True
-            gt_masks = instances.gt_masks[keep.to(instances.gt_masks.device)]
+            for s_index, columns in enumerate(named):
+                slots[s_index, columns] = True
+            gt_masks = instances.gt_masks[kept_rows.to(instances.gt_masks.device)]
             h, w = image_list.image_sizes[index]
-            masks = torch.zeros((len(segs), height, width), dtype=torch.bool, device=self.device)
-            for s_index in range(len(segs)):
-                rows = [order[k] for k in slots[s_index].nonzero().flatten().tolist()]
-                if rows:
-                    masks[s_index, :h, :w] = gt_masks[rows].to(self.device).bool().any(dim=0)
+            # Built where the loader's masks are (the host), then copied without waiting.
+            masks = torch.zeros(
+                (len(segs), height, width), dtype=torch.bool, device=gt_masks.device
+            )
+            for s_index, columns in enumerate(named):
+                if columns:
+                    rows = [order[k] for k in columns]
+                    masks[s_index, :h, :w] = gt_masks[rows].bool().any(dim=0)
             slot_rows.append(torch.tensor(order, dtype=torch.long))
             seg_slots.append(slots)
-            seg_masks.append(masks)
+            seg_masks.append(masks.to(self.device, non_blocking=True))
             seg_valid.append(slots.any(dim=1))
         tokens = codec.encode(markups, self.grounded_max_length)
-        tokens[~torch.tensor(has_caption, dtype=torch.bool)] = self.tokenizer.pad_token_id
-        length = int((tokens != self.tokenizer.pad_token_id).sum(1).max()) if len(tokens) else 0
-        tokens = tokens[:, : max(length, 2)].to(self.device)
+        for row, has in enumerate(has_caption):
+            if not has:
+                tokens[row] = self.tokenizer.pad_token_id
+        lengths = (tokens != self.tokenizer.pad_token_id).sum(1).tolist()
+        tokens = tokens[:, : max(max(lengths, default=0), 2)]
         return tokens, slot_rows, seg_slots, seg_masks, seg_valid
 
     def _caption_slot_order(
