@@ -218,7 +218,7 @@ def _index_map(ids: np.ndarray, keys: np.ndarray) -> np.ndarray:
             lut = np.full(256, num_keys, dtype=np.uint8)
             present = keys <= max_id
             lut[keys[present]] = np.nonzero(present)[0]
-            return cv2.LUT(ids.astype(np.uint8), lut)
+            return cv2.LUT(ids.astype(np.uint8, copy=False), lut)
         lut = np.full(max_id + 1, num_keys, dtype=dtype)
         present = keys <= max_id
         lut[keys[present]] = np.nonzero(present)[0]
@@ -595,11 +595,20 @@ class COCOPanopticEvaluator(DatasetEvaluator):
                     )
             segments.append(dict(info))
         if isinstance(ids, torch.Tensor):
-            ids = ids.detach()
             # A device tensor's copy to the host is already a new array.
-            ids = ids.cpu().numpy() if ids.device.type != "cpu" else ids.numpy().copy()
+            copied = ids.device.type != "cpu"
+            ids = ids.detach().cpu().numpy()
         else:
-            ids = np.array(ids, copy=True)
+            ids = np.asarray(ids)
+            copied = False
+        if ids.size and ids.dtype.kind in "iu" and ids.itemsize > 1:
+            # A model's ids are 1..N: an 8-bit copy is a fraction of the bytes, and the
+            # counting's 8-bit lookup reads it as it is. (numpy, not torch: torch's
+            # reductions would start its thread pool against the decoding threads.)
+            if int(ids.min()) >= 0 and int(ids.max()) < 256:
+                return ids.astype(np.uint8), segments
+        if not copied:
+            ids = ids.copy()
         return ids, segments
 
     def _evaluate_one(

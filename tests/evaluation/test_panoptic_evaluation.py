@@ -446,6 +446,44 @@ def test_gt_as_prediction_gives_pq_100(shapes_val):
     assert per_class and all(k[3:] in names for k in per_class)
 
 
+def _renumbered(output, first_id, as_numpy=False, dtype=torch.int64):
+    """The prediction with its segments numbered first_id, first_id + 1, ... (VOID stays 0)."""
+    ids, segments = output["panoptic_seg"]
+    new_ids = torch.zeros_like(ids, dtype=dtype)
+    renumbered = []
+    for k, s in enumerate(segments):
+        new_ids[ids == s["id"]] = first_id + k
+        renumbered.append(dict(s, id=first_id + k))
+    return {"panoptic_seg": (new_ids.numpy() if as_numpy else new_ids, renumbered)}
+
+
+def test_any_id_range_and_type_give_the_same_counts(shapes_val):
+    # Ids 1..N of a tensor are counted from an 8-bit copy; other ranges and types are not.
+    _, records = shapes_val
+    rng = np.random.default_rng(3)
+    outputs = [_corrupt(_gt_as_prediction(r, caption=False), rng) for r in records]
+    variants = {
+        "colour ids, int32 tensor": outputs,
+        "1..N, int64 tensor": [_renumbered(o, 1) for o in outputs],
+        "1..N, int16 tensor": [_renumbered(o, 1, dtype=torch.int16) for o in outputs],
+        "1..N, int64 ndarray": [_renumbered(o, 1, as_numpy=True) for o in outputs],
+        "300.., int64 tensor": [_renumbered(o, 300) for o in outputs],
+    }
+    stats = {}
+    for name, preds in variants.items():
+        evaluator = COCOPanopticEvaluator(dataset_name="shapes_val", num_workers=0)
+        evaluator.reset()
+        evaluator.process(records, preds)
+        stats[name] = {
+            c: (round(v.iou, 9), v.tp, v.fp, v.fn) for c, v in evaluator.pq_stat.pq_per_cat.items()
+        }
+    reference = stats.pop("colour ids, int32 tensor")
+    assert sum(tp for _, tp, _, _ in reference.values()) > 0
+    assert sum(fp + fn for _, _, fp, fn in reference.values()) > 0  # the corruption counts
+    for name, stat in stats.items():
+        assert stat == reference, name
+
+
 def test_corrupted_prediction_export_and_panopticapi(shapes_val, tmp_path, monkeypatch):
     root, records = shapes_val
     rng = np.random.default_rng(0)
