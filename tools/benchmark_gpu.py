@@ -208,6 +208,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--skip-iters", type=int, default=None,
                         help="iterations left out of s/iter (default 20; --tiny 1)")
     parser.add_argument("--step-timeout", type=float, default=240.0, help="seconds per step")
+    parser.add_argument("--total-timeout", type=float, default=540.0,
+                        help="seconds for everything (to fit a 10-minute job limit): a step gets "
+                        "what is left, and one with under 10 s left is skipped")
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only these steps: inference train_step_shapes train_shapes "
                         "train_step_paper")
@@ -219,12 +222,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         args.skip_iters = 1 if args.tiny else 20
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.total_timeout
     # Kept when already generated with the same parameters.
     run_step("prepare_shapes", [sys.executable, "datasets/prepare_shapes.py"], output, 300)
 
     results = {}
     for name, step_argv, timeout in plan(args):
-        results[name] = run_step(name, step_argv, output, timeout)
+        left = deadline - time.monotonic()
+        if left < 10:
+            print(f"[{name}] skipped: {left:.0f} s left of --total-timeout", flush=True)
+            results[name] = {"returncode": None, "seconds": 0.0, "skipped": True}
+            continue
+        results[name] = run_step(name, step_argv, output, min(timeout, left))
     if "train_shapes" in results:
         per_iter = seconds_per_iter(output / "train_shapes" / "metrics.json", args.skip_iters)
         results["train_shapes"].update(per_iter or {})

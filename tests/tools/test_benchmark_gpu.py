@@ -74,3 +74,29 @@ def test_plan_runs_every_benchmark_on_the_device(tool):
     args.only, args.device = ["train_shapes"], "cpu"
     (only,) = tool.plan(args)
     assert only[1][only[1].index("SOLVER.AMP.ENABLED") + 1] == "False"
+
+
+def test_main_gives_each_step_what_is_left_of_the_total(tmp_path, tool, monkeypatch):
+    calls = []
+
+    def fake_run_step(name, argv, output, timeout):
+        calls.append((name, timeout))
+        return {"returncode": 0, "seconds": 0.0, "log": str(output / f"{name}.log")}
+
+    monkeypatch.setattr(tool, "run_step", fake_run_step)
+    out = tmp_path / "gpu"
+    summary = tool.main(["--device", "cpu", "--tiny", "--output", str(out),
+                         "--step-timeout", "50", "--total-timeout", "1000"])
+    assert [name for name, _ in calls] == [
+        "prepare_shapes", "inference", "train_step_shapes", "train_shapes", "train_step_paper"
+    ]
+    assert all(timeout == 50 for _, timeout in calls[1:])
+    assert (out / "summary.md").read_text().count("not measured") >= 7  # the fake wrote nothing
+    assert set(summary["steps"]) == {"inference", "train_step_shapes", "train_shapes",
+                                     "train_step_paper"}
+
+    calls.clear()
+    summary = tool.main(["--device", "cpu", "--output", str(out), "--total-timeout", "5"])
+    assert [name for name, _ in calls] == ["prepare_shapes"]
+    assert all(step["skipped"] and step["returncode"] is None
+               for step in summary["steps"].values())
