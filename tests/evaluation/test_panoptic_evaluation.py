@@ -477,6 +477,16 @@ def test_any_id_range_and_type_give_the_same_counts(shapes_val):
         stats[name] = {
             c: (round(v.iou, 9), v.tp, v.fp, v.fn) for c, v in evaluator.pq_stat.pq_per_cat.items()
         }
+    # What the queue keeps: 8 bits where the ids fit them, a copy of the caller's ids otherwise.
+    evaluator = COCOPanopticEvaluator(dataset_name="shapes_val", num_workers=0)
+    expected = {"1..N, int64 tensor": np.uint8, "1..N, int16 tensor": np.uint8,
+                "1..N, int64 ndarray": np.uint8, "300.., int64 tensor": np.int64}
+    for name, dtype in expected.items():
+        given = variants[name][0]["panoptic_seg"][0]
+        kept, _ = evaluator._read_prediction(variants[name][0], 0)
+        assert kept.dtype == dtype, name
+        np.testing.assert_array_equal(kept, np.asarray(given))
+        assert not np.shares_memory(kept, np.asarray(given)), name
     reference = stats.pop("colour ids, int32 tensor")
     assert sum(tp for _, tp, _, _ in reference.values()) > 0
     assert sum(fp + fn for _, _, fp, fn in reference.values()) > 0  # the corruption counts

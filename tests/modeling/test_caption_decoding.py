@@ -19,28 +19,14 @@ from pix2cap.modeling.caption_head import text_decoder
 from pix2cap.modeling.caption_head.kv_cache import StaticKVCache
 
 from ._decoding_reference import reference_generate_from_memory
+from .test_caption_head import tiny_head as caption_head_tiny_head
 
 BOS, EOS, PAD = 1, 2, 0
 
 
 def tiny_head(**overrides):
-    kwargs = dict(
-        query_dim=16,
-        global_dim=12,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=64,
-        dropout=0.0,
-        max_length=16,
-        vocab_size=50,
-        bottleneck_dim=8,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-    )
-    kwargs.update(overrides)
-    return DenseCaptionHead(**kwargs).eval()
+    """``test_caption_head``'s tiny head, 16 tokens long, in eval mode."""
+    return caption_head_tiny_head(**{"max_length": 16, **overrides}).eval()
 
 
 def big_weights(head, seed, eos_bias=3.0):
