@@ -30,8 +30,8 @@ setup(
         "iopath",
         "pycocotools",
         "opencv-python-headless",
-        # PNG decoding of ground-truth panoptic maps in evaluation (libpng over zlib-ng).
-        "imagecodecs",
+        # PNG decoding of ground-truth panoptic maps in evaluation (Wuffs; OpenCV without it).
+        "pywuffs",
         "Pillow",
         "PyYAML",
         "scipy",
