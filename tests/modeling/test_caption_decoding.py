@@ -113,6 +113,43 @@ def test_eager_decoding_is_bitwise_the_reference(kind, seed, num_objects, beams,
         assert torch.equal(scores, ref_scores), (use_cache, suppress)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("beams", [1, 3])
+def test_cpu_decoding_multiplies_a_large_output_layer_through_onednn(monkeypatch, beams):
+    """An output layer of 2^21 weights or more multiplies through oneDNN while a CPU decoding
+    runs (a copy in its layout, dropped afterwards): the same tokens as the default product,
+    cached or recomputed, scores up to rounding. Small layers and training are untouched."""
+    head = big_weights(tiny_head(vocab_size=1 << 16), seed=0)  # 65,536 x 32 = 2^21
+    g = torch.Generator().manual_seed(7)
+    args = dict(
+        query_feats=torch.randn(5, 16, generator=g), global_feats=torch.randn(5, 12, generator=g)
+    )
+    seen = []
+    lm_logits = head.lm_logits
+
+    def spy(hidden):
+        seen.append(head._decoding_output_layer is not None)
+        return lm_logits(hidden)
+
+    monkeypatch.setattr(head, "lm_logits", spy)
+    kwargs = dict(num_beams=beams, return_scores=True)
+    onednn = {c: head.generate(**args, use_cache=c, **kwargs) for c in (True, False)}
+    assert seen and all(seen) and head._decoding_output_layer is None
+    seen.clear()
+    monkeypatch.setattr(text_decoder, "_ONEDNN_MIN_OUTPUT_WEIGHTS", (1 << 21) + 1)
+    blas = head.generate(**args, **kwargs)
+    assert seen and not any(seen)
+    for tokens, scores in onednn.values():
+        assert torch.equal(tokens, blas[0])
+        torch.testing.assert_close(scores, blas[1], rtol=0, atol=1e-5)
+
+    # Outside decoding (a training forward), the output layer is the plain product.
+    seen.clear()
+    head.train()
+    logits = head(args["query_feats"], args["global_feats"], blas[0][:, :4])
+    assert logits.shape == (5, 4, 1 << 16) and logits.requires_grad and seen == [False]
+
+
 @pytest.mark.parametrize("kind,seed,num_objects,beams,max_length", CASES)
 def test_fixed_shape_step_gives_the_reference_tokens(kind, seed, num_objects, beams, max_length):
     """The step a CUDA graph captures (attention over the whole preallocated cache under a

@@ -21,7 +21,9 @@ each step adds the key/value of one new token (a KV cache), instead of re-runnin
 sequence at every step. The cache is static (:mod:`.kv_cache`): preallocated to the longest
 caption and written in place, so that on a GPU a step has fixed shapes, reads nothing on the
 host and is captured once as a CUDA graph, then replayed per token. On a CPU the same step
-runs eagerly, attending over the tokens written so far.
+runs eagerly, attending over the tokens written so far; there a step is bound by reading the
+weights, and a large output layer (BERT's 30,522 words) multiplies through oneDNN, which
+reads it about twice as fast as the default BLAS does for a few rows.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -365,6 +368,8 @@ class DenseCaptionHead(nn.Module):
             nn.LayerNorm(hidden_size, eps=layer_norm_eps),
         )
         self.lm_bias = nn.Parameter(torch.zeros(vocab_size))
+        # (weight, bias) of the output layer in oneDNN's layout while a CPU decoding runs.
+        self._decoding_output_layer: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.apply(self._init_weights)
 
     @classmethod
@@ -526,9 +531,38 @@ class DenseCaptionHead(nn.Module):
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., C] decoder states -> [..., V] next-token logits."""
-        return F.linear(
-            self.lm_transform(hidden), self.embeddings.word_embeddings.weight, self.lm_bias
+        states = self.lm_transform(hidden)
+        prepared = self._decoding_output_layer
+        if prepared is not None and states.dtype == torch.float32 and not states.requires_grad:
+            flat = states.reshape(-1, states.shape[-1]).to_mkldnn()
+            logits = F.linear(flat, *prepared).to_dense()
+            return logits.view(*states.shape[:-1], logits.shape[-1])
+        return F.linear(states, self.embeddings.word_embeddings.weight, self.lm_bias)
+
+    @contextmanager
+    def _onednn_output_layer(self, device: torch.device):
+        """Inside, :meth:`lm_logits` multiplies through oneDNN (a copy of the output layer in
+        its layout, made here, dropped at the end) when decoding on the CPU with a large fp32
+        output layer: for the few rows of a decoding step it reads that weight about twice as
+        fast as the default BLAS (30,522 x 768: 8 against 17 ms for 16 rows, 2 threads), with
+        results that differ by a few ulps. Elsewhere nothing changes."""
+        weight = self.embeddings.word_embeddings.weight
+        if (
+            device.type != "cpu"
+            or weight.dtype != torch.float32
+            or weight.numel() < _ONEDNN_MIN_OUTPUT_WEIGHTS
+            or not torch.backends.mkldnn.is_available()
+        ):
+            yield
+            return
+        self._decoding_output_layer = (
+            weight.detach().to_mkldnn(),
+            self.lm_bias.detach().to_mkldnn(),
         )
+        try:
+            yield
+        finally:
+            self._decoding_output_layer = None
 
     def _decode_text(
         self,
@@ -769,10 +803,11 @@ class DenseCaptionHead(nn.Module):
             state = self._decode_state(
                 memory, memory_valid, max_length, beams, use_cache, num_objects, fixed_shapes
             )
-            for step in range(steps):
-                self._decode_step(state, None if fixed_shapes else step, suppress_repeat)
-                if (step + 1) % stop_check_interval == 0 and bool(state.finished.all()):
-                    break
+            with self._onednn_output_layer(memory.device):
+                for step in range(steps):
+                    self._decode_step(state, None if fixed_shapes else step, suppress_repeat)
+                    if (step + 1) % stop_check_interval == 0 and bool(state.finished.all()):
+                        break
 
         rows = num_objects * beams
         tokens, scores = state.tokens[:rows], state.scores[:rows]
@@ -1006,6 +1041,10 @@ class DenseCaptionHead(nn.Module):
             if step % stop_check_interval == 0 and bool(state.finished.all()):
                 break
 
+
+# Output layers of at least this many weights (8 MB in fp32) multiply through oneDNN while
+# decoding on the CPU; below, the default BLAS is as fast or faster (2,000 x 256: even).
+_ONEDNN_MIN_OUTPUT_WEIGHTS = 1 << 21
 
 _WARMUP_STEPS = 2  # eager steps before a step is captured (lazy initialisations run in them)
 
