@@ -644,11 +644,15 @@ def bench_caption_share(model, cfg, batch: list[dict], device, warmup: int, step
         "timed_steps": steps,
         "step0_loss": first,
     }
+    # What the captions add, as a fraction of the step without them.
+    result["captions_added"] = (full - none) / none
     if has_grounded:
         no_grounded = ms["without_grounded_caption"]
         result["without_grounded_caption_ms"] = no_grounded
         result["grounded_caption_share"] = (full - no_grounded) / full
         result["dense_caption_share"] = (no_grounded - none) / full
+        result["dense_caption_added"] = (no_grounded - none) / none
+        result["grounded_caption_added"] = (full - no_grounded) / none
     result["what"] = (
         "full: model(batch) in training mode (backbone, pixel decoder, transformer decoder, all "
         "losses) + backward + AdamW over every trainable parameter; without_captions: the same "
@@ -771,6 +775,14 @@ def summary(results: dict) -> str:
             f"   (grounded caption head {100 * cap['grounded_caption_share']:.1f} %, dense "
             f"caption loss {100 * cap['dense_caption_share']:.1f} %)"
         )
+    if "captions_added" in cap:
+        added = f"   added to the step without captions: {100 * cap['captions_added']:.1f} %"
+        if "dense_caption_added" in cap:
+            added += (
+                f" (dense caption loss {100 * cap['dense_caption_added']:.1f} %, grounded "
+                f"caption head {100 * cap['grounded_caption_added']:.1f} %)"
+            )
+        lines.append(added)
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .caption_head.scene_memory import SceneContext
+from .caption_head.scene_memory import SceneContext, mask_pool
 from .mask_losses import dice_loss, point_mask_losses, sigmoid_ce_loss
 
 __all__ = [
@@ -68,6 +68,9 @@ class BatchTargets:
         self._masks: Optional[torch.Tensor] = None
         self._tokens: Optional[torch.Tensor] = None
         self._captioned: Optional[List[Optional[List[bool]]]] = None
+        self._pixel_key: Optional[tuple] = None
+        self._pixel_maps: List[Tuple[torch.Tensor, ...]] = []
+        self._pooled: Dict[int, List[torch.Tensor]] = {}
 
     def __getitem__(self, index):
         return self.targets[index]
@@ -122,6 +125,32 @@ class BatchTargets:
                 rows.append(F.pad(tokens, (0, width - tokens.shape[1]), value=self.pad_token_id))
             self._tokens = torch.cat(rows)
         return self._tokens
+
+    def image_pixel_maps(
+        self, pixel_features: Sequence[torch.Tensor]
+    ) -> List[Tuple[torch.Tensor, ...]]:
+        """``pixel_features`` (``[B, C_l, h_l, w_l]`` per level, the same tensors for every
+        layer of one forward) split into images once: per level, B maps ``[C_l, h_l, w_l]``.
+        The backward then adds the images' gradients into one buffer per level, instead of a
+        zero-filled full-batch buffer per image and captioned layer."""
+        key = tuple(id(level) for level in pixel_features)
+        if self._pixel_key != key:
+            self._pixel_key = key
+            self._pixel_maps = [level.unbind(0) for level in pixel_features]
+            self._pooled = {}
+        return self._pixel_maps
+
+    def pooled_pixel_features(
+        self, index: int, pixel_features: Sequence[torch.Tensor]
+    ) -> List[torch.Tensor]:
+        """Image ``index``'s target masks' mean pixel features, ``[M, C_l]`` per level of
+        ``pixel_features`` (``mask_pool`` of its masks): pooled once per forward, not once per
+        captioned layer."""
+        maps = self.image_pixel_maps(pixel_features)
+        if index not in self._pooled:
+            masks = self.targets[index]["masks"].to(self.device, non_blocking=True).float()
+            self._pooled[index] = [mask_pool(masks, level[index]) for level in maps]
+        return self._pooled[index]
 
     def captioned(self) -> List[Optional[List[bool]]]:
         """Per image (None without ``caption_tokens``), on the host: whether each target has a
@@ -250,6 +279,7 @@ class SetCriterion(nn.Module):
         self.caption_scene_fn = caption_scene_fn
         self.caption_scene_masks = caption_scene_masks
         self._scene_takes_boxes = _accepts(caption_scene_fn, "boxes")
+        self._scene_takes_pooled = _accepts(caption_scene_fn, "pooled")
         # Every row the caption loss gets has a caption, known on the host: a loss that can be
         # told so need not read its tokens back from the device.
         self._caption_loss_extra = (
@@ -353,7 +383,7 @@ class SetCriterion(nn.Module):
             scenes.append(
                 self._scene(
                     outputs,
-                    batch[b],
+                    batch,
                     b,
                     flat_src[lo:hi],
                     tgt_local[lo:hi],
@@ -365,26 +395,31 @@ class SetCriterion(nn.Module):
         return {"loss_caption": loss}
 
     def _scene(
-        self, outputs, target, b: int, src: torch.Tensor, tgt: torch.Tensor, captioned
+        self, outputs, batch: BatchTargets, b: int, src: torch.Tensor, tgt: torch.Tensor,
+        captioned,
     ) -> SceneContext:
         """Scene facts of image ``b``'s matched queries ``src`` (segments ``tgt``; both on the
         device) at positions ``captioned``."""
         if "pixel_features" not in outputs:
             raise KeyError("a scene-memory caption loss needs outputs['pixel_features']")
+        target = batch[b]
         extra = {}
         if self.caption_scene_masks == "target":
-            mask_probs = target["masks"][tgt].float()  # [n, H, W], the padded image grid
+            mask_probs = target["masks"][tgt]  # [n, H, W], the padded image grid
             if "scene_boxes" in target and self._scene_takes_boxes:
                 # Boxes measured on the host from the ground truth (Pix2Cap.prepare_targets):
                 # the scene needs no connected components of device masks.
                 extra["boxes"] = target["scene_boxes"][tgt]
+            if self._scene_takes_pooled:
+                pooled = batch.pooled_pixel_features(b, outputs["pixel_features"])
+                extra["pooled"] = [level[tgt] for level in pooled]
         else:
             mask_probs = outputs["pred_masks"][b, src].detach().float().sigmoid()
         window = outputs["grid_window"][b] if "grid_window" in outputs else None
         return self.caption_scene_fn(
             outputs["query_features"][b, src],
             mask_probs,
-            [level[b] for level in outputs["pixel_features"]],
+            [level[b] for level in batch.image_pixel_maps(outputs["pixel_features"])],
             captioned,
             window=window,
             **extra,

@@ -289,3 +289,56 @@ def test_build_from_config_vocab_file(tmp_path):
     # An explicit tokenizer wins over VOCAB_FILE.
     head = DenseCaptionHead(_head_cfg(str(vocab)), tokenizer=build_caption_tokenizer())
     assert head.vocab_size == 30522 and head.bos_token_id == 101
+
+
+def test_caption_dropout_is_an_unbiased_dropout():
+    from pix2cap.modeling.caption_head.text_decoder import CaptionDropout
+
+    drop = CaptionDropout(0.1).train()
+    x = torch.randn(1000, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    # p is rounded to 6554 / 65536; kept elements are scaled by the inverse keep probability.
+    p = 6554 / 65536
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / 1e6) ** 0.5
+    torch.testing.assert_close(y[kept], x.detach()[kept] / (1 - p))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / (1 - p))
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # the torch generator draws the mask
+    # Its 16-bit parts are independent draws: rows of a small tensor differ.
+    small = drop(torch.ones(64, 4))
+    assert len({tuple(row.tolist()) for row in small != 0}) > 1
+    assert drop.eval()(x) is x
+    assert CaptionDropout(0.0).train()(x) is x
+    assert torch.equal(CaptionDropout(1.0).train()(x), torch.zeros_like(x))
+
+
+def test_cpu_attention_with_dropout_is_sdpa_in_expectation():
+    from pix2cap.modeling.caption_head.text_decoder import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g) for _ in range(3))
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    mask[1, 0, :, 0] = False  # image 1: key 0 is padding
+    mask[1, 0, 0, 1] = True  # (its first query then sees key 1)
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(attention(q, k, v, mask, 0.0), exact)
+    torch.manual_seed(0)
+    draws = torch.stack([attention(q, k, v, mask, 0.1) for _ in range(4000)])
+    # Unbiased: every mean within 5 standard errors of the exact attention.
+    standard_error = draws.std(0) / len(draws) ** 0.5
+    assert ((draws.mean(0) - exact).abs() <= 5 * standard_error + 1e-6).all()
+    assert torch.isfinite(draws).all()
+    # Masked keys never reach the output, whatever their values.
+    v2 = v.clone()
+    v2[1, :, 0] = 1e6
+    torch.manual_seed(1)
+    first = attention(q, k, v, mask, 0.1)
+    torch.manual_seed(1)
+    torch.testing.assert_close(attention(q, k, v2, mask, 0.1), first)
+    # Gradients reach q, k and v.
+    q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)
+    attention(q, k, v, mask, 0.1).sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))

@@ -157,6 +157,49 @@ def test_scene_memory_shapes():
     assert head.memory_type_embeddings.weight.shape == (4, 32)
 
 
+@pytest.mark.parametrize("memory", ["query_global", "scene"])
+def test_teacher_forcing_reads_the_memory_as_keys_only_in_the_last_layer(memory):
+    """The training pass skips the memory's states in the last layer (nothing reads them):
+    the same logits and gradients as the full pass, with padded scene memories too."""
+    torch.manual_seed(0)
+    head = scene_head(dropout=0.0) if memory == "scene" else tiny_head(dropout=0.0)
+    g = torch.Generator().manual_seed(3)
+    if memory == "scene":
+        query, global_feats, scene = batch_scene([3, 7, 1], g)
+    else:
+        query, global_feats, scene = torch.randn(5, 16, generator=g), torch.randn(5, 12), None
+    ids = torch.randint(3, 50, (query.shape[0], 6), generator=g)
+
+    def logits_and_grads(full_last_layer):
+        head.zero_grad()
+        mem, valid = head.encode_scene_memory(query, global_feats, scene)
+        if full_last_layer:
+            logits = head.lm_logits(head._decode_text(mem, ids, valid))
+        else:
+            logits = head(query, global_feats, ids, scene=scene)
+        (logits.square().mean()).backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in head.named_parameters()}
+
+    fast, fast_grads = logits_and_grads(False)
+    full, full_grads = logits_and_grads(True)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-7)
+    # The first layer computes every token; the last, only the text rows (its attention
+    # still reads the memory's keys and values).
+    num_memory = head.encode_scene_memory(query, global_feats, scene)[0].shape[1]
+    seen = []
+    hooks = [layer.fc1.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+             for layer in head.layers]
+    try:
+        head(query, global_feats, ids, scene=scene)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    n = query.shape[0]
+    assert seen == [(n, num_memory + 6, 32), (n, 6, 32)]
+
+
 def test_padding_is_never_attended():
     torch.manual_seed(0)
     head = scene_head().eval()
@@ -295,6 +338,54 @@ def test_tiny_pix2cap_with_scene_memory_trains_and_infers():
     for output in outputs:
         segments = output["panoptic_seg"][1]
         assert segments and all(isinstance(s["caption"], str) for s in segments)
+
+
+def test_training_pools_each_target_once_per_forward(monkeypatch):
+    """The targets' pooled pixel features are computed once per forward (each image, each
+    level), not once per captioned layer, and the losses and gradients are those of pooling
+    per layer."""
+    from pix2cap.modeling import criterion as criterion_module
+    from pix2cap.modeling.caption_head import scene_memory
+
+    g = torch.Generator().manual_seed(0)
+    batch = [make_input(64, 64, g), make_input(48, 64, g)]
+    calls = {"criterion": 0, "scene_context": 0}
+
+    def counting(name, pool):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return pool(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(
+        criterion_module, "mask_pool", counting("criterion", criterion_module.mask_pool)
+    )
+    monkeypatch.setattr(
+        scene_memory, "mask_pool", counting("scene_context", scene_memory.mask_pool)
+    )
+    results = {}
+    for shared in (True, False):
+        model = tiny_scene_model()
+        model.criterion._scene_takes_pooled = shared
+        model.train()
+        calls.update(criterion=0, scene_context=0)
+        losses = model(batch)
+        counts = dict(calls)
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[shared] = (counts, losses, grads)
+    (shared_calls, shared_losses, shared_grads), (_, losses, grads) = results[True], results[False]
+    captioned_layers = sum(key.startswith("loss_caption") for key in losses)
+    assert captioned_layers == 3
+    # 2 images x 4 pixel levels, once; the per-layer path pools again in every layer.
+    assert shared_calls == {"criterion": 8, "scene_context": 0}
+    assert results[False][0]["scene_context"] == 2 * captioned_layers * 4
+    assert shared_losses.keys() == losses.keys() and shared_grads.keys() == grads.keys()
+    for key in losses:
+        torch.testing.assert_close(shared_losses[key], losses[key], rtol=1e-5, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(shared_grads[name], grads[name], rtol=1e-4, atol=1e-6)
 
 
 def test_grid_windows_place_padded_grids_in_the_original_image():

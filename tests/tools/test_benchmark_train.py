@@ -40,6 +40,10 @@ def test_train_benchmark_reports_the_ratios(tiny_shapes, tmp_path, capsys):
     cap = results["caption_share_of_training_step"]
     assert {"full_ms", "without_captions_ms", "caption_share", "grounded_caption_share"} <= set(cap)
     assert cap["caption_share"] == pytest.approx(1 - cap["without_captions_ms"] / cap["full_ms"])
+    assert cap["captions_added"] == pytest.approx(cap["full_ms"] / cap["without_captions_ms"] - 1)
+    assert cap["dense_caption_added"] + cap["grounded_caption_added"] == pytest.approx(
+        cap["captions_added"]
+    )
     assert results["batch"]["images"] == 2 and results["batch"]["input_size"] == [64, 64]
     printed = capsys.readouterr().out
     assert "ratio pix2cap / HF" in printed and "captions' share of the step" in printed

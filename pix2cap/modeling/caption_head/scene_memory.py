@@ -255,15 +255,16 @@ def scene_context(
     max_objects: int = 16,
     window: Optional[torch.Tensor] = None,
     boxes: Optional[torch.Tensor] = None,
+    pooled: Optional[Sequence[torch.Tensor]] = None,
 ) -> SceneContext:
     """The scene facts of the objects of one image.
 
     Args:
         query_feats: ``[n, Dq]`` query features of the image's objects (training: the matched
             queries; inference: the queries of the kept segments).
-        mask_probs: ``[n, h, w]`` their masks as probabilities, without gradient (the caption
-            loss must not reshape the masks through pooling): predicted at inference, the
-            matched ground-truth masks in training.
+        mask_probs: ``[n, h, w]`` their masks as probabilities (or 0/1, any dtype), without
+            gradient (the caption loss must not reshape the masks through pooling): predicted
+            at inference, the matched ground-truth masks in training.
         pixel_maps: the image's pixel-decoder levels, ``[C_l, h_l, w_l]`` each.
         captioned: Long[m] positions (into ``n``) of the objects to caption; None: all.
         max_objects: at most this many other objects per object (the first ones in order).
@@ -273,6 +274,9 @@ def scene_context(
             ``mask_boxes(mask_probs, window, largest_part=True)`` gives them (training measures
             the ground truth's on the host, where its connected components are); None:
             measured here.
+        pooled: per pixel level, ``[n, C_l]`` the objects' features pooled under their masks
+            when already known, as ``mask_pool(mask_probs, level)`` gives them (training pools
+            every target of an image once for all its captioned layers); None: pooled here.
 
     Returns:
         a :class:`SceneContext` of the ``m`` captioned objects, ``S = min(n - 1, max_objects)``.
@@ -283,15 +287,19 @@ def scene_context(
     device = query_feats.device
     if captioned is None:
         captioned = torch.arange(n, device=device)
-    probs = mask_probs.detach().float()
+    # The masks are read only for what was not given.
+    probs = mask_probs.detach().float() if boxes is None or pooled is None else None
     # The same rule for ground-truth masks in training and predicted ones at inference.
     if boxes is None:
         boxes = mask_boxes(probs, window, largest_part=True)
     boxes = boxes.to(query_feats.dtype)  # [n, 6]
-    sel_probs = probs[captioned]
-    pixel_feats = [mask_pool(sel_probs, level) for level in pixel_maps]
+    if pooled is None:
+        pooled = [mask_pool(probs, level) for level in pixel_maps]
+    elif len(pooled) != len(pixel_maps):
+        raise ValueError(f"{len(pooled)} pooled levels for {len(pixel_maps)} pixel levels")
+    pixel_feats = [level[captioned] for level in pooled]
     # Every object's look at the finest level, for when it is another object's neighbour.
-    finest = mask_pool(probs, pixel_maps[-1])
+    finest = pooled[-1]
 
     # Other objects of captioned object i: every j != i, the first max_objects of them.
     slots = max(0, min(n - 1, max_objects))

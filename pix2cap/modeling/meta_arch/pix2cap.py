@@ -82,16 +82,19 @@ def training_scene_fn(caption_head: nn.Module):
     """The criterion's ``caption_scene_fn`` for a scene-memory caption head: its
     ``scene_context``, taking ``boxes=`` (the targets' boxes, measured on the host by
     :meth:`Pix2Cap.prepare_targets`) so that training never copies masks to the host for their
-    connected components. A head whose ``scene_context`` does not take ``boxes`` yet gets
-    ``scene_memory.scene_context`` with its ``max_scene_objects``, which is what its method
-    computes."""
+    connected components, and ``pooled=`` (the targets' pooled pixel features, computed once
+    for every captioned layer). A head whose ``scene_context`` does not take ``boxes`` yet
+    gets ``scene_memory.scene_context`` with its ``max_scene_objects``, which is what its
+    method computes."""
     method = caption_head.scene_context
     params = inspect.signature(method).parameters
     if "boxes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return method
 
-    def scene_fn(query_feats, mask_probs, pixel_maps, captioned=None, window=None, boxes=None):
-        if boxes is None:
+    def scene_fn(
+        query_feats, mask_probs, pixel_maps, captioned=None, window=None, boxes=None, pooled=None
+    ):
+        if boxes is None and pooled is None:
             return method(query_feats, mask_probs, pixel_maps, captioned, window=window)
         return scene_context(
             query_feats,
@@ -101,6 +104,7 @@ def training_scene_fn(caption_head: nn.Module):
             max_objects=caption_head.max_scene_objects,
             window=window,
             boxes=boxes,
+            pooled=pooled,
         )
 
     return scene_fn
