@@ -115,39 +115,59 @@ def test_eager_decoding_is_bitwise_the_reference(kind, seed, num_objects, beams,
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 @pytest.mark.parametrize("beams", [1, 3])
-def test_cpu_decoding_multiplies_a_large_output_layer_through_onednn(monkeypatch, beams):
-    """An output layer of 2^21 weights or more multiplies through oneDNN while a CPU decoding
-    runs (a copy in its layout, dropped afterwards): the same tokens as the default product,
-    cached or recomputed, scores up to rounding. Small layers and training are untouched."""
-    head = big_weights(tiny_head(vocab_size=1 << 16), seed=0)  # 65,536 x 32 = 2^21
+def test_cpu_decoding_multiplies_large_weights_through_onednn(monkeypatch, beams):
+    """Weights of 2^20 elements or more (here the 65,536 x 32 output layer; every projection
+    once the bound is lowered) multiply through oneDNN while a CPU decoding runs, from copies
+    dropped afterwards: the same tokens as the default product, cached or recomputed, scores
+    up to rounding. Smaller weights and training are untouched."""
+    head = big_weights(tiny_head(vocab_size=1 << 16), seed=0)
     g = torch.Generator().manual_seed(7)
     args = dict(
         query_feats=torch.randn(5, 16, generator=g), global_feats=torch.randn(5, 12, generator=g)
     )
-    seen = []
-    lm_logits = head.lm_logits
+    fc1 = head.layers[0].fc1
+    seen = {"output": [], "fc1": []}
+    lm_logits, fc1_forward = head.lm_logits, fc1.forward
 
-    def spy(hidden):
-        seen.append(head._decoding_output_layer is not None)
+    def spy_output(hidden):
+        seen["output"].append(head._decoding_output_layer is not None)
         return lm_logits(hidden)
 
-    monkeypatch.setattr(head, "lm_logits", spy)
+    def spy_fc1(x):
+        seen["fc1"].append(fc1.onednn_weights is not None)
+        return fc1_forward(x)
+
+    monkeypatch.setattr(head, "lm_logits", spy_output)
+    monkeypatch.setattr(fc1, "forward", spy_fc1)
     kwargs = dict(num_beams=beams, return_scores=True)
-    onednn = {c: head.generate(**args, use_cache=c, **kwargs) for c in (True, False)}
-    assert seen and all(seen) and head._decoding_output_layer is None
-    seen.clear()
-    monkeypatch.setattr(text_decoder, "_ONEDNN_MIN_OUTPUT_WEIGHTS", (1 << 21) + 1)
-    blas = head.generate(**args, **kwargs)
-    assert seen and not any(seen)
-    for tokens, scores in onednn.values():
+
+    def decode(bound, **extra):
+        monkeypatch.setattr(text_decoder, "_ONEDNN_MIN_WEIGHTS", bound)
+        for calls in seen.values():
+            calls.clear()
+        out = head.generate(**args, **kwargs, **extra)
+        assert head._decoding_output_layer is None and fc1.onednn_weights is None
+        return out, {k: set(v) for k, v in seen.items()}
+
+    blas, used = decode((1 << 21) + 1)
+    assert used == {"output": {False}, "fc1": {False}}
+    runs = [decode(1 << 20, use_cache=c) for c in (True, False)]  # the output layer only
+    runs += [decode(1, use_cache=c) for c in (True, False)]  # every projection too
+    assert [used for _, used in runs] == [
+        {"output": {True}, "fc1": {False}}, {"output": {True}, "fc1": {False}},
+        {"output": {True}, "fc1": {True}}, {"output": {True}, "fc1": {True}},
+    ]
+    for (tokens, scores), _ in runs:
         assert torch.equal(tokens, blas[0])
         torch.testing.assert_close(scores, blas[1], rtol=0, atol=1e-5)
 
-    # Outside decoding (a training forward), the output layer is the plain product.
-    seen.clear()
+    # Outside decoding (a training forward), every product is the plain one.
+    for calls in seen.values():
+        calls.clear()
     head.train()
     logits = head(args["query_feats"], args["global_feats"], blas[0][:, :4])
-    assert logits.shape == (5, 4, 1 << 16) and logits.requires_grad and seen == [False]
+    assert logits.shape == (5, 4, 1 << 16) and logits.requires_grad
+    assert seen == {"output": [False], "fc1": [False]}
 
 
 @pytest.mark.parametrize("kind,seed,num_objects,beams,max_length", CASES)
