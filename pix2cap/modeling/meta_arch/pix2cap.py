@@ -45,7 +45,7 @@ from ..caption_head import (
     encode_captions,
 )
 from ..caption_head.phrase_ties import agreeing_slots, ground_unmarked_mentions
-from ..caption_head.scene_memory import mask_boxes, scene_context
+from ..caption_head.scene_memory import mask_boxes
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
 from ..pixel_decoder import PIXEL_DECODER_REGISTRY
@@ -60,7 +60,7 @@ from ..postprocessing import (
 from ..transformer_decoder import TRANSFORMER_DECODER_REGISTRY
 from .build import META_ARCH_REGISTRY
 
-__all__ = ["Pix2Cap", "thing_ids_from_metadata", "training_scene_fn"]
+__all__ = ["Pix2Cap", "thing_ids_from_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,38 +76,6 @@ def thing_ids_from_metadata(dataset_names: Sequence[str]) -> set[int]:
         if mapping:
             return {int(v) for v in mapping.values()}
     return set()
-
-
-def training_scene_fn(caption_head: nn.Module):
-    """The criterion's ``caption_scene_fn`` for a scene-memory caption head: its
-    ``scene_context``, taking ``boxes=`` (the targets' boxes, measured on the host by
-    :meth:`Pix2Cap.prepare_targets`) so that training never copies masks to the host for their
-    connected components, and ``pooled=`` (the targets' pooled pixel features, computed once
-    for every captioned layer). A head whose ``scene_context`` does not take ``boxes`` yet
-    gets ``scene_memory.scene_context`` with its ``max_scene_objects``, which is what its
-    method computes."""
-    method = caption_head.scene_context
-    params = inspect.signature(method).parameters
-    if "boxes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return method
-
-    def scene_fn(
-        query_feats, mask_probs, pixel_maps, captioned=None, window=None, boxes=None, pooled=None
-    ):
-        if boxes is None and pooled is None:
-            return method(query_feats, mask_probs, pixel_maps, captioned, window=window)
-        return scene_context(
-            query_feats,
-            mask_probs,
-            pixel_maps,
-            captioned,
-            max_objects=caption_head.max_scene_objects,
-            window=window,
-            boxes=boxes,
-            pooled=pooled,
-        )
-
-    return scene_fn
 
 
 def class_names_from_metadata(dataset_names: Sequence[str]) -> Optional[list[str]]:
@@ -372,8 +340,10 @@ class Pix2Cap(nn.Module):
             oversample_ratio=mf.OVERSAMPLE_RATIO,
             importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
             caption_loss_fn=caption_head.loss,
+            # The criterion also hands it the targets' host-measured boxes and pooled
+            # features, where its scene_context takes them (boxes=, pooled=).
             caption_scene_fn=(
-                training_scene_fn(caption_head)
+                caption_head.scene_context
                 if getattr(caption_head, "memory", None) == "scene"
                 else None
             ),
